@@ -1,0 +1,279 @@
+"""The library surface the CLI and the MCP adapter share: plain functions over the spool.
+
+Synchronous and side-effect free beyond the spool files, so tests, benchmarks,
+the CLI and the adapter all call the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from spoold import config, intake, ledger, queue, spool
+from spoold.config import Settings
+from spoold.errors import BadInput, InvalidState
+from spoold.spool import Spool
+from spoold.task import Task, from_meta, parse_result, parse_task, parse_text, title_of
+
+MAX_QUERY_BYTES_DEFAULT = 1024 * 1024
+
+
+@dataclass
+class TaskInfo:
+    """Where a task is and what is known about it; `position`/`estimated_start` only while queued."""
+
+    id: str
+    state: str
+    title: str = ""
+    model: str | None = None
+    priority: str | None = None
+    submitted_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    not_before: str | None = None
+    attempts: int = 0
+    position: int | None = None
+    estimated_start: str | None = None
+    estimated_wait_seconds: float | None = None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    cost_usd: float | None = None
+    duration_s: float | None = None
+    path: str = ""
+    result_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QueueStatus:
+    spool: str
+    counts: dict[str, int]
+    running: list[TaskInfo]
+    held_until: str | None
+    hold_reason: str | None
+    next_start: str | None
+    settings: dict[str, Any]
+    ignored_inbox_files: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d
+
+
+def iso(ts: float | datetime | None) -> str | None:
+    if ts is None:
+        return None
+    dt = ts if isinstance(ts, datetime) else datetime.fromtimestamp(ts, UTC)
+    return dt.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def load_settings(sp: Spool, overrides: dict[str, Any] | None = None) -> Settings:
+    return config.load(sp.config_path, overrides)
+
+
+# ---- writing ---------------------------------------------------------------------
+
+
+def submit(
+    sp: Spool, prompt: str, *, model: str | None = None, priority: str | None = None, system: str | None = None,
+    title: str | None = None, not_before: str | datetime | None = None, tags: list[str] | None = None,
+    timeout: str | float | None = None, source: str | None = None, settings: Settings | None = None,
+) -> TaskInfo:
+    """Queue a prompt (Markdown with optional frontmatter); never rejected for load, only for bad input."""
+    settings = settings or load_settings(sp)
+    if len(prompt.encode()) > settings.max_bytes:
+        raise BadInput(f"the query is {len(prompt.encode()):,} bytes; the spool's limit is {settings.max_bytes:,} (max_bytes)")
+    meta, body = parse_text(prompt)
+    flags = {"model": model, "priority": priority, "system": system, "title": title, "not_before": not_before,
+             "tags": tags, "timeout": timeout}
+    meta.update({k: v for k, v in flags.items() if v is not None})
+    task_id = spool.new_id(title or meta.get("title") or source or body[:60])
+    task = from_meta(meta, body, task_id=task_id, default_model=settings.default_model)
+    task.submitted_at = spool.id_time(task_id)
+    task.source = source
+    queue.enqueue(sp, task)
+    return info(sp, task_id, settings=settings)
+
+
+def cancel(sp: Spool, task_id: str) -> str:
+    return queue.cancel(sp, task_id)
+
+
+def retry(sp: Spool, task_id: str) -> TaskInfo:
+    queue.retry(sp, task_id)
+    return info(sp, task_id)
+
+
+# ---- reading ---------------------------------------------------------------------
+
+
+def _read_task(path: Path, task_id: str) -> Task | None:
+    try:
+        return parse_task(spool.read_bytes(path).decode("utf-8"), task_id=task_id)
+    except (OSError, UnicodeDecodeError, BadInput):
+        return None
+
+
+def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_estimate: bool = True) -> TaskInfo:
+    """Everything about one task, from its file (and the ledger's estimate while queued)."""
+    loc = spool.locate(sp, task_id)
+    out = TaskInfo(id=task_id, state=loc.state, path=str(loc.path))
+    task = _read_task(loc.path, task_id) if loc.path.is_file() and not loc.path.is_symlink() else None
+    if task:
+        out.title, out.model, out.priority = title_of(task), task.model, task.priority
+        out.submitted_at, out.started_at = iso(task.submitted_at), iso(task.started_at)
+        out.finished_at, out.not_before = iso(task.finished_at), iso(task.not_before)
+        out.attempts, out.error, out.warnings = task.attempts, task.error, task.warnings
+    if loc.state in ("done", "failed", "cancelled") and loc.result_path.exists():
+        out.result_path = str(loc.result_path)
+        res = _read_result(loc.result_path)
+        if res:
+            out.error = res.error or out.error
+            out.cost_usd, out.duration_s = res.cost_usd, res.duration_s
+            out.finished_at = out.finished_at or iso(res.finished_at)
+    if loc.state in ("done", "failed", "cancelled", "running"):
+        out.error = out.error if loc.state != "running" else None
+    if loc.state == "queued" and with_estimate:
+        settings = settings or load_settings(sp)
+        entries = spool.list_queued(sp)
+        order = ledger.dispatch_order(entries, settings.strategy)
+        idx = next((i for i, e in enumerate(order) if e.task_id == task_id), None)
+        if idx is not None:
+            est = ledger.estimate(sp, settings, entries, limit=idx + 1)[-1]
+            _apply_estimate(out, est)
+    return out
+
+
+def _apply_estimate(out: TaskInfo, est: ledger.Estimate) -> None:
+    out.position = est.position
+    out.estimated_start = iso(est.start)
+    out.estimated_wait_seconds = round(max(0.0, est.start - time.time()), 1)
+
+
+def _read_result(path: Path):  # noqa: ANN202 - Result | None
+    try:
+        return parse_result(spool.read_bytes(path).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, BadInput):
+        return None
+
+
+def result(sp: Spool, task_id: str) -> tuple[TaskInfo, str]:
+    """(info, answer text) of a finished task; InvalidState while it is not finished."""
+    ti = info(sp, task_id, with_estimate=False)
+    if ti.state not in ("done", "failed", "cancelled") or not ti.result_path:
+        raise InvalidState(f"task {task_id} is {ti.state}; no result yet (`spoold wait {task_id}`)")
+    res = _read_result(Path(ti.result_path))
+    answer = res.answer if res else Path(ti.result_path).read_text(encoding="utf-8", errors="replace")
+    return ti, answer
+
+
+def result_meta(sp: Spool, task_id: str) -> dict[str, Any]:
+    ti = info(sp, task_id, with_estimate=False)
+    if not ti.result_path:
+        return {}
+    meta, _ = parse_text(Path(ti.result_path).read_text(encoding="utf-8"))
+    return meta
+
+
+def wait(sp: Spool, task_id: str, timeout_s: float | None = None, poll_s: float = 0.1) -> TaskInfo:
+    """Block until the task ends (or the timeout passes); returns its info either way."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        ti = info(sp, task_id, with_estimate=False)
+        if ti.state in spool.TERMINAL or (deadline is not None and time.monotonic() >= deadline):
+            return ti if ti.state in spool.TERMINAL else info(sp, task_id)
+        time.sleep(poll_s)
+
+
+def list_tasks(sp: Spool, state: str | None = None, limit: int = 20) -> list[TaskInfo]:
+    """Tasks by state (queued in dispatch order with estimates; finished newest first)."""
+    states = [state] if state else ["running", "queued", "done", "failed", "cancelled"]
+    out: list[TaskInfo] = []
+    for st in states:
+        if len(out) >= limit:
+            break
+        out += _list_state(sp, st, limit - len(out))
+    return out
+
+
+def _list_state(sp: Spool, state: str, limit: int) -> list[TaskInfo]:
+    if state == "queued":
+        settings = load_settings(sp)
+        entries = spool.list_queued(sp)
+        ests = ledger.estimate(sp, settings, entries, limit=limit)
+        by_id = {e.task_id: e for e in entries}
+        out = []
+        for est in ests:
+            e = by_id[est.task_id]
+            ti = _summary(sp.dir("queued") / e.name, est.task_id, "queued")
+            _apply_estimate(ti, est)
+            out.append(ti)
+        return out
+    if state == "running":
+        return [_summary(sp.dir("running") / e.name, e.task_id, "running") for e in spool.list_running(sp)][:limit]
+    if state not in spool.TERMINAL:
+        raise InvalidState(f"unknown state {state!r}; use one of queued, running, done, failed, cancelled")
+    out = []
+    for d in spool.terminal_dirs(sp, state):
+        names = sorted((n for n in os.listdir(d) if n.endswith(".md") and not n.endswith(".result.md")), reverse=True)
+        for n in names[: limit - len(out)]:
+            tid = n[:-3]
+            if spool.ID_RE.match(tid):
+                out.append(_summary(d / n, tid, state))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _summary(path: Path, task_id: str, state: str) -> TaskInfo:
+    ti = TaskInfo(id=task_id, state=state, path=str(path))
+    task = _read_task(path, task_id)
+    if task:
+        ti.title, ti.model, ti.priority, ti.attempts = title_of(task), task.model, task.priority, task.attempts
+        ti.submitted_at, ti.started_at, ti.finished_at = iso(task.submitted_at), iso(task.started_at), iso(task.finished_at)
+        ti.not_before = iso(task.not_before)
+        ti.error = task.error if state in ("failed", "cancelled") else None
+    return ti
+
+
+def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
+    """Counts by state (from directory listings), running tasks, holds and the next start."""
+    settings = settings or load_settings(sp)
+    now = time.time()
+    counts = {st: _count(sp, st) for st in ("inbox", "queued", "running", "done", "failed", "cancelled")}
+    usage = ledger.read_usage(sp, now)
+    g = ledger.gate(usage, settings, 0, now)
+    nxt = ledger.estimate(sp, settings, limit=1, now=now, usage=usage) if counts["queued"] else []
+    return QueueStatus(
+        spool=str(sp.root), counts=counts,
+        running=[_summary(sp.dir("running") / e.name, e.task_id, "running") for e in spool.list_running(sp)],
+        held_until=iso(g.wait_until) if g.wait_until and g.wait_until != float("inf") else None,
+        hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
+        settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp),
+    )
+
+
+def _count(sp: Spool, state: str) -> int:
+    if state == "queued":
+        return len(spool.list_queued(sp))
+    if state == "running":
+        return len(spool.list_running(sp))
+    if state == "inbox":
+        return sum(1 for n in os.listdir(sp.dir("inbox")) if not intake.is_ignored(n))
+    return sum(
+        sum(1 for n in os.listdir(d) if n.endswith(".md") and not n.endswith(".result.md"))
+        for d in spool.terminal_dirs(sp, state)
+    )
+
+
+def set_config(sp: Spool, changes: dict[str, Any]) -> Settings:
+    """Write the spool's config.yaml (a running daemon reloads it) and return the effective settings."""
+    if changes:
+        config.update_file(lambda p, data: spool.rewrite(sp, p, data), sp.config_path, changes)
+    return load_settings(sp)

@@ -1,0 +1,171 @@
+"""The Claude Code CLI backend: `claude -p --output-format json`, classified from the result object."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from spoold.backends import Invocation, Outcome, ProcResult
+from spoold.backends.command import stderr_tail, timeout_message
+from spoold.config import Settings
+from spoold.task import Task
+
+# The CLI refuses to start inside another Claude Code session; MCP servers launched by Claude Code inherit these.
+DROP_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT")
+USAGE_LIMIT_RE = re.compile(r"hit your (?:\w+ )?limit|usage limit reached|out of extra usage", re.I)
+EPOCH_RE = re.compile(r"usage limit reached\|(\d{9,11})", re.I)
+RESET_RE = re.compile(
+    r"resets\s+(?:at\s+)?(?:(?P<mon>[A-Z][a-z]{2})\s+(?P<day>\d{1,2}),?\s+(?:at\s+)?)?"
+    r"(?P<h>\d{1,2})(?::(?P<m>\d{2}))?\s*(?P<ampm>am|pm)?\s*(?:\((?P<tz>[^)]+)\))?",
+    re.I,
+)
+AUTH_RE = re.compile(r"invalid api key|/login|not logged in|oauth token|authentication_error|invalid x-api-key|credit balance", re.I)
+TRANSIENT_RE = re.compile(r"overloaded|timed? ?out|connection error|econnreset|socket hang up|internal server error|rate.?limit", re.I)
+MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+USAGE_LIMIT_FALLBACK = timedelta(minutes=30)
+
+
+class ClaudeBackend:
+    name = "claude"
+
+    def invocation(self, task: Task, settings: Settings, cwd: Path) -> Invocation:
+        """argv as a list (never a shell); `--flag=value` so a value can never be read as a flag."""
+        argv = [settings.claude_bin, "-p", "--output-format", "json", f"--model={task.model}"]
+        argv.append(f"--tools={','.join(settings.allowed_tools)}")
+        if settings.allowed_tools:
+            argv.append(f"--allowedTools={','.join(settings.allowed_tools)}")
+        if task.system:
+            argv.append(f"--append-system-prompt={task.system}")
+        env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
+        if not settings.keep_api_key:
+            env.pop("ANTHROPIC_API_KEY", None)  # it would silently override the subscription login
+        return Invocation(argv, env, task.prompt.encode(), cwd)
+
+    def classify(self, task: Task, proc: ProcResult) -> Outcome:
+        return classify(task, proc)
+
+
+def parse_result_json(stdout: bytes) -> dict[str, Any] | None:
+    """The result object: one JSON object, or the last `type == "result"` element of an array."""
+    text = stdout.decode("utf-8", "replace").strip()
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = _last_json_line(text)
+    if isinstance(data, list):
+        results = [d for d in data if isinstance(d, dict) and d.get("type") == "result"]
+        data = results[-1] if results else None
+    return data if isinstance(data, dict) and ("result" in data or "is_error" in data) else None
+
+
+def _last_json_line(text: str) -> Any:
+    for line in reversed(text.splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
+def classify(task: Task, proc: ProcResult, now: datetime | None = None) -> Outcome:
+    """Turn one CLI run into an Outcome, trusting the result object over the exit code."""
+    if proc.timed_out:
+        return Outcome("failed", error=timeout_message(task, proc))
+    res = parse_result_json(proc.stdout)
+    if res is None:
+        if proc.returncode is not None and proc.returncode < 0:
+            return Outcome("retry", error=f"claude was killed by signal {-proc.returncode}")
+        return Outcome("retry", error=f"claude printed no result (exit {proc.returncode}): {stderr_tail(proc)}")
+    out = _metrics(res)
+    text = str(res.get("result") or res.get("error") or "")
+    subtype = str(res.get("subtype") or "")
+    status = res.get("api_error_status")
+    if not res.get("is_error") and subtype in ("success", ""):
+        out.kind, out.answer = "done", text
+        return out
+    if USAGE_LIMIT_RE.search(text):
+        out.kind, out.hold_until = "hold", usage_limit_reset(text, now)
+        out.error = f"subscription usage limit: {text.strip()}"
+        return out
+    if status in (401, 403) or AUTH_RE.search(text):
+        out.kind = "hold"
+        out.error = f"claude is not logged in or its credentials were refused ({text.strip()[:200]}): run `claude login`"
+        return out
+    if subtype == "error_max_turns":
+        out.kind, out.error = "failed", "claude stopped at its maximum number of turns"
+        return out
+    if status in (408, 409, 429) or (isinstance(status, int) and status >= 500) or TRANSIENT_RE.search(text):
+        out.kind, out.error = "retry", f"temporary API error: {text.strip()[:300]}"
+        return out
+    out.kind = "failed"
+    out.error = f"claude refused the task: {text.strip()[:500] or subtype or 'unknown error'}"
+    return out
+
+
+def _metrics(res: dict[str, Any]) -> Outcome:
+    usage = res.get("usage") if isinstance(res.get("usage"), dict) else {}
+    model_usage = res.get("modelUsage") if isinstance(res.get("modelUsage"), dict) else {}
+    resolved = None
+    if model_usage:
+        resolved = max(model_usage, key=lambda m: _num((model_usage[m] or {}).get("outputTokens")) or 0)
+    return Outcome(
+        "failed",
+        model_resolved=resolved,
+        cost_usd=_num(res.get("total_cost_usd")),
+        input_tokens=_int(usage.get("input_tokens")),
+        output_tokens=_int(usage.get("output_tokens")),
+        cache_read_tokens=_int(usage.get("cache_read_input_tokens")),
+        cache_creation_tokens=_int(usage.get("cache_creation_input_tokens")),
+        session_id=str(res["session_id"]) if res.get("session_id") else None,
+    )
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _int(v: Any) -> int | None:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def usage_limit_reset(text: str, now: datetime | None = None) -> datetime:
+    """When a usage limit lifts, from the CLI's message; a fixed back-off if no time can be read."""
+    now = now or datetime.now(UTC)
+    m = EPOCH_RE.search(text)
+    if m:
+        return datetime.fromtimestamp(int(m.group(1)), UTC)
+    m = RESET_RE.search(text)
+    if not m:
+        return now + USAGE_LIMIT_FALLBACK
+    tz: Any = UTC
+    if m.group("tz"):
+        try:
+            tz = ZoneInfo(m.group("tz").strip())
+        except (ZoneInfoNotFoundError, ValueError):
+            tz = UTC
+    hour, minute = int(m.group("h")), int(m.group("m") or 0)
+    if m.group("ampm"):
+        hour = hour % 12 + (12 if m.group("ampm").lower() == "pm" else 0)
+    if hour > 23 or minute > 59:
+        return now + USAGE_LIMIT_FALLBACK
+    local_now = now.astimezone(tz)
+    if m.group("mon") and m.group("mon").lower() in MONTHS:
+        try:
+            cand = local_now.replace(month=MONTHS[m.group("mon").lower()], day=int(m.group("day")),
+                                     hour=hour, minute=minute, second=0, microsecond=0)
+        except ValueError:
+            return now + USAGE_LIMIT_FALLBACK
+        if cand < local_now - timedelta(days=180):
+            cand = cand.replace(year=cand.year + 1)
+    else:
+        cand = local_now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if cand <= local_now:
+            cand += timedelta(days=1)
+    return cand.astimezone(UTC)

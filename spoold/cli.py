@@ -1,0 +1,296 @@
+"""`spoold` commands: parse arguments, call the library, format output. No spool logic here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from spoold import __version__
+from spoold.errors import SpooldError
+
+EXIT_FAILED_TASK = 1
+EXIT_TIMEOUT = 124
+
+
+def _spool(args: argparse.Namespace, create: bool = False):  # noqa: ANN202 - Spool
+    from spoold import config, spool
+
+    return spool.open_spool(config.spool_root(args.spool), create=create)
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _line(ti: Any) -> str:
+    eta = ""
+    if ti.state == "queued" and ti.estimated_start:
+        eta = f"  #{ti.position} starts ~{ti.estimated_start} (in {_dur(ti.estimated_wait_seconds)})"
+    return f"{ti.id}  {ti.state:<9} {ti.model or '-':<8} {ti.title[:50]}{eta}"
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# ---- commands --------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    sp = _spool(args, create=True)
+    print(f"spool ready at {sp.root}: drop Markdown files into {sp.dir('inbox')}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from spoold import daemon
+
+    overrides = {"concurrency": args.concurrency, "max_requests": args.max_requests,
+                 "window_minutes": args.window, "backend": args.backend, "claude_bin": args.claude_bin}
+    return daemon.serve(_spool(args, create=True), overrides, once=args.once)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from spoold import api
+
+    sp = _spool(args, create=True)
+    source = None
+    if args.prompt == "-":
+        text = sys.stdin.read()
+    elif args.prompt is not None and os.path.isfile(args.prompt) and not args.text:
+        text = Path(args.prompt).read_text(encoding="utf-8")
+        source = Path(args.prompt).name
+    elif args.prompt is not None:
+        text = args.prompt
+    else:
+        raise SpooldError("nothing to submit: give a prompt, a file, or - for stdin")
+    ti = api.submit(sp, text, model=args.model, priority=args.priority, system=args.system, title=args.title,
+                    not_before=args.not_before, source=source)
+    if args.wait:
+        return _finish_wait(sp, ti.id, args, None)
+    if args.json:
+        _print_json(ti.to_dict())
+    else:
+        print(ti.id)
+        if ti.estimated_start:
+            print(f"queued #{ti.position}, starts ~{ti.estimated_start} (in {_dur(ti.estimated_wait_seconds)})",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from spoold import api
+
+    st = api.status(_spool(args))
+    if args.json:
+        _print_json(st.to_dict())
+        return 0
+    c = st.counts
+    print(f"spool {st.spool}")
+    print("  " + "  ".join(f"{k} {v}" for k, v in c.items()))
+    s = st.settings
+    print(f"  limit {s['max_requests']} per {s['window_minutes']:g} min, concurrency {s['concurrency']}")
+    if st.held_until:
+        print(f"  next start not before {st.held_until}: {st.hold_reason}")
+    elif st.next_start:
+        print(f"  next start ~{st.next_start}")
+    for ti in st.running:
+        print(f"  running {ti.id} {ti.title[:50]} (since {ti.started_at})")
+    if st.ignored_inbox_files:
+        print(f"  inbox files that are not tasks (use .md or .txt): {', '.join(st.ignored_inbox_files[:5])}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from spoold import api
+
+    items = api.list_tasks(_spool(args), args.state, args.limit)
+    if args.json:
+        _print_json([t.to_dict() for t in items])
+    else:
+        for ti in items:
+            print(_line(ti))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from spoold import api
+
+    ti = api.info(_spool(args), args.id)
+    if args.json:
+        _print_json(ti.to_dict())
+        return 0
+    for k, v in ti.to_dict().items():
+        if v not in (None, [], ""):
+            print(f"{k:>22}: {v}")
+    return 0
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    from spoold import api
+
+    sp = _spool(args)
+    ti, answer = api.result(sp, args.id)
+    if args.json:
+        _print_json({"info": ti.to_dict(), "meta": api.result_meta(sp, args.id), "answer": answer})
+    else:
+        sys.stdout.write(answer)
+    return 0 if ti.state == "done" else EXIT_FAILED_TASK
+
+
+def _finish_wait(sp: Any, task_id: str, args: argparse.Namespace, timeout: float | None) -> int:
+    from spoold import api
+
+    ti = api.wait(sp, task_id, timeout)
+    if args.json:
+        _print_json(ti.to_dict())
+    elif ti.state == "done":
+        sys.stdout.write(api.result(sp, task_id)[1])
+    else:
+        print(_line(ti))
+        if ti.error:
+            print(f"error: {ti.error}", file=sys.stderr)
+    if ti.state == "done":
+        return 0
+    return EXIT_TIMEOUT if ti.state in ("queued", "running") else EXIT_FAILED_TASK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    return _finish_wait(_spool(args), args.id, args, args.timeout)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from spoold import api
+
+    state = api.cancel(_spool(args), args.id)
+    print(f"{args.id} {state}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from spoold import api
+
+    ti = api.retry(_spool(args), args.id)
+    print(f"{ti.id} queued again")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from spoold import api, config
+
+    changes = {"max_requests": args.max_requests, "window_minutes": args.window, "concurrency": args.concurrency,
+               "min_interval_s": args.min_interval, "budget_day_usd": args.budget_day,
+               "budget_month_usd": args.budget_month, "strategy": args.strategy}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    for k in args.unset or []:
+        changes[k] = None
+    settings = api.set_config(_spool(args, create=True), changes)
+    data = config.as_dict(settings)
+    if args.json:
+        _print_json(data)
+    else:
+        for k, v in data.items():
+            print(f"{k:>18}: {v}")
+    return 0
+
+
+def cmd_mcp_config(args: argparse.Namespace) -> int:
+    from spoold import config
+
+    exe = shutil.which("spoold-mcp") or str(Path(sys.executable).with_name("spoold-mcp"))
+    root = str(config.spool_root(args.spool).absolute())
+    _print_json({"mcpServers": {"spoold": {"command": exe, "args": [], "env": {"SPOOLD_DIR": root}}}})
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spoold", description="Run Claude prompts asynchronously through a filesystem spool.")
+    p.add_argument("--version", action="version", version=f"spoold {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--spool", help="spool directory (default $SPOOLD_DIR or ~/async)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("init", cmd_init, "create the spool directories")
+    r = add("run", cmd_run, "run the daemon")
+    r.add_argument("--once", action="store_true", help="drain what can start now, then exit (for cron)")
+    r.add_argument("--concurrency", type=int)
+    r.add_argument("--max-requests", type=int)
+    r.add_argument("--window", type=float, help="window in minutes")
+    r.add_argument("--backend", choices=["claude", "command"])
+    r.add_argument("--claude-bin", help="path of the claude executable")
+    s = add("submit", cmd_submit, "queue a prompt (text, a file, or - for stdin)")
+    s.add_argument("prompt", nargs="?")
+    s.add_argument("--text", action="store_true", help="treat PROMPT as text even if a file has that name")
+    s.add_argument("-m", "--model")
+    s.add_argument("-p", "--priority", choices=["low", "normal", "high", "urgent"])
+    s.add_argument("--system")
+    s.add_argument("--title")
+    s.add_argument("--not-before", help="ISO time before which it must not start")
+    s.add_argument("--wait", action="store_true", help="wait for the answer and print it")
+    add("status", cmd_status, "queue counts, running tasks, holds")
+    ls = add("ls", cmd_ls, "list tasks")
+    ls.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
+    ls.add_argument("-n", "--limit", type=int, default=20)
+    for name, fn, h in (("show", cmd_show, "everything about one task"), ("result", cmd_result, "print a task's answer"),
+                        ("cancel", cmd_cancel, "cancel a queued or running task"),
+                        ("retry", cmd_retry, "queue a failed or cancelled task again")):
+        add(name, fn, h).add_argument("id")
+    w = add("wait", cmd_wait, "wait for a task; exit 0 done, 1 failed/cancelled, 124 timeout")
+    w.add_argument("id")
+    w.add_argument("--timeout", type=float)
+    c = add("config", cmd_config, "read or change the spool's settings")
+    c.add_argument("--max-requests", type=int)
+    c.add_argument("--window", type=float, help="minutes")
+    c.add_argument("--concurrency", type=int)
+    c.add_argument("--min-interval", type=float, help="seconds between starts")
+    c.add_argument("--budget-day", type=float, help="USD per day")
+    c.add_argument("--budget-month", type=float, help="USD per month")
+    c.add_argument("--strategy", choices=["priority", "fifo", "lifo"])
+    c.add_argument("--unset", action="append", metavar="KEY", help="remove a setting from config.yaml")
+    add("mcp-config", cmd_mcp_config, "print the Claude Desktop config entry for the MCP adapter")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s spoold: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr,
+    )
+    try:
+        return args.fn(args)
+    except SpooldError as e:
+        print(f"spoold: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

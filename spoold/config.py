@@ -1,0 +1,158 @@
+"""Settings and their one precedence: flags > environment > the spool's config.yaml > defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spoold.errors import ConfigError
+
+DEFAULT_SPOOL = "~/async"
+
+
+@dataclass
+class Settings:
+    """Everything a daemon, the CLI or the adapter may tune."""
+
+    max_requests: int = 10
+    window_minutes: float = 60.0
+    min_interval_s: float = 0.0
+    concurrency: int = 1
+    budget_day_usd: float | None = None
+    budget_month_usd: float | None = None
+    strategy: str = "priority"
+    max_attempts: int = 3
+    timeout_s: float = 1800.0
+    grace_s: float = 10.0
+    max_bytes: int = 1024 * 1024
+    default_model: str = "sonnet"
+    backend: str = "claude"
+    claude_bin: str = "claude"
+    command: list[str] = field(default_factory=list)
+    allowed_tools: list[str] = field(default_factory=list)
+    keep_api_key: bool = False
+    scan_interval_s: float = 5.0
+
+
+# Environment names, kept from the original design where they existed.
+ENV = {
+    "max_requests": "MAX_REQUESTS",
+    "window_minutes": "WINDOW_MINUTES",
+    "concurrency": "SPOOLD_CONCURRENCY",
+    "max_attempts": "SPOOLD_MAX_ATTEMPTS",
+    "timeout_s": "SPOOLD_TIMEOUT",
+    "claude_bin": "SPOOLD_CLAUDE",
+    "backend": "SPOOLD_BACKEND",
+    "default_model": "SPOOLD_MODEL",
+    "scan_interval_s": "SPOOLD_SCAN_INTERVAL",
+}
+STRATEGIES = ("priority", "fifo", "lifo")
+
+
+def spool_root(flag: str | None = None) -> Path:
+    """--spool, else SPOOLD_DIR, else ~/async."""
+    return Path(flag or os.environ.get("SPOOLD_DIR") or DEFAULT_SPOOL).expanduser()
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a raw value (text from env or YAML) into the field's type, or say what is wrong."""
+    default = getattr(Settings(), name)
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    try:
+        if value is None:
+            if "None" in str(kind):
+                return None
+            raise ValueError
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, list):
+            if isinstance(value, str):
+                return value.split() if name == "command" else [v for v in value.replace(",", " ").split() if v]
+            return [str(v) for v in value]
+        if isinstance(default, int) and not isinstance(default, bool):
+            return int(value)
+        if isinstance(default, float) or "float" in str(kind):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}={value!r} has the wrong type; expected {kind}") from None
+
+
+def validate(s: Settings) -> Settings:
+    if s.max_requests < 1:
+        raise ConfigError("max_requests must be at least 1")
+    if s.window_minutes <= 0:
+        raise ConfigError("window_minutes must be more than 0")
+    if s.concurrency < 1:
+        raise ConfigError("concurrency must be at least 1")
+    if s.strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    if s.backend not in ("claude", "command"):
+        raise ConfigError("backend must be claude or command")
+    if s.backend == "command" and not s.command:
+        raise ConfigError("backend `command` needs `command:` (an argv list such as [llm, -m, '{model}'])")
+    for name in ("budget_day_usd", "budget_month_usd"):
+        v = getattr(s, name)
+        if v is not None and v < 0:
+            raise ConfigError(f"{name} must not be negative")
+    return s
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """The spool's config.yaml as a mapping of known keys (unknown keys are an error to fix)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML ({type(e).__name__}); fix or delete it") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of settings")
+    names = {f.name for f in fields(Settings)}
+    unknown = sorted(set(map(str, raw)) - names)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return {k: _coerce(k, v) for k, v in raw.items()}
+
+
+def load(config_path: Path, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Defaults, then the config file, then the environment, then flags (non-None overrides)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = read_file(config_path)
+    for name, var in ENV.items():
+        if env.get(var):
+            values[name] = _coerce(name, env[var])
+    for name, v in (overrides or {}).items():
+        if v is not None:
+            values[name] = _coerce(name, v)
+    return validate(Settings(**values))
+
+
+def update_file(spool_write: Any, config_path: Path, changes: dict[str, Any]) -> dict[str, Any]:
+    """Merge changes into config.yaml (None removes a key) and write it atomically.
+
+    `spool_write(path, data)` is the spool's atomic replace, passed in to keep
+    the write rule in one module.
+    """
+    current = read_file(config_path)
+    for k, v in changes.items():
+        if v is None:
+            current.pop(k, None)
+        else:
+            current[k] = _coerce(k, v)
+    validate(Settings(**current))
+    data = yaml.safe_dump(current, sort_keys=True).encode()
+    spool_write(config_path, data)
+    return current
+
+
+def as_dict(s: Settings) -> dict[str, Any]:
+    return asdict(s)

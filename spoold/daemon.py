@@ -1,0 +1,251 @@
+"""The daemon: recovery, the watch loop, dispatch under the ledger, and graceful stop.
+
+The only asynchronous part of spoold. Filesystem events are hints that wake
+the loop; a periodic full scan covers anything the watcher missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from spoold import config, intake, ledger, queue, spool
+from spoold.backends import Outcome, ProcResult, get_backend, run_process
+from spoold.config import Settings
+from spoold.errors import SpooldError
+from spoold.spool import Spool
+from spoold.task import Result
+
+log = logging.getLogger("spoold")
+PENDING_RECHECK_S = 0.05
+EXEC_HOLD_S = 60.0
+MAX_BACKOFF_S = 900.0
+
+
+@dataclass
+class Running:
+    claimed: queue.Claimed
+    job: asyncio.Task[None]
+    stop_reason: str | None = None  # "cancel" or "stop" once we interrupt it
+
+
+class Daemon:
+    def __init__(self, sp: Spool, overrides: dict[str, object] | None = None, *, once: bool = False) -> None:
+        self.sp = sp
+        self.overrides = overrides or {}
+        self.once = once
+        self.settings = config.load(sp.config_path, self.overrides)
+        self._config_mtime = self._mtime(sp.config_path)
+        self.running: dict[str, Running] = {}
+        self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.workdir = sp.state_dir / "work"
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._last_scan = 0.0
+        self._held_logged: str | None = None
+
+    @staticmethod
+    def _mtime(path: Path) -> float | None:
+        try:
+            return path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGINT/SIGTERM (or, with --once, until nothing more can start now)."""
+        owner_lock = queue.hold_owner_lock(self.sp)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        for action in queue.recover(self.sp, max_attempts=self.settings.max_attempts):
+            log.info("recovery: %s", action)
+        watcher = asyncio.ensure_future(self._watch())
+        log.info("serving %s (backend %s, %d per %g min, concurrency %d)", self.sp.root, self.settings.backend,
+                 self.settings.max_requests, self.settings.window_minutes, self.settings.concurrency)
+        try:
+            await self._serve()
+        finally:
+            await self._shutdown()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+            owner_lock.release()
+        return 0
+
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("stopping: no new tasks; waiting up to %g s for running ones", self.settings.grace_s)
+        self.stopping.set()
+        self.wake.set()
+
+    async def _watch(self) -> None:
+        from watchfiles import awatch  # lazy: `spoold submit` must not pay for the watcher
+
+        paths = [self.sp.dir("inbox"), self.sp.dir("queued"), self.sp.dir("running"), self.sp.root]
+        async for _ in awatch(*paths, watch_filter=None, debounce=200, step=2, recursive=False,
+                              stop_event=self.stopping, ignore_permission_denied=True):
+            self.wake.set()
+
+    async def _serve(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.clear()
+            self._maybe_reload()
+            pending = self._intake_and_recover()
+            self._check_cancels()
+            wait_until = self._dispatch()
+            if self.once and not self.running and self._drained(wait_until):
+                return
+            timeout = self.settings.scan_interval_s
+            if pending:
+                timeout = min(timeout, PENDING_RECHECK_S)
+            if wait_until is not None and wait_until != float("inf"):
+                timeout = min(timeout, max(0.0, wait_until - time.time()) + 0.001)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _drained(self, wait_until: float | None) -> bool:
+        """--once ends when no queued task can start now: the queue is empty, or it waits on the limit."""
+        if wait_until is not None and wait_until != float("inf"):
+            log.info("--once: stopping; the next start waits until %s", _fmt(wait_until))
+            return True
+        return ledger.next_eligible(spool.list_queued(self.sp), time.time()) is None
+
+    async def _shutdown(self) -> None:
+        if not self.running:
+            return
+        jobs = [r.job for r in self.running.values()]
+        _, still = await asyncio.wait(jobs, timeout=self.settings.grace_s)
+        for r in list(self.running.values()):
+            if r.job in still:
+                r.stop_reason = "stop"
+                r.job.cancel()
+        if still:
+            await asyncio.wait(still)
+
+    # ---- each turn of the loop -------------------------------------------------
+
+    def _maybe_reload(self) -> None:
+        mtime = self._mtime(self.sp.config_path)
+        if mtime == self._config_mtime:
+            return
+        self._config_mtime = mtime
+        try:
+            self.settings = config.load(self.sp.config_path, self.overrides)
+            log.info("config reloaded: %d per %g min, concurrency %d", self.settings.max_requests,
+                     self.settings.window_minutes, self.settings.concurrency)
+        except SpooldError as e:
+            log.error("config not reloaded, keeping the previous one: %s", e)
+
+    def _intake_and_recover(self) -> bool:
+        report = intake.scan(self.sp, default_model=self.settings.default_model, max_bytes=self.settings.max_bytes)
+        if time.monotonic() - self._last_scan > self.settings.scan_interval_s:
+            self._last_scan = time.monotonic()
+            for action in queue.recover(self.sp, max_attempts=self.settings.max_attempts):
+                log.info("recovery: %s", action)
+        return bool(report.pending)
+
+    def _check_cancels(self) -> None:
+        for task_id, r in list(self.running.items()):
+            if r.stop_reason is None and queue.cancel_marker(self.sp, task_id).exists():
+                r.stop_reason = "cancel"
+                r.job.cancel()
+
+    def _dispatch(self) -> float | None:
+        """Start tasks while the ledger admits them; return when the next start may be possible."""
+        while not self.stopping.is_set():
+            entries = ledger.dispatch_order(spool.list_queued(self.sp), self.settings.strategy)
+            entry = ledger.next_eligible(entries, time.time())
+            if entry is None:
+                nbs = [e.not_before.timestamp() for e in entries if e.not_before]
+                return min(nbs) if nbs else None
+            if len(self.running) >= self.settings.concurrency:
+                return float("inf")
+            claimed, gate = ledger.try_start(
+                self.sp, self.settings, lambda e=entry: queue.claim(self.sp, e, self.settings.default_model)
+            )
+            if gate.wait_until is not None:
+                if self._held_logged != gate.reason:
+                    log.info("waiting until %s: %s", _fmt(gate.wait_until), gate.reason)
+                    self._held_logged = gate.reason
+                return gate.wait_until
+            self._held_logged = None
+            if claimed is not None:
+                job = asyncio.ensure_future(self._execute(claimed))
+                self.running[claimed.task.id] = Running(claimed, job)
+        return None
+
+    # ---- one task ----------------------------------------------------------------
+
+    async def _execute(self, claimed: queue.Claimed) -> None:
+        task = claimed.task
+        settings = self.settings
+        backend = get_backend(settings)
+        try:
+            inv = backend.invocation(task, settings, self.workdir)
+            try:
+                proc = await run_process(inv, task.timeout or settings.timeout_s)
+            except OSError as e:  # the CLI itself is missing or not executable
+                outcome = Outcome("hold", error=f"cannot start {inv.argv[0]!r}: {e.strerror}; install it or set claude_bin",
+                                  hold_until=datetime.now(UTC) + timedelta(seconds=EXEC_HOLD_S))
+                proc = ProcResult(None, b"", b"")
+            else:
+                outcome = backend.classify(task, proc)
+            self._settle(claimed, outcome, proc)
+        except asyncio.CancelledError:
+            reason = self.running[task.id].stop_reason if task.id in self.running else "stop"
+            if reason == "cancel":
+                queue.cancel_running(self.sp, claimed, "cancelled by request")
+            else:
+                queue.requeue(self.sp, claimed, "the daemon stopped while it ran", count_attempt=False)
+        except Exception:
+            log.exception("internal error on %s; requeued", task.id)
+            with contextlib.suppress(Exception):
+                queue.requeue(self.sp, claimed, "internal error in spoold (see its log)", count_attempt=True)
+        finally:
+            self.running.pop(task.id, None)
+            self.wake.set()
+
+    def _settle(self, claimed: queue.Claimed, outcome: Outcome, proc: ProcResult) -> None:
+        """Move the task where its outcome puts it, and tell the ledger."""
+        task, settings = claimed.task, self.settings
+        if outcome.kind == "hold":
+            until = outcome.hold_until or datetime.now(UTC) + timedelta(minutes=30)
+            ledger.set_hold(self.sp, settings, until.timestamp(), outcome.error or "held")
+            log.warning("holding the queue until %s: %s", _fmt(until.timestamp()), outcome.error)
+            queue.requeue(self.sp, claimed, outcome.error or "held", count_attempt=False)
+            return
+        if outcome.kind == "retry" and task.attempts < settings.max_attempts:
+            backoff = min(MAX_BACKOFF_S, 15.0 * 2 ** (task.attempts - 1))
+            task.not_before = datetime.now(UTC) + timedelta(seconds=backoff)
+            queue.requeue(self.sp, claimed, f"{outcome.error}; retry {task.attempts + 1} in {backoff:.0f} s")
+            return
+        status = "done" if outcome.kind == "done" else "failed"
+        error = outcome.error
+        if outcome.kind == "retry":
+            error = f"{error} (gave up after {task.attempts} attempts; `spoold retry {task.id}` to try again)"
+        result = Result(
+            id=task.id, status=status, answer=outcome.answer, model=task.model, model_resolved=outcome.model_resolved,
+            submitted_at=task.submitted_at, started_at=task.started_at, finished_at=datetime.now(UTC),
+            duration_s=round(proc.duration_s, 3), cost_usd=outcome.cost_usd, input_tokens=outcome.input_tokens,
+            output_tokens=outcome.output_tokens, cache_read_tokens=outcome.cache_read_tokens,
+            cache_creation_tokens=outcome.cache_creation_tokens, session_id=outcome.session_id,
+            attempts=task.attempts, error=error,
+        )
+        queue.finish(self.sp, claimed, result)
+        ledger.record_finish(self.sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None)
+
+
+def _fmt(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def serve(sp: Spool, overrides: dict[str, object] | None = None, *, once: bool = False) -> int:
+    return asyncio.run(Daemon(sp, overrides, once=once).run())

@@ -1,0 +1,171 @@
+"""Inbox → queued: the ignore rules, the is-it-finished check, and turning a dropped file into a task."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from spoold import queue, spool
+from spoold.errors import BadInput
+from spoold.spool import Spool
+from spoold.task import Task, parse_task
+
+log = logging.getLogger("spoold")
+
+TASK_SUFFIXES = (".md", ".markdown", ".txt")
+
+# Names that belong to editors, sync tools and the OS: never touched, never tasks.
+IGNORE_PATTERNS = (
+    r"^\.",  # dotfiles: vim .x.swp, emacs .#x, rsync .x.XXXXXX, .syncthing.x.tmp, .DS_Store, .~lock.x#
+    r"~$",  # backup files x~
+    r"^#.*#$",  # emacs auto-save #x#
+    r"^4913$",  # vim's write test file
+    r"^~\$",  # Office lock files ~$x.docx
+    r"\.(swp|swo|swx|tmp|temp|part|partial|crdownload|download)$",
+    r"^(Thumbs\.db|desktop\.ini|Icon\r)$",
+)
+_IGNORE_RE = re.compile("|".join(IGNORE_PATTERNS), re.IGNORECASE)
+DEFAULT_SETTLE_S = 1.0  # quiet time when the kernel cannot tell us whether a writer is open
+
+
+def is_ignored(name: str) -> bool:
+    """True for names that are not ours to touch (temp, lock, swap and sync files)."""
+    return bool(_IGNORE_RE.search(name))
+
+
+def is_task_name(name: str) -> bool:
+    return not is_ignored(name) and name.lower().endswith(TASK_SUFFIXES)
+
+
+def writer_open(path: Path) -> bool | None:
+    """Whether any process holds the file open for writing (Linux leases); None if unknown.
+
+    A read lease is refused with EAGAIN while a writer has the file open, which
+    tells a finished `cp` or editor save from one still in progress without guessing
+    from timestamps.
+    """
+    if not hasattr(fcntl, "F_SETLEASE"):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    except OSError as e:
+        return True if e.errno in (errno.EAGAIN, errno.EBUSY) else None
+    finally:
+        os.close(fd)
+
+
+def is_settled(path: Path, st: os.stat_result, settle_s: float = DEFAULT_SETTLE_S) -> bool:
+    """A regular file is complete when no writer has it open (or, where that is unknown, it has been quiet)."""
+    open_for_write = writer_open(path)
+    if open_for_write is not None:
+        return not open_for_write
+    return time.time() - st.st_mtime >= settle_s
+
+
+@dataclass
+class IntakeReport:
+    queued: list[str]
+    failed: list[str]
+    pending: list[str]  # not yet complete; look again soon
+
+
+def scan(sp: Spool, *, default_model: str, max_bytes: int) -> IntakeReport:
+    """Take every complete file from inbox/ (and foreign files from queued/) into the queue."""
+    report = IntakeReport([], [], [])
+    for state in ("inbox", "queued"):
+        base = sp.dir(state)
+        for name in sorted(os.listdir(base)):
+            if state == "queued" and spool.parse_queued_name(name):
+                continue
+            take_one(sp, base / name, report, default_model=default_model, max_bytes=max_bytes)
+    return report
+
+
+def take_one(sp: Spool, path: Path, report: IntakeReport, *, default_model: str, max_bytes: int) -> None:
+    """Claim one dropped entry and queue it, or move it aside with a result saying why."""
+    name = path.name
+    if is_ignored(name):
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    regular = stat.S_ISREG(st.st_mode)
+    if regular and not name.lower().endswith(TASK_SUFFIXES):
+        return  # not a task (a PDF, an image): left where the user put it; `status` lists it
+    if regular and not is_settled(path, st):
+        report.pending.append(name)
+        return
+    task_id = spool.new_id(Path(name).stem)
+    claimed = queue.claim_intake(sp, path, task_id)
+    if claimed is None:
+        return  # another daemon took it first
+    if not regular:
+        kind = _kind(st.st_mode)
+        queue.reject_intake(sp, claimed, task_id, name, f"{name!r} is a {kind}, not a file; spoold never follows or reads it")
+        report.failed.append(task_id)
+        return
+    try:
+        task = read_dropped(claimed, task_id=task_id, source=name, default_model=default_model, max_bytes=max_bytes)
+    except BadInput as e:
+        queue.reject_intake(sp, claimed, task_id, name, f"{name}: {e}")
+        report.failed.append(task_id)
+        return
+    queue.accept_intake(sp, claimed, task)
+    report.queued.append(task_id)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    return "special file"
+
+
+def read_dropped(path: Path, *, task_id: str, source: str, default_model: str, max_bytes: int) -> Task:
+    """Parse a claimed dropped file; BadInput says what to fix."""
+    try:
+        data = spool.read_bytes(path, limit=max_bytes)
+    except OSError as e:
+        raise BadInput(f"cannot read the file ({e.strerror})") from None
+    if len(data) > max_bytes:
+        size = os.lstat(path).st_size
+        raise BadInput(f"the file is {size:,} bytes; the limit is {max_bytes:,} (setting max_bytes)")
+    if b"\0" in data:
+        raise BadInput("the file contains NUL bytes; it looks binary, not a text prompt")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise BadInput(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8", line) from None
+    task = parse_task(text, task_id=task_id, default_model=default_model)
+    task.id, task.source, task.status, task.attempts = task_id, source, "queued", 0
+    task.submitted_at = spool.id_time(task_id)
+    task.started_at = task.finished_at = None
+    task.error = None
+    return task
+
+
+def ignored_files(sp: Spool) -> list[str]:
+    """Visible inbox files spoold leaves alone because they are not tasks (shown by `status`)."""
+    out = []
+    for name in sorted(os.listdir(sp.dir("inbox"))):
+        if not is_ignored(name) and not name.lower().endswith(TASK_SUFFIXES):
+            out.append(name)
+    return out

@@ -1,0 +1,359 @@
+"""The rate-limit ledger: start history, spend, holds, and the start-time estimates built on them.
+
+One JSON file per host under `.spoold/ledger/` (one writer per file, so a synced
+spool never conflicts; the union of all hosts' files is the usage), read and
+written only under a filelock so admission and claim are one step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import filelock
+
+from spoold import spool
+from spoold.config import Settings
+from spoold.spool import QueuedEntry, Spool
+
+log = logging.getLogger("spoold")
+T = TypeVar("T")
+KEEP_DURATIONS = 20
+DEFAULT_DURATION_S = 60.0
+LOCK_TIMEOUT_S = 30.0
+
+
+@dataclass
+class HostLedger:
+    """One host's own account: what it started, spent, and any hold it learned of."""
+
+    starts: list[float] = field(default_factory=list)
+    spend: dict[str, float] = field(default_factory=dict)  # UTC date -> USD
+    durations: list[float] = field(default_factory=list)
+    hold_until: float | None = None
+    hold_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    """The union of every host's ledger: what admission and estimates read."""
+
+    starts: list[float]
+    spend: dict[str, float]
+    durations: list[float]
+    hold_until: float | None
+    hold_reason: str | None
+
+
+def ledger_dir(sp: Spool) -> Path:
+    return sp.state_dir / "ledger"
+
+
+def host_file(sp: Spool) -> Path:
+    return ledger_dir(sp) / f"{spool.owner_tag().rpartition('-')[0]}.json"
+
+
+@contextmanager
+def locked(sp: Spool) -> Iterator[None]:
+    """The ledger lock; an flock, so a killed holder releases it and nothing deadlocks."""
+    ledger_dir(sp).mkdir(mode=0o700, parents=True, exist_ok=True)
+    with filelock.FileLock(ledger_dir(sp) / ".lock", timeout=LOCK_TIMEOUT_S, thread_local=False):
+        yield
+
+
+def _load_host(path: Path) -> HostLedger:
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ValueError("not an object")
+    return HostLedger(
+        starts=[float(x) for x in raw.get("starts", [])],
+        spend={str(k): float(v) for k, v in (raw.get("spend") or {}).items()},
+        durations=[float(x) for x in raw.get("durations", [])],
+        hold_until=float(raw["hold_until"]) if raw.get("hold_until") else None,
+        hold_reason=raw.get("hold_reason"),
+    )
+
+
+def read_usage(sp: Spool, now: float | None = None) -> Usage:
+    """All hosts' ledgers joined. A damaged file is kept aside and rebuilt, never read as empty."""
+    now = time.time() if now is None else now
+    starts: list[float] = []
+    spend: dict[str, float] = {}
+    durations: list[float] = []
+    hold_until, hold_reason = None, None
+    d = ledger_dir(sp)
+    names = sorted(os.listdir(d)) if d.is_dir() else []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            h = _load_host(d / name)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            h = _rebuild(sp, d / name, e)
+        starts += h.starts
+        for day, usd in h.spend.items():
+            spend[day] = spend.get(day, 0.0) + usd
+        durations += h.durations
+        if h.hold_until and h.hold_until > now and (hold_until is None or h.hold_until > hold_until):
+            hold_until, hold_reason = h.hold_until, h.hold_reason
+    return Usage(sorted(starts), spend, durations[-KEEP_DURATIONS:], hold_until, hold_reason)
+
+
+def _rebuild(sp: Spool, path: Path, err: Exception) -> HostLedger:
+    """Keep the damaged ledger aside and rebuild starts from the tasks' own `started_at` stamps."""
+    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    try:
+        os.rename(path, aside)
+        log.error("ledger %s was damaged (%s); kept as %s, rebuilt from task files", path.name, err, aside.name)
+    except OSError:
+        pass
+    h = HostLedger(starts=started_stamps(sp))
+    _write_host(sp, path, h)
+    return h
+
+
+def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
+    """`started_at` of recent tasks, read from running/, the newest done/ partitions and failed/."""
+    from spoold.task import parse_text, parse_time  # local: only a damaged ledger needs it
+
+    paths = [sp.dir("running") / e.name for e in spool.list_running(sp)]
+    for d in spool.date_dirs(sp, "done")[:since_days]:
+        paths += [d / n for n in os.listdir(d) if n.endswith(".md") and not n.endswith(".result.md")]
+    out = []
+    for p in paths:
+        try:
+            meta, _ = parse_text(spool.read_bytes(p).decode("utf-8"))
+            if meta.get("started_at"):
+                out.append(parse_time(meta["started_at"], "started_at").timestamp())
+        except Exception:  # noqa: BLE001 - a bad task file must not stop the rebuild
+            continue
+    return sorted(out)
+
+
+def _write_host(sp: Spool, path: Path, h: HostLedger) -> None:
+    data = {"starts": h.starts, "spend": h.spend, "durations": h.durations,
+            "hold_until": h.hold_until, "hold_reason": h.hold_reason}
+    spool.rewrite(sp, path, json.dumps(data, indent=1).encode())
+
+
+def _update_own(sp: Spool, change: Callable[[HostLedger], None], settings: Settings, now: float) -> None:
+    """Read-modify-write this host's file (caller holds the lock), pruned to what the windows need."""
+    path = host_file(sp)
+    try:
+        h = _load_host(path)
+    except FileNotFoundError:
+        h = HostLedger()
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        h = _rebuild(sp, path, e)
+    change(h)
+    horizon = now - settings.window_minutes * 60 - max(settings.min_interval_s, 0)
+    h.starts = [t for t in h.starts if t > horizon]
+    month_start = _month_start(now).strftime("%Y-%m-%d")
+    h.spend = {d: v for d, v in h.spend.items() if d >= month_start}
+    h.durations = h.durations[-KEEP_DURATIONS:]
+    if h.hold_until and h.hold_until <= now:
+        h.hold_until, h.hold_reason = None, None
+    _write_host(sp, path, h)
+
+
+def _month_start(now: float) -> datetime:
+    return datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+# ---- admission -------------------------------------------------------------------
+
+
+@dataclass
+class Gate:
+    """Why dispatch must wait, and until when (None: it may start now)."""
+
+    wait_until: float | None
+    reason: str | None
+
+
+def in_window(starts: list[float], settings: Settings, now: float) -> list[float]:
+    """Starts that still count. A start 'in the future' (the clock went back) counts as now."""
+    lo = now - settings.window_minutes * 60
+    return sorted(min(t, now) for t in starts if t > lo)
+
+
+def gate(usage: Usage, settings: Settings, running: int, now: float) -> Gate:
+    """The earliest time the next start is allowed, combining every rule."""
+    waits: list[tuple[float, str]] = []
+    if usage.hold_until and usage.hold_until > now:
+        waits.append((usage.hold_until, usage.hold_reason or "held"))
+    budget = budget_hold(usage, settings, now)
+    if budget:
+        waits.append(budget)
+    win = in_window(usage.starts, settings, now)
+    if len(win) >= settings.max_requests:
+        t = win[-settings.max_requests] + settings.window_minutes * 60
+        waits.append((t, f"rate limit: {settings.max_requests} starts per {settings.window_minutes:g} min"))
+    if settings.min_interval_s and win:
+        t = win[-1] + settings.min_interval_s
+        if t > now:
+            waits.append((t, f"min_interval {settings.min_interval_s:g} s between starts"))
+    if running >= settings.concurrency:
+        waits.append((float("inf"), f"concurrency {settings.concurrency}: waiting for a running task"))
+    if not waits:
+        return Gate(None, None)
+    t, reason = max(waits)
+    return Gate(t, reason) if t > now else Gate(None, None)
+
+
+def budget_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, str] | None:
+    today = datetime.fromtimestamp(now, UTC)
+    if settings.budget_day_usd is not None:
+        spent = usage.spend.get(today.strftime("%Y-%m-%d"), 0.0)
+        if spent >= settings.budget_day_usd:
+            end = (today + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+            return end.timestamp(), f"daily budget ${settings.budget_day_usd:g} spent (${spent:.2f})"
+    if settings.budget_month_usd is not None:
+        ms = _month_start(now)
+        spent = sum(v for d, v in usage.spend.items() if d >= ms.strftime("%Y-%m-%d"))
+        if spent >= settings.budget_month_usd:
+            end = (ms + timedelta(days=32)).replace(day=1)
+            return end.timestamp(), f"monthly budget ${settings.budget_month_usd:g} spent (${spent:.2f})"
+    return None
+
+
+def try_start(sp: Spool, settings: Settings, claim: Callable[[], T | None], now: Callable[[], float] = time.time) -> tuple[T | None, Gate]:
+    """Admission and claim as one step under the lock: no two processes take the last slot."""
+    with locked(sp):
+        t = now()
+        g = gate(read_usage(sp, t), settings, len(spool.list_running(sp)), t)
+        if g.wait_until is not None:
+            return None, g
+        claimed = claim()
+        if claimed is not None:
+            _update_own(sp, lambda h: h.starts.append(t), settings, t)
+        return claimed, g
+
+
+def record_finish(sp: Spool, settings: Settings, cost_usd: float | None, duration_s: float | None) -> None:
+    t = time.time()
+    day = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
+
+    def change(h: HostLedger) -> None:
+        if cost_usd:
+            h.spend[day] = h.spend.get(day, 0.0) + cost_usd
+        if duration_s is not None:
+            h.durations.append(round(duration_s, 3))
+
+    with locked(sp):
+        _update_own(sp, change, settings, t)
+
+
+def set_hold(sp: Spool, settings: Settings, until: float, reason: str) -> None:
+    """Hold all dispatch (every process reads it) until `until`."""
+    t = time.time()
+
+    def change(h: HostLedger) -> None:
+        h.hold_until, h.hold_reason = until, reason
+
+    with locked(sp):
+        _update_own(sp, change, settings, t)
+
+
+def clear_hold(sp: Spool, settings: Settings) -> None:
+    with locked(sp):
+        _update_own(sp, lambda h: setattr(h, "hold_until", None), settings, time.time())
+
+
+# ---- order and estimates ---------------------------------------------------------
+
+
+def dispatch_order(entries: list[QueuedEntry], strategy: str) -> list[QueuedEntry]:
+    """Names already sort by priority, not_before, submission; fifo/lifo re-sort by submission only."""
+    if strategy == "fifo":
+        return sorted(entries, key=lambda e: e.task_id)
+    if strategy == "lifo":
+        return sorted(entries, key=lambda e: e.task_id, reverse=True)
+    return entries
+
+
+def next_eligible(entries: list[QueuedEntry], now: float) -> QueuedEntry | None:
+    for e in entries:
+        if e.not_before is None or e.not_before.timestamp() <= now:
+            return e
+    return None
+
+
+def typical_duration(usage: Usage) -> float:
+    """The median of recent run times: stable against one outlier."""
+    if not usage.durations:
+        return DEFAULT_DURATION_S
+    d = sorted(usage.durations)
+    return d[len(d) // 2]
+
+
+@dataclass
+class Estimate:
+    task_id: str
+    position: int
+    start: float  # epoch seconds
+
+
+def estimate(
+    sp: Spool, settings: Settings, entries: list[QueuedEntry] | None = None, *, limit: int | None = None,
+    now: float | None = None, usage: Usage | None = None,
+) -> list[Estimate]:
+    """When each queued task (in dispatch order) should start, by simulating the rules forward.
+
+    The k-th start under N per W is at least the start N places earlier plus W;
+    workers free up a typical duration after their task started; holds and
+    not_before push a start later.
+    """
+    now = time.time() if now is None else now
+    usage = usage or read_usage(sp, now)
+    order = dispatch_order(entries if entries is not None else spool.list_queued(sp), settings.strategy)
+    if limit is not None:
+        order = order[:limit]
+    dur = typical_duration(usage)
+    starts = in_window(usage.starts, settings, now)
+    running_started = [_started(sp, e) or now for e in spool.list_running(sp)]
+    workers = sorted(max(now, t + dur) for t in running_started)[: settings.concurrency]
+    workers += [now] * (settings.concurrency - len(workers))
+    floor = now
+    if usage.hold_until and usage.hold_until > now:
+        floor = usage.hold_until
+    budget = budget_hold(usage, settings, now)
+    if budget:
+        floor = max(floor, budget[0])
+    n, w = settings.max_requests, settings.window_minutes * 60
+    out: list[Estimate] = []
+    pending = deque(enumerate(order, 1))
+    while pending:
+        t = max(floor, min(workers))
+        if len(starts) >= n:
+            t = max(t, starts[-n] + w)
+        if settings.min_interval_s and starts:
+            t = max(t, starts[-1] + settings.min_interval_s)
+        pick = next((i for i, (_, e) in enumerate(pending) if not e.not_before or e.not_before.timestamp() <= t), None)
+        if pick is None:  # everyone left waits for a not_before: jump to the earliest
+            t = min(e.not_before.timestamp() for _, e in pending if e.not_before)
+            pick = next(i for i, (_, e) in enumerate(pending) if e.not_before and e.not_before.timestamp() <= t)
+        pos, e = pending[pick]
+        del pending[pick]
+        out.append(Estimate(e.task_id, pos, t))
+        starts.append(t)
+        k = workers.index(min(workers))
+        workers[k] = t + dur
+    return out
+
+
+def _started(sp: Spool, entry: spool.RunningEntry) -> float | None:
+    """When a running task started: its file's mtime (rewritten at claim), not a parse."""
+    try:
+        return (sp.dir("running") / entry.name).stat().st_mtime
+    except OSError:
+        return None

@@ -1,0 +1,346 @@
+"""Task transitions, each one rename: enqueue, claim, finish, requeue, cancel, retry, and recovery.
+
+Only the process that claimed a task (its owner, named in the running/ file
+name) moves or rewrites it; others ask through a `.cancel` marker. Owner
+liveness is an flock held for the owner's lifetime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import filelock
+
+from spoold import spool
+from spoold.errors import BadInput, InvalidState, TaskNotFound
+from spoold.spool import Located, Spool
+from spoold.task import Result, Task, parse_task, render_result, render_task
+
+log = logging.getLogger("spoold")
+_INTAKE = "intake~"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---- owners --------------------------------------------------------------------
+
+
+def _lock_path(sp: Spool, owner: str) -> Path:
+    return sp.state_dir / "locks" / f"{owner}.lock"
+
+
+def hold_owner_lock(sp: Spool) -> filelock.BaseFileLock:
+    """Mark this process alive as an owner of claims until it exits (the OS drops the lock on death)."""
+    path = _lock_path(sp, spool.owner_tag())
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = filelock.FileLock(path, timeout=0, thread_local=False)
+    lock.acquire()
+    return lock
+
+
+def owner_alive(sp: Spool, owner: str) -> bool:
+    """False only when we can prove it: same host and nobody holds its lock. Other hosts count as alive."""
+    host, _, _pid = owner.rpartition("-")
+    if host != spool.owner_tag().rpartition("-")[0]:
+        return True
+    if owner == spool.owner_tag():
+        return True
+    path = _lock_path(sp, owner)
+    if not path.exists():
+        return False
+    probe = filelock.FileLock(path, timeout=0, thread_local=False)
+    try:
+        probe.acquire()
+    except filelock.Timeout:
+        return True
+    probe.release()
+    path.unlink(missing_ok=True)
+    return False
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- into the queue ------------------------------------------------------------
+
+
+def enqueue(sp: Spool, task: Task) -> Path:
+    """Write a new task straight into queued/ (submit, the adapter, intake)."""
+    task.status = "queued"
+    name = spool.queued_name(task.id, task.priority, task.not_before)
+    return spool.write_new(sp, sp.dir("queued") / name, render_task(task))
+
+
+def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
+    """Move a dropped entry into tmp/ under our name before reading it: nobody else takes it, nothing is lost."""
+    name = f"{_INTAKE}{spool.owner_tag()}~{task_id}~{path.name}"[:250]
+    dest = sp.dir("tmp") / name
+    try:
+        return spool.move(path, dest)
+    except FileNotFoundError:
+        return None
+
+
+def _parse_intake_claim(name: str) -> tuple[str, str, str] | None:
+    parts = name.split("~", 3)
+    if len(parts) != 4 or parts[0] + "~" != _INTAKE:
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def accept_intake(sp: Spool, claimed: Path, task: Task) -> Path:
+    path = enqueue(sp, task)
+    claimed.unlink()
+    spool.fsync_dir(claimed.parent)
+    log.info("queued %s (from %s)", task.id, task.source)
+    return path
+
+
+def reject_intake(sp: Spool, claimed: Path, task_id: str, source: str, message: str) -> None:
+    """Keep the bad entry in failed/ untouched, with a result that says what to fix."""
+    t = now()
+    result = Result(id=task_id, status="failed", submitted_at=t, finished_at=t, attempts=0, error=message)
+    spool.write_new(sp, spool.result_path_for(sp.dir("failed"), task_id), render_result(result))
+    _move_rejected(sp, claimed, task_id)
+    log.warning("failed %s (%s): %s", task_id, source, message)
+
+
+def _move_rejected(sp: Spool, claimed: Path, task_id: str) -> None:
+    regular = claimed.is_file() and not claimed.is_symlink()
+    dest = sp.dir("failed") / (f"{task_id}.md" if regular else f"{task_id}.rejected")
+    spool.move(claimed, dest)
+
+
+# ---- dispatch ------------------------------------------------------------------
+
+
+@dataclass
+class Claimed:
+    path: Path
+    task: Task
+
+
+def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str) -> Claimed | None:
+    """queued/ → running/ under our owner name. None if another process won, or the file is bad (then failed)."""
+    dest = spool.running_path(sp, entry.task_id)
+    try:
+        spool.move(sp.dir("queued") / entry.name, dest)
+    except FileNotFoundError:
+        return None
+    try:
+        task = parse_task(spool.read_bytes(dest).decode("utf-8"), task_id=entry.task_id, default_model=default_model)
+    except (BadInput, UnicodeDecodeError, OSError) as e:
+        msg = f"the queued task file cannot be read: {e}"
+        result = Result(id=entry.task_id, status="failed", finished_at=now(), error=msg)
+        spool.write_new(sp, spool.result_path_for(sp.dir("failed"), entry.task_id), render_result(result))
+        spool.move(dest, spool.task_path_for(sp.dir("failed"), entry.task_id))
+        log.warning("failed %s: %s", entry.task_id, msg)
+        return None
+    task.status = "running"
+    task.started_at = now()
+    task.attempts += 1
+    spool.rewrite(sp, dest, render_task(task))
+    log.info("running %s (attempt %d, model %s)", task.id, task.attempts, task.model)
+    return Claimed(dest, task)
+
+
+def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
+    """running/ → done/DATE/ or failed/, result file first so a finished answer is never lost."""
+    task = claimed.task
+    task.status = result.status
+    task.finished_at = result.finished_at or now()
+    task.error = result.error
+    dest_dir = spool.date_dir(sp, "done", task.finished_at) if result.status == "done" else sp.dir("failed")
+    spool.rewrite(sp, claimed.path, render_task(task))
+    _write_result(sp, dest_dir, result)
+    dest = spool.move(claimed.path, spool.task_path_for(dest_dir, task.id))
+    log.info("%s %s%s", result.status, task.id, f": {result.error}" if result.error else "")
+    return dest
+
+
+def _write_result(sp: Spool, dest_dir: Path, result: Result) -> None:
+    path = spool.result_path_for(dest_dir, result.id)
+    try:
+        spool.write_new(sp, path, render_result(result))
+    except FileExistsError:
+        log.warning("kept the existing result %s (not overwritten)", path)
+
+
+def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = True) -> Path:
+    """running/ → queued/: the task waits again (a hold, a transient error, a stop)."""
+    task = claimed.task
+    if not count_attempt:
+        task.attempts = max(0, task.attempts - 1)
+    task.status, task.error, task.started_at = "queued", reason, None
+    spool.rewrite(sp, claimed.path, render_task(task))
+    dest = spool.move(claimed.path, sp.dir("queued") / spool.queued_name(task.id, task.priority, task.not_before))
+    log.info("requeued %s: %s", task.id, reason)
+    return dest
+
+
+def cancel_running(sp: Spool, claimed: Claimed, reason: str, answer: str = "") -> Path:
+    """Owner side of a cancel: running/ → cancelled/, keeping any partial answer."""
+    task = claimed.task
+    task.status, task.finished_at, task.error = "cancelled", now(), reason
+    spool.rewrite(sp, claimed.path, render_task(task))
+    result = Result(id=task.id, status="cancelled", answer=answer, finished_at=task.finished_at, error=reason,
+                    model=task.model, submitted_at=task.submitted_at, started_at=task.started_at, attempts=task.attempts)
+    _write_result(sp, sp.dir("cancelled"), result)
+    dest = spool.move(claimed.path, spool.task_path_for(sp.dir("cancelled"), task.id))
+    cancel_marker(sp, task.id).unlink(missing_ok=True)
+    log.info("cancelled %s", task.id)
+    return dest
+
+
+def cancel_marker(sp: Spool, task_id: str) -> Path:
+    return sp.dir("running") / f"{task_id}.cancel"
+
+
+def cancel(sp: Spool, task_id: str) -> str:
+    """Cancel a queued task at once, or ask a running task's owner to stop it. Returns the new state."""
+    loc = spool.locate(sp, task_id)
+    if loc.state == "queued":
+        dest = spool.task_path_for(sp.dir("cancelled"), task_id)
+        try:
+            spool.move(loc.path, dest)
+        except FileNotFoundError:
+            return cancel(sp, task_id)  # claimed meanwhile: cancel it as running
+        _mark_cancelled_in_place(sp, dest)
+        log.info("cancelled %s", task_id)
+        return "cancelled"
+    if loc.state == "running":
+        entry = spool.parse_running_name(loc.path.name)
+        if entry and not owner_alive(sp, f"{entry.host}-{entry.pid}"):
+            recover_running(sp, entry, max_attempts=1_000_000, cancelled=True)
+            return "cancelled"
+        marker = cancel_marker(sp, task_id)
+        if not marker.exists():
+            spool.write_new(sp, marker, f"cancel requested {now().isoformat()}\n".encode())
+        return "cancelling"
+    raise InvalidState(f"task {task_id} is already {loc.state}; nothing to cancel")
+
+
+def _mark_cancelled_in_place(sp: Spool, path: Path) -> None:
+    try:
+        task = parse_task(spool.read_bytes(path).decode("utf-8"), task_id=path.stem)
+    except (BadInput, UnicodeDecodeError):
+        return  # the move is the truth; a foreign file keeps its text
+    task.status, task.finished_at = "cancelled", now()
+    spool.rewrite(sp, path, render_task(task))
+
+
+def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
+    """failed/ or cancelled/ → queued/ with a fresh attempt count."""
+    loc = spool.locate(sp, task_id)
+    if loc.state not in ("failed", "cancelled"):
+        raise InvalidState(f"task {task_id} is {loc.state}; only failed or cancelled tasks can be retried")
+    try:
+        task = parse_task(spool.read_bytes(loc.path).decode("utf-8"), task_id=task_id, default_model=default_model)
+    except (BadInput, UnicodeDecodeError, OSError) as e:
+        raise InvalidState(f"task {task_id} cannot be retried as it is ({e}); fix {loc.path} and drop it into inbox/")
+    task.attempts, task.started_at, task.finished_at = 0, None, None
+    path = enqueue(sp, task)
+    loc.result_path.unlink(missing_ok=True)
+    loc.path.unlink()
+    spool.fsync_dir(loc.path.parent)
+    log.info("retry %s", task_id)
+    return path
+
+
+# ---- recovery ------------------------------------------------------------------
+
+
+def recover(sp: Spool, *, max_attempts: int) -> list[str]:
+    """Put everything a dead process left in flight back in a true state. Returns what was done."""
+    actions: list[str] = []
+    for entry in spool.list_running(sp):
+        if not owner_alive(sp, f"{entry.host}-{entry.pid}"):
+            actions.append(recover_running(sp, entry, max_attempts=max_attempts))
+    for name in os.listdir(sp.dir("tmp")):
+        actions.extend(_recover_tmp(sp, name))
+    for name in os.listdir(sp.dir("running")):
+        if name.endswith(".cancel"):
+            tid = name[: -len(".cancel")]
+            if not any(e.task_id == tid for e in spool.list_running(sp)):
+                (sp.dir("running") / name).unlink(missing_ok=True)  # its task already ended
+    return [a for a in actions if a]
+
+
+def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int, cancelled: bool = False) -> str:
+    """A dead owner's task: finish it if its result exists, else requeue it (or fail it after max_attempts)."""
+    path = sp.dir("running") / entry.name
+    result_path = spool.find_result(sp, entry.task_id)
+    if result_path is not None:
+        spool.move(path, spool.task_path_for(result_path.parent, entry.task_id))
+        return f"finished {entry.task_id} (its result was already written)"
+    try:
+        task = parse_task(spool.read_bytes(path).decode("utf-8"), task_id=entry.task_id)
+    except (BadInput, UnicodeDecodeError, OSError) as e:
+        task = None
+        err = f"the task file was damaged: {e}"
+    claimed = Claimed(path, task) if task else None
+    if claimed is None:
+        result = Result(id=entry.task_id, status="failed", finished_at=now(), error=err)
+        _write_result(sp, sp.dir("failed"), result)
+        spool.move(path, spool.task_path_for(sp.dir("failed"), entry.task_id))
+        return f"failed {entry.task_id}: {err}"
+    if cancelled or cancel_marker(sp, entry.task_id).exists():
+        cancel_running(sp, claimed, "cancelled")
+        return f"cancelled {entry.task_id}"
+    if claimed.task.attempts >= max_attempts:
+        msg = f"interrupted {claimed.task.attempts} times (the daemon died while it ran); run `spoold retry {entry.task_id}`"
+        finish(sp, claimed, _failure(claimed.task, msg))
+        return f"failed {entry.task_id}: {msg}"
+    # Re-own the file before moving it, so the rewrite/move rule (owner only) holds.
+    mine = spool.running_path(sp, entry.task_id)
+    spool.move(path, mine)
+    requeue(sp, Claimed(mine, claimed.task), f"interrupted on {entry.host} (pid {entry.pid}); requeued")
+    return f"requeued {entry.task_id}"
+
+
+def _failure(task: Task, message: str) -> Result:
+    return Result(id=task.id, status="failed", model=task.model, submitted_at=task.submitted_at,
+                  started_at=task.started_at, finished_at=now(), attempts=task.attempts, error=message)
+
+
+def _recover_tmp(sp: Spool, name: str) -> list[str]:
+    path = sp.dir("tmp") / name
+    claim_parts = _parse_intake_claim(name)
+    owner = claim_parts[0] if claim_parts else name.split(".", 1)[0]
+    if claim_parts is None:
+        # A staged write that never became visible: nothing was promised. Writers such as
+        # `spoold submit` hold no owner lock, so their liveness is their pid.
+        pid = owner.rpartition("-")[2]
+        if name.endswith(".tmp") and not owner_alive(sp, owner) and not (pid.isdigit() and _pid_exists(int(pid))):
+            path.unlink(missing_ok=True)
+        return []
+    if owner_alive(sp, owner):
+        return []
+    _, task_id, source = claim_parts
+    try:
+        spool.locate(sp, task_id)
+        path.unlink(missing_ok=True) if not path.is_dir() or path.is_symlink() else None
+        return [f"dropped the intake copy of {task_id} (already queued)"]
+    except TaskNotFound:
+        pass
+    if spool.result_path_for(sp.dir("failed"), task_id).exists():
+        _move_rejected(sp, path, task_id)
+        return [f"moved {source} to failed (its result was already written)"]
+    dest = sp.dir("inbox") / source
+    if dest.exists():
+        dest = sp.dir("inbox") / f"{Path(source).stem}.recovered-{task_id[-6:]}{Path(source).suffix}"
+    spool.move(path, dest)
+    return [f"returned {source} to inbox (intake was interrupted)"]

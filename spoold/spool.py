@@ -1,0 +1,319 @@
+"""The spool format: directories, ids, file names, and the atomic write and moves.
+
+This is the only module that builds a path into the spool. States are
+directories and every transition is one rename; every new file is written
+maildir-style (tmp/ + fsync + no-clobber link + directory fsync).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import os
+import re
+import secrets
+import socket
+import stat
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from spoold.errors import BadTaskId, SpoolError, TaskNotFound
+
+STATES = ("inbox", "tmp", "queued", "running", "done", "failed", "cancelled")
+PRIORITIES = {"urgent": 0, "high": 1, "normal": 2, "low": 3}
+PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
+TERMINAL = ("done", "failed", "cancelled")
+
+ID_RE = re.compile(r"^\d{8}T\d{9}Z-[a-z2-7]{6}(?:-[a-z0-9][a-z0-9-]{0,39})?$")
+_NO_TIME = "00000000T000000Z"
+_QUEUED_RE = re.compile(r"^([0-3])\.(\d{8}T\d{6}Z)\.(.+)\.md$")
+_RUNNING_RE = re.compile(r"^(.+)@([A-Za-z0-9-]+)-(\d+)\.md$")
+_DATE_DIR_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass(frozen=True)
+class Spool:
+    """A spool rooted at `root`; the directories are the truth."""
+
+    root: Path
+
+    def dir(self, state: str) -> Path:
+        return self.root / state
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def state_dir(self) -> Path:
+        """Private daemon state: ledger, locks, the backend's working directory."""
+        return self.root / ".spoold"
+
+
+def open_spool(root: Path | str, create: bool = True) -> Spool:
+    """Return the spool at root, creating missing directories (0700) when asked."""
+    sp = Spool(Path(root).expanduser().absolute())
+    if create:
+        for d in (sp.root, *(sp.dir(s) for s in STATES), sp.state_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    elif not sp.dir("queued").is_dir():
+        raise SpoolError(f"no spool at {sp.root}: run `spoold init` (or pass --spool)")
+    check_private(sp.root)
+    return sp
+
+
+def check_private(root: Path) -> None:
+    """Refuse a spool another user owns or anyone may write to: it would run their prompts."""
+    st = root.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise SpoolError(f"spool {root} is owned by another user (uid {st.st_uid}); use your own spool")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SpoolError(f"spool {root} is writable by others; run `chmod 700 {root}`")
+
+
+# ---- ids and names -------------------------------------------------------------
+
+
+def slugify(text: str, limit: int = 40) -> str:
+    """Lower-case ascii words joined by dashes; readable part of an id."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    out = ""
+    for w in words:
+        nxt = f"{out}-{w}" if out else w
+        if len(nxt) > limit:
+            break
+        out = nxt
+    return out or ""
+
+
+def new_id(hint: str = "", now: datetime | None = None) -> str:
+    """A unique, time-sortable, filesystem-safe id with a readable slug.
+
+    Millisecond UTC time first (sorts by submission), 30 random bits (unique
+    across processes and machines), then a slug of the hint.
+    """
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
+    rand = base64.b32encode(secrets.token_bytes(5)).decode().lower()[:6]
+    slug = slugify(hint)
+    return f"{stamp}-{rand}-{slug}" if slug else f"{stamp}-{rand}"
+
+
+def check_id(task_id: str) -> str:
+    """Validate an id before it touches a path: no separators, dots or NUL can pass."""
+    if not isinstance(task_id, str) or not ID_RE.match(task_id):
+        raise BadTaskId(f"not a task id: {task_id[:80]!r}" if isinstance(task_id, str) else "task id must be text")
+    return task_id
+
+
+def id_time(task_id: str) -> datetime:
+    """The submission time encoded in an id."""
+    s = task_id[:19]
+    return datetime.strptime(s[:15], "%Y%m%dT%H%M%S").replace(microsecond=int(s[15:18]) * 1000, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class QueuedEntry:
+    """What a queued file name says: dispatch order without opening the file."""
+
+    name: str
+    priority: int
+    not_before: datetime | None
+    task_id: str
+
+
+def queued_name(task_id: str, priority: str, not_before: datetime | None) -> str:
+    """`P.NOTBEFORE.ID.md`: names sort in dispatch order (priority, not_before, submission)."""
+    nb = not_before.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") if not_before else _NO_TIME
+    return f"{PRIORITIES[priority]}.{nb}.{task_id}.md"
+
+
+def parse_queued_name(name: str) -> QueuedEntry | None:
+    m = _QUEUED_RE.match(name)
+    if not m or not ID_RE.match(m.group(3)):
+        return None
+    nb = None if m.group(2) == _NO_TIME else datetime.strptime(m.group(2), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    return QueuedEntry(name, int(m.group(1)), nb, m.group(3))
+
+
+def owner_tag() -> str:
+    """`host-pid` of this process, as it appears in running/ names."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class RunningEntry:
+    name: str
+    task_id: str
+    host: str
+    pid: int
+
+
+def parse_running_name(name: str) -> RunningEntry | None:
+    m = _RUNNING_RE.match(name)
+    if not m or not ID_RE.match(m.group(1)):
+        return None
+    return RunningEntry(name, m.group(1), m.group(2), int(m.group(3)))
+
+
+def date_dir(sp: Spool, state: str, when: datetime) -> Path:
+    """done/ is partitioned by finish date so no listing grows without bound."""
+    return sp.dir(state) / when.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+# ---- atomic writes and moves ---------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tmp(sp: Spool, data: bytes) -> Path:
+    tmp = sp.dir("tmp") / f"{owner_tag()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def write_new(sp: Spool, dest: Path, data: bytes) -> Path:
+    """Write a new file at dest; never overwrite (FileExistsError if dest exists)."""
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = _write_tmp(sp, data)
+    try:
+        os.link(tmp, dest)  # link() fails rather than clobber: the no-overwrite rule
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(dest.parent)
+    return dest
+
+
+def rewrite(sp: Spool, path: Path, data: bytes) -> None:
+    """Atomically replace a file this process owns (it sits under our claim)."""
+    tmp = _write_tmp(sp, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def move(src: Path, dest: Path) -> Path:
+    """One transition: rename src to dest, whose name is unique by task id.
+
+    Raises FileNotFoundError when src is gone (another process won the race)
+    and FileExistsError rather than overwrite a file already at dest.
+    """
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if dest.exists():
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dest))
+    os.rename(src, dest)
+    fsync_dir(dest.parent)
+    if src.parent != dest.parent:
+        fsync_dir(src.parent)
+    return dest
+
+
+def read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """Read a regular file without following a symlink, at most limit+1 bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read() if limit is None else f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+# ---- listing and lookup --------------------------------------------------------
+
+
+def list_queued(sp: Spool) -> list[QueuedEntry]:
+    """The queue in dispatch order, from names alone."""
+    entries = (parse_queued_name(n) for n in sorted(os.listdir(sp.dir("queued"))))
+    return [e for e in entries if e]
+
+
+def list_running(sp: Spool) -> list[RunningEntry]:
+    entries = (parse_running_name(n) for n in sorted(os.listdir(sp.dir("running"))))
+    return [e for e in entries if e]
+
+
+def date_dirs(sp: Spool, state: str) -> list[Path]:
+    """Date partitions of a terminal state, newest first."""
+    base = sp.dir(state)
+    if not base.is_dir():
+        return []
+    return sorted((base / n for n in os.listdir(base) if _DATE_DIR_RE.match(n)), reverse=True)
+
+
+def terminal_dirs(sp: Spool, state: str) -> list[Path]:
+    """Where files of a terminal state live: the state dir and its date partitions."""
+    return [*date_dirs(sp, state), sp.dir(state)]
+
+
+@dataclass(frozen=True)
+class Located:
+    state: str
+    path: Path
+    task_id: str
+
+    @property
+    def result_path(self) -> Path:
+        return result_path_for(self.path.parent, self.task_id)
+
+
+def result_path_for(directory: Path, task_id: str) -> Path:
+    return directory / f"{task_id}.result.md"
+
+
+def task_path_for(directory: Path, task_id: str) -> Path:
+    return directory / f"{task_id}.md"
+
+
+def running_path(sp: Spool, task_id: str, owner: str | None = None) -> Path:
+    return sp.dir("running") / f"{task_id}@{owner or owner_tag()}.md"
+
+
+def locate(sp: Spool, task_id: str) -> Located:
+    """Find a task by id in whichever state directory holds it."""
+    check_id(task_id)
+    for e in list_running(sp):
+        if e.task_id == task_id:
+            return Located("running", sp.dir("running") / e.name, task_id)
+    suffix = f".{task_id}.md"
+    for name in os.listdir(sp.dir("queued")):
+        if name.endswith(suffix):
+            return Located("queued", sp.dir("queued") / name, task_id)
+    for state in TERMINAL:
+        for d in terminal_dirs(sp, state):
+            p = task_path_for(d, task_id)
+            if p.exists():
+                return Located(state, p, task_id)
+    raise TaskNotFound(f"no task {task_id} in {sp.root}")
+
+
+def find_result(sp: Spool, task_id: str) -> Path | None:
+    """A result already written for a task (the task file may not have moved yet)."""
+    for state in ("done", "failed"):
+        for d in terminal_dirs(sp, state):
+            p = result_path_for(d, task_id)
+            if p.exists():
+                return p
+    return None

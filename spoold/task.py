@@ -1,0 +1,296 @@
+"""Tasks and results as files: parse a dropped file, normalize it, render task and result files."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from datetime import UTC, date, datetime
+from typing import Any
+
+import yaml
+
+from spoold.errors import BadInput
+from spoold.spool import PRIORITIES
+
+USER_KEYS = ("model", "priority", "system", "title", "tags", "timeout", "not_before")
+SPOOLD_KEYS = ("id", "status", "submitted_at", "source", "attempts", "started_at", "finished_at", "error", "warnings")
+MAX_FRONTMATTER = 64 * 1024
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]@-]{0,199}$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
+_UNITS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+
+
+@dataclass
+class Task:
+    """A normalized task: what the daemon runs and what the task file records."""
+
+    id: str
+    prompt: str
+    model: str = "sonnet"
+    priority: str = "normal"
+    submitted_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    status: str = "queued"
+    source: str | None = None
+    title: str | None = None
+    system: str | None = None
+    tags: list[str] = field(default_factory=list)
+    timeout: float | None = None
+    not_before: datetime | None = None
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: no 'billion laughs' through a dropped file."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise BadInput("YAML aliases (*name) are not allowed in frontmatter; write the value out", mark.line + 2)
+        return super().compose_node(parent, index)
+
+
+def split_frontmatter(text: str) -> tuple[str | None, str, int]:
+    """Split `---` frontmatter from the body, keeping the body byte for byte.
+
+    Hand-written because python-frontmatter strips the text and its boundary
+    regex eats blank lines after `---`; the user's prompt must stay exact.
+    Returns (yaml or None, body, line number where the yaml starts).
+    """
+    lines = text.splitlines(keepends=True)
+    if not lines or lines[0].rstrip("\r\n").rstrip() != "---":
+        return None, text, 0
+    for i in range(1, len(lines)):
+        if lines[i].rstrip("\r\n").rstrip() in ("---", "..."):
+            return "".join(lines[1:i]), "".join(lines[i + 1 :]), 2
+    raise BadInput("frontmatter starts with `---` on line 1 but has no closing `---` line", 1)
+
+
+def parse_text(text: str) -> tuple[dict[str, Any], str]:
+    """Frontmatter (a mapping) and body of a task file; BadInput names the line."""
+    fm, body, first_line = split_frontmatter(text)
+    if fm is None:
+        return {}, body
+    if len(fm) > MAX_FRONTMATTER:
+        raise BadInput(f"frontmatter is larger than {MAX_FRONTMATTER // 1024} KiB; put long text in the body", 1)
+    try:
+        meta = yaml.load(fm, Loader=_NoAliasLoader)  # noqa: S506 - safe loader subclass
+    except yaml.MarkedYAMLError as e:
+        line = (e.problem_mark.line + first_line) if e.problem_mark else None
+        raise BadInput(f"frontmatter is not valid YAML: {e.problem or e}", line) from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise BadInput(f"frontmatter is not valid YAML: {type(e).__name__}", 1) from None
+    if meta is None:
+        return {}, body
+    if not isinstance(meta, dict):
+        raise BadInput("frontmatter must be `key: value` lines, not a list or a single value", first_line)
+    return {str(k): v for k, v in meta.items()}, body
+
+
+def parse_time(value: Any, key: str) -> datetime:
+    """ISO time or YAML timestamp; a time without zone is the machine's local time."""
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, date):
+        dt = datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise BadInput(f"`{key}: {value}` is not an ISO time such as 2026-11-24T18:00:00Z") from None
+    else:
+        raise BadInput(f"`{key}` must be an ISO time such as 2026-11-24T18:00:00Z")
+    return (dt if dt.tzinfo else dt.astimezone()).astimezone(UTC)
+
+
+def parse_duration(value: Any, key: str = "timeout") -> float:
+    """Seconds from a number or `90s`, `30m`, `2h`."""
+    if isinstance(value, bool):
+        raise BadInput(f"`{key}` must be a duration such as 600, 30m or 2h")
+    if isinstance(value, (int, float)) and value > 0:
+        return float(value)
+    m = _DURATION_RE.match(str(value)) if isinstance(value, str) else None
+    if not m or float(m.group(1)) <= 0:
+        raise BadInput(f"`{key}: {value}` is not a duration such as 600, 30m or 2h")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def check_model(value: Any) -> str:
+    if not isinstance(value, str) or not MODEL_RE.match(value):
+        raise BadInput(
+            f"`model: {str(value)[:60]}` is not a model name; use an alias (sonnet, opus, haiku) or a full model id"
+        )
+    return value
+
+
+def _text(meta: dict[str, Any], key: str) -> str | None:
+    v = meta.get(key)
+    if v is None:
+        return None
+    if isinstance(v, (dict, list)):
+        raise BadInput(f"`{key}` must be text")
+    return str(v)
+
+
+def from_meta(meta: dict[str, Any], body: str, *, task_id: str, default_model: str) -> Task:
+    """Normalize user frontmatter (or a stored task's) into a Task; unknown keys become warnings."""
+    if not body.strip():
+        raise BadInput("the prompt is empty: write the question below the frontmatter")
+    priority = str(meta.get("priority", "normal")).strip().lower()
+    if priority not in PRIORITIES:
+        raise BadInput(f"`priority: {priority[:30]}` must be one of {', '.join(PRIORITIES)}")
+    tags = meta.get("tags") or []
+    if isinstance(tags, str):
+        tags = [t.strip() for t in tags.split(",") if t.strip()]
+    if not isinstance(tags, list) or any(isinstance(t, (dict, list)) for t in tags):
+        raise BadInput("`tags` must be a list such as [research, long]")
+    known = set(USER_KEYS) | set(SPOOLD_KEYS)
+    extra = {k: v for k, v in meta.items() if k not in known}
+    warnings = [w for w in (meta.get("warnings") or []) if isinstance(w, str)]
+    warnings += [f"unknown frontmatter key `{k}` kept but ignored" for k in extra if not _already_warned(warnings, k)]
+    task = Task(
+        id=task_id,
+        prompt=body,
+        model=check_model(meta.get("model") or default_model),
+        priority=priority,
+        system=_text(meta, "system"),
+        title=_text(meta, "title"),
+        tags=[str(t) for t in tags],
+        timeout=parse_duration(meta["timeout"]) if meta.get("timeout") is not None else None,
+        not_before=parse_time(meta["not_before"], "not_before") if meta.get("not_before") else None,
+        extra=extra,
+        warnings=warnings,
+    )
+    _stored_fields(task, meta)
+    return task
+
+
+def _already_warned(warnings: list[str], key: str) -> bool:
+    return any(f"`{key}`" in w for w in warnings)
+
+
+def _stored_fields(task: Task, meta: dict[str, Any]) -> None:
+    """Fields spoold itself wrote (present when re-reading a stored task)."""
+    if meta.get("submitted_at"):
+        task.submitted_at = parse_time(meta["submitted_at"], "submitted_at")
+    for key in ("started_at", "finished_at"):
+        if meta.get(key):
+            setattr(task, key, parse_time(meta[key], key))
+    task.source = _text(meta, "source")
+    task.error = _text(meta, "error")
+    task.status = str(meta.get("status") or "queued")
+    attempts = meta.get("attempts", 0)
+    task.attempts = attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") if dt else None
+
+
+def task_meta(task: Task) -> dict[str, Any]:
+    """The frontmatter spoold writes for a task: user keys normalized, spoold keys added."""
+    meta: dict[str, Any] = {
+        "id": task.id,
+        "status": task.status,
+        "title": task.title,
+        "model": task.model,
+        "priority": task.priority,
+        "submitted_at": _iso(task.submitted_at),
+        "not_before": _iso(task.not_before),
+        "source": task.source,
+        "attempts": task.attempts,
+        "started_at": _iso(task.started_at),
+        "finished_at": _iso(task.finished_at),
+        "timeout": task.timeout,
+        "system": task.system,
+        "tags": task.tags or None,
+        "error": task.error,
+        "warnings": task.warnings or None,
+    }
+    meta = {k: v for k, v in meta.items() if v is not None}
+    meta.update(task.extra)
+    return meta
+
+
+def render(meta: dict[str, Any], body: str) -> bytes:
+    """A Markdown file with YAML frontmatter; the body is written exactly as given."""
+    fm = yaml.safe_dump(_plain(meta), sort_keys=False, allow_unicode=True, default_flow_style=False, width=1_000_000)
+    return f"---\n{fm}---\n{body}".encode()
+
+
+def _plain(value: Any) -> Any:
+    """Values yaml.safe_dump can always write (user extras may hold dates and odd scalars)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return _iso(value) if value.tzinfo else value.isoformat()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def render_task(task: Task) -> bytes:
+    return render(task_meta(task), task.prompt)
+
+
+def parse_task(text: str, *, task_id: str, default_model: str = "sonnet") -> Task:
+    meta, body = parse_text(text)
+    return from_meta(meta, body, task_id=task_id, default_model=default_model)
+
+
+@dataclass
+class Result:
+    """What a result file records beside its task."""
+
+    id: str
+    status: str
+    answer: str = ""
+    model: str | None = None
+    model_resolved: str | None = None
+    submitted_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+    cost_usd: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+    session_id: str | None = None
+    attempts: int | None = None
+    error: str | None = None
+
+
+def render_result(result: Result) -> bytes:
+    meta = {f.name: getattr(result, f.name) for f in fields(Result) if f.name != "answer"}
+    meta = {k: (_iso(v) if isinstance(v, datetime) else v) for k, v in meta.items() if v is not None}
+    body = result.answer if result.answer.endswith("\n") or not result.answer else result.answer + "\n"
+    if result.status == "failed" and not result.answer:
+        body = f"**Failed:** {result.error}\n"
+    return render(meta, body)
+
+
+def parse_result(text: str) -> Result:
+    meta, body = parse_text(text)
+    known = {f.name for f in fields(Result)}
+    kwargs = {k: v for k, v in meta.items() if k in known}
+    for key in ("submitted_at", "started_at", "finished_at"):
+        if kwargs.get(key):
+            kwargs[key] = parse_time(kwargs[key], key)
+    kwargs.setdefault("id", "")
+    kwargs.setdefault("status", "unknown")
+    return Result(answer=body, **kwargs)
+
+
+def title_of(task: Task) -> str:
+    """A short human label: the title, or the prompt's first line."""
+    if task.title:
+        return task.title
+    first = next((ln.strip() for ln in task.prompt.splitlines() if ln.strip()), "")
+    return first.lstrip("# ")[:80]
