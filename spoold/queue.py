@@ -138,7 +138,7 @@ def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str) -> Claimed | 
     dest = spool.running_path(sp, entry.task_id)
     try:
         spool.move(sp.dir("queued") / entry.name, dest)
-    except FileNotFoundError:
+    except (FileNotFoundError, FileExistsError):
         return None
     try:
         task = parse_task(spool.read_bytes(dest).decode("utf-8"), task_id=entry.task_id, default_model=default_model)

@@ -8,15 +8,18 @@ maildir-style (tmp/ + fsync + no-clobber link + directory fsync).
 from __future__ import annotations
 
 import base64
+import ctypes
 import errno
 import os
 import re
 import secrets
 import socket
 import stat
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from spoold.errors import BadTaskId, SpoolError, TaskNotFound
 
@@ -213,6 +216,45 @@ def rewrite(sp: Spool, path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _load_renameat2() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+_renameat2 = _load_renameat2() if sys.platform.startswith("linux") else None
+
+
+def rename_noreplace(src: Path, dest: Path) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing dest.
+
+    By hand because Python exposes no RENAME_NOREPLACE; where the kernel or
+    filesystem lacks it, a check-then-rename is the fallback (ids are unique,
+    so the window only matters for foreign files).
+    """
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.ENOENT:
+            raise FileNotFoundError(err, os.strerror(err), str(src))
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dest))
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dest))
+    if dest.exists() or dest.is_symlink():
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dest))
+    os.rename(src, dest)
+
+
 def move(src: Path, dest: Path) -> Path:
     """One transition: rename src to dest, whose name is unique by task id.
 
@@ -220,9 +262,7 @@ def move(src: Path, dest: Path) -> Path:
     and FileExistsError rather than overwrite a file already at dest.
     """
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if dest.exists():
-        raise FileExistsError(errno.EEXIST, "destination exists", str(dest))
-    os.rename(src, dest)
+    rename_noreplace(src, dest)
     fsync_dir(dest.parent)
     if src.parent != dest.parent:
         fsync_dir(src.parent)

@@ -1,0 +1,120 @@
+"""Shared fixtures: a temporary spool, a daemon subprocess, and waiting on files instead of sleeping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from spoold import spool as spool_mod
+from spoold.spool import Spool
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO_COMMAND = [sys.executable, "-c", "import sys; print('answer: ' + sys.stdin.read().strip())"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--stress", action="store_true", help="run the long fuzz and kill loops at full size")
+
+
+@pytest.fixture
+def stress(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--stress"))
+
+
+@pytest.fixture
+def sp(tmp_path: Path) -> Spool:
+    return spool_mod.open_spool(tmp_path / "spool")
+
+
+def write_config(sp: Spool, **settings: object) -> None:
+    import yaml
+
+    sp.config_path.write_text(yaml.safe_dump(settings))
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> object:
+    """Poll a cheap predicate on the filesystem until it holds (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def terminal_files(sp: Spool, state: str) -> list[Path]:
+    """Task files (not results) in a terminal state, across date partitions."""
+    out = []
+    for d in spool_mod.terminal_dirs(sp, state):
+        out += [p for p in d.iterdir() if p.is_file() and p.name.endswith(".md") and not p.name.endswith(".result.md")]
+    return sorted(out)
+
+
+def results(sp: Spool, state: str) -> list[Path]:
+    out = []
+    for d in spool_mod.terminal_dirs(sp, state):
+        out += [p for p in d.iterdir() if p.name.endswith(".result.md")]
+    return sorted(out)
+
+
+class DaemonProc:
+    """`spoold run` as a real subprocess on a temporary spool; its stderr is kept for assertions."""
+
+    def __init__(self, sp: Spool, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.sp = sp
+        self.log_path = sp.root.parent / f"daemon-{time.monotonic_ns()}.log"
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        full_env.pop("SPOOLD_DIR", None)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spoold.cli", "run", "--spool", str(sp.root), *(args or [])],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT,
+        )
+        wait_for(lambda: b"serving" in self.log_path.read_bytes() or self.proc.poll() is not None, what="daemon start")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+
+@pytest.fixture
+def daemon(request: pytest.FixtureRequest) -> Iterator[Callable[..., DaemonProc]]:
+    started: list[DaemonProc] = []
+
+    def start(sp: Spool, env: dict[str, str] | None = None, args: list[str] | None = None) -> DaemonProc:
+        d = DaemonProc(sp, env, args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGKILL)
+            d.proc.wait()
+
+
+def drop(sp: Spool, name: str, content: str | bytes) -> Path:
+    """Drop a file into inbox/ the safe way a script would (write elsewhere, rename in)."""
+    data = content.encode() if isinstance(content, str) else content
+    staging = sp.root.parent / f".staging-{name}"
+    staging.write_bytes(data)
+    dest = sp.dir("inbox") / name
+    os.rename(staging, dest)
+    return dest

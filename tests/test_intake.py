@@ -1,0 +1,142 @@
+"""Inbox intake: what is ignored, what is taken, what is moved aside and why."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from conftest import drop, results, terminal_files
+from spoold import intake, spool
+from spoold.task import parse_result, parse_task
+
+IGNORED = [".q.md.swp", ".q.md.swx", "q.md~", "4913", ".#q.md", "#q.md#", ".q.md.Ab12Cd", ".syncthing.q.md.tmp",
+           ".DS_Store", "~$report.md", ".~lock.q.md#", "q.md.part", "q.md.crdownload", ".dropbox.cache", "q.md.tmp"]
+TAKEN = ["q.md", "q.txt", "Q.MARKDOWN", "q.sync-conflict-20261124-101010-ABCDEFG.md",
+         "q (Jane's conflicted copy 2026-11-24).md", "q (conflicted copy 2026-11-24).txt"]
+
+
+def scan(sp: spool.Spool) -> intake.IntakeReport:
+    return intake.scan(sp, default_model="sonnet", max_bytes=1024)
+
+
+@pytest.mark.parametrize("name", IGNORED)
+def test_ignore_rules(name: str) -> None:
+    assert intake.is_ignored(name)
+
+
+@pytest.mark.parametrize("name", TAKEN)
+def test_tasks_and_sync_conflict_copies_are_taken(name: str) -> None:
+    assert intake.is_task_name(name)
+
+
+def test_ignored_files_are_never_touched(sp: spool.Spool) -> None:
+    for name in IGNORED + ["notes.pdf"]:
+        (sp.dir("inbox") / name).write_text("x")
+    report = scan(sp)
+    assert report.queued == [] and report.failed == []
+    assert sorted(os.listdir(sp.dir("inbox"))) == sorted(IGNORED + ["notes.pdf"])
+    assert intake.ignored_files(sp) == ["notes.pdf"]
+
+
+def test_conflict_copies_become_separate_tasks(sp: spool.Spool) -> None:
+    for name in TAKEN:
+        drop(sp, name, f"prompt from {name}\n")
+    report = scan(sp)
+    assert len(report.queued) == len(TAKEN) and os.listdir(sp.dir("inbox")) == []
+    sources = set()
+    for e in spool.list_queued(sp):
+        t = parse_task((sp.dir("queued") / e.name).read_text(), task_id=e.task_id)
+        assert t.prompt == f"prompt from {t.source}\n"
+        sources.add(t.source)
+    assert sources == set(TAKEN)
+
+
+def test_same_name_dropped_again_and_again_is_never_merged(sp: spool.Spool) -> None:
+    for i in range(5):
+        drop(sp, "same.md", f"same prompt\n")
+        assert len(scan(sp).queued) == 1
+    assert len(spool.list_queued(sp)) == 5
+
+
+def test_writer_still_open_is_not_taken(sp: spool.Spool) -> None:
+    path = sp.dir("inbox") / "slow.md"
+    f = open(path, "w")
+    f.write("half a pro")
+    f.flush()
+    assert intake.writer_open(path) is True
+    report = scan(sp)
+    assert report.pending == ["slow.md"] and report.queued == []
+    f.write("mpt\n")
+    f.close()
+    assert intake.writer_open(path) is False
+    assert len(scan(sp).queued) == 1
+    e = spool.list_queued(sp)[0]
+    assert parse_task((sp.dir("queued") / e.name).read_text(), task_id=e.task_id).prompt == "half a prompt\n"
+
+
+def _failed_message(sp: spool.Spool) -> str:
+    [r] = results(sp, "failed")
+    return parse_result(r.read_text()).error or ""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe bad bytes", "not UTF-8"),
+        (b"---\nmodel: [x\n---\nq", "line 3"),
+        (b"", "prompt is empty"),
+        (b"a\0b", "NUL"),
+        (b"x" * 2000, "limit is 1,024"),
+        (b"---\nmodel: opus --dangerously-skip-permissions\n---\nhi", "not a model name"),
+    ],
+)
+def test_bad_files_move_to_failed_with_a_reason(sp: spool.Spool, content: bytes, message: str) -> None:
+    drop(sp, "bad.md", content)
+    report = scan(sp)
+    assert len(report.failed) == 1 and os.listdir(sp.dir("inbox")) == []
+    assert message in _failed_message(sp)
+    [kept] = terminal_files(sp, "failed")
+    assert kept.read_bytes() == content  # the user's file is kept untouched
+
+
+def test_symlink_is_moved_aside_never_followed(sp: spool.Spool, tmp_path) -> None:
+    secret = tmp_path / "secret.md"
+    secret.write_text("top secret")
+    (sp.dir("inbox") / "link.md").symlink_to(secret)
+    scan(sp)
+    [aside] = [p for p in sp.dir("failed").iterdir() if p.name.endswith(".rejected")]
+    assert aside.is_symlink() and "symbolic link" in _failed_message(sp)
+    assert secret.read_text() == "top secret"
+
+
+def test_directory_and_fifo_are_moved_aside(sp: spool.Spool) -> None:
+    (sp.dir("inbox") / "dir.md").mkdir()
+    (sp.dir("inbox") / "dir.md" / "inner.md").write_text("q")
+    os.mkfifo(sp.dir("inbox") / "pipe.md")
+    report = scan(sp)
+    assert len(report.failed) == 2
+    kinds = sorted(parse_result(r.read_text()).error.split(" is a ")[1].split(",")[0] for r in results(sp, "failed"))
+    assert kinds == ["directory", "named pipe"]
+    assert (next(p for p in sp.dir("failed").iterdir() if p.is_dir()) / "inner.md").read_text() == "q"
+
+
+def test_foreign_file_written_into_queued_is_taken(sp: spool.Spool) -> None:
+    (sp.dir("queued") / "from-a-tool.md").write_text("---\npriority: high\n---\nhello\n")
+    assert len(scan(sp).queued) == 1
+    [e] = spool.list_queued(sp)
+    assert e.priority == 1
+
+
+def test_two_scanners_never_take_one_file_twice(sp: spool.Spool) -> None:
+    for i in range(50):
+        drop(sp, f"t{i}.md", f"p{i}\n")
+    reports: list[intake.IntakeReport] = []
+    threads = [threading.Thread(target=lambda: reports.append(scan(sp))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(len(r.queued) for r in reports) == 50
+    assert len(spool.list_queued(sp)) == 50

@@ -1,0 +1,139 @@
+"""Transitions (claim, finish, requeue, cancel, retry) and recovery after a dead owner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spoold import queue, spool
+from spoold.errors import InvalidState
+from spoold.task import Result, Task, parse_task
+
+
+def _enqueue(sp: spool.Spool, prompt: str = "q\n", **kw: object) -> Task:
+    t = Task(id=spool.new_id(prompt), prompt=prompt, **kw)
+    queue.enqueue(sp, t)
+    return t
+
+
+def _claim_next(sp: spool.Spool) -> queue.Claimed:
+    claimed = queue.claim(sp, spool.list_queued(sp)[0], "sonnet")
+    assert claimed is not None
+    return claimed
+
+
+def test_claim_is_exclusive(sp: spool.Spool) -> None:
+    _enqueue(sp)
+    [entry] = spool.list_queued(sp)
+    first = queue.claim(sp, entry, "sonnet")
+    assert first is not None and first.task.attempts == 1 and first.task.started_at
+    assert queue.claim(sp, entry, "sonnet") is None
+    [running] = spool.list_running(sp)
+    assert running.pid == os.getpid()
+
+
+def test_finish_writes_result_then_moves_task(sp: spool.Spool) -> None:
+    t = _enqueue(sp)
+    c = _claim_next(sp)
+    dest = queue.finish(sp, c, Result(id=t.id, status="done", answer="42"))
+    assert dest.parent.parent == sp.dir("done")
+    assert (dest.parent / f"{t.id}.result.md").exists()
+    assert parse_task(dest.read_text(), task_id=t.id).status == "done"
+    assert spool.locate(sp, t.id).state == "done"
+
+
+def test_requeue_keeps_order_and_counts_attempts(sp: spool.Spool) -> None:
+    t = _enqueue(sp, priority="high")
+    c = _claim_next(sp)
+    queue.requeue(sp, c, "transient")
+    [e] = spool.list_queued(sp)
+    back = parse_task((sp.dir("queued") / e.name).read_text(), task_id=t.id)
+    assert (e.priority, back.attempts, back.error) == (1, 1, "transient")
+    c2 = _claim_next(sp)
+    queue.requeue(sp, c2, "usage limit", count_attempt=False)
+    assert parse_task((sp.dir("queued") / spool.list_queued(sp)[0].name).read_text(), task_id=t.id).attempts == 1
+
+
+def test_cancel_queued_and_retry(sp: spool.Spool) -> None:
+    t = _enqueue(sp)
+    assert queue.cancel(sp, t.id) == "cancelled"
+    assert spool.locate(sp, t.id).state == "cancelled"
+    with pytest.raises(InvalidState):
+        queue.cancel(sp, t.id)
+    queue.retry(sp, t.id)
+    assert spool.locate(sp, t.id).state == "queued"
+
+
+def test_cancel_running_asks_the_live_owner(sp: spool.Spool) -> None:
+    t = _enqueue(sp)
+    lock = queue.hold_owner_lock(sp)
+    try:
+        _claim_next(sp)
+        assert queue.cancel(sp, t.id) == "cancelling"
+        assert queue.cancel_marker(sp, t.id).exists()
+    finally:
+        lock.release()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _orphan(sp: spool.Spool, t: Task) -> spool.Path:
+    """Make the running file look like a claim by a process that died."""
+    c = _claim_next(sp)
+    dead = spool.running_path(sp, t.id, f"{spool.owner_tag().rpartition('-')[0]}-{_dead_pid()}")
+    os.rename(c.path, dead)
+    return dead
+
+
+def test_recovery_requeues_a_dead_owners_task(sp: spool.Spool) -> None:
+    t = _enqueue(sp)
+    _orphan(sp, t)
+    actions = queue.recover(sp, max_attempts=3)
+    assert actions == [f"requeued {t.id}"]
+    assert spool.locate(sp, t.id).state == "queued"
+
+
+def test_recovery_fails_after_max_attempts(sp: spool.Spool) -> None:
+    t = _enqueue(sp)
+    for _ in range(2):
+        _orphan(sp, t)
+        queue.recover(sp, max_attempts=2)
+    loc = spool.locate(sp, t.id)
+    assert loc.state == "failed" and "interrupted 2 times" in loc.result_path.read_text()
+
+
+def test_recovery_keeps_a_finished_answer(sp: spool.Spool) -> None:
+    """Killed between writing the result and moving the task: the answer is kept, not rerun."""
+    t = _enqueue(sp)
+    dead = _orphan(sp, t)
+    from spoold.task import render_result
+    from datetime import UTC, datetime
+
+    d = spool.date_dir(sp, "done", datetime.now(UTC))
+    spool.write_new(sp, d / f"{t.id}.result.md", render_result(Result(id=t.id, status="done", answer="kept")))
+    assert queue.recover(sp, max_attempts=3)[0].startswith("finished")
+    assert not dead.exists() and spool.locate(sp, t.id).state == "done"
+
+
+def test_recovery_returns_an_interrupted_intake_to_the_inbox(sp: spool.Spool) -> None:
+    name = f"intake~{spool.owner_tag().rpartition('-')[0]}-{_dead_pid()}~{spool.new_id('x')}~my question.md"
+    (sp.dir("tmp") / name).write_text("my question\n")
+    queue.recover(sp, max_attempts=3)
+    assert (sp.dir("inbox") / "my question.md").read_text() == "my question\n"
+    assert os.listdir(sp.dir("tmp")) == []
+
+
+def test_other_hosts_claims_are_left_alone(sp: spool.Spool) -> None:
+    t = _enqueue(sp)
+    c = _claim_next(sp)
+    theirs = spool.running_path(sp, t.id, "otherhost-123")
+    os.rename(c.path, theirs)
+    assert queue.recover(sp, max_attempts=3) == []
+    assert theirs.exists()

@@ -1,0 +1,108 @@
+"""The spool format: ids, names in dispatch order, the atomic write and moves."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from spoold import spool
+from spoold.errors import BadTaskId, SpoolError, TaskNotFound
+
+
+def test_ids_are_unique_sortable_and_readable() -> None:
+    t = datetime(2026, 11, 24, 16, 0, 0, tzinfo=UTC)
+    ids = [spool.new_id("My Question: why?!", t + timedelta(milliseconds=i)) for i in range(200)]
+    assert len(set(ids)) == 200
+    assert ids == sorted(ids)
+    assert all(spool.ID_RE.match(i) for i in ids)
+    assert ids[0].endswith("-my-question-why")
+    assert spool.id_time(ids[5]) == t + timedelta(milliseconds=5)
+
+
+def test_ids_unique_at_the_same_millisecond() -> None:
+    t = datetime(2026, 11, 24, tzinfo=UTC)
+    assert len({spool.new_id("x", t) for _ in range(5000)}) == 5000
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "a\0b", "", "20261124T160000000Z-abcdef/..",
+                                 "20261124T160000000Z-ABCDEF", "x" * 300, "20261124T160000000Z-abcdef-.."])
+def test_check_id_refuses_anything_else(bad: str) -> None:
+    with pytest.raises(BadTaskId):
+        spool.check_id(bad)
+
+
+def test_queued_names_sort_in_dispatch_order() -> None:
+    t = datetime(2026, 11, 24, tzinfo=UTC)
+    a = spool.new_id("a", t)
+    b = spool.new_id("b", t + timedelta(seconds=1))
+    c = spool.new_id("c", t + timedelta(seconds=2))
+    names = [
+        spool.queued_name(a, "low", None),
+        spool.queued_name(b, "urgent", None),
+        spool.queued_name(c, "normal", None),
+        spool.queued_name(a, "normal", t + timedelta(hours=1)),
+        spool.queued_name(b, "normal", None),
+    ]
+    ordered = [spool.parse_queued_name(n) for n in sorted(names)]
+    assert [(e.priority, e.task_id[-1]) for e in ordered] == [(0, "b"), (2, "b"), (2, "c"), (2, "a"), (3, "a")]
+    assert ordered[3].not_before == t + timedelta(hours=1)
+
+
+def test_write_new_never_overwrites(sp: spool.Spool) -> None:
+    dest = sp.dir("queued") / "x.md"
+    spool.write_new(sp, dest, b"first")
+    with pytest.raises(FileExistsError):
+        spool.write_new(sp, dest, b"second")
+    assert dest.read_bytes() == b"first"
+    assert os.listdir(sp.dir("tmp")) == []  # the staging copy is gone
+    assert dest.stat().st_mode & 0o777 == 0o600
+
+
+def test_move_refuses_to_clobber_and_reports_a_lost_race(sp: spool.Spool) -> None:
+    a = spool.write_new(sp, sp.dir("queued") / "a.md", b"a")
+    b = spool.write_new(sp, sp.dir("failed") / "a.md", b"b")
+    with pytest.raises(FileExistsError):
+        spool.move(a, b)
+    spool.move(a, sp.dir("cancelled") / "a.md")
+    with pytest.raises(FileNotFoundError):
+        spool.move(a, sp.dir("done") / "a.md")
+
+
+def test_read_bytes_never_follows_links(sp: spool.Spool, tmp_path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    link = sp.dir("inbox") / "l.md"
+    link.symlink_to(secret)
+    with pytest.raises(OSError):
+        spool.read_bytes(link)
+
+
+def test_directories_are_private(sp: spool.Spool) -> None:
+    for state in spool.STATES:
+        assert sp.dir(state).stat().st_mode & 0o777 == 0o700
+
+
+def test_world_writable_spool_is_refused(tmp_path) -> None:
+    root = tmp_path / "open"
+    root.mkdir()
+    root.chmod(0o777)
+    with pytest.raises(SpoolError, match="writable by others"):
+        spool.open_spool(root)
+
+
+def test_missing_spool_says_what_to_do(tmp_path) -> None:
+    with pytest.raises(SpoolError, match="spoold init"):
+        spool.open_spool(tmp_path / "nope", create=False)
+
+
+def test_locate_finds_each_state_and_refuses_unknown(sp: spool.Spool) -> None:
+    tid = spool.new_id("x")
+    spool.write_new(sp, sp.dir("queued") / spool.queued_name(tid, "normal", None), b"q")
+    assert spool.locate(sp, tid).state == "queued"
+    other = spool.new_id("y")
+    spool.write_new(sp, spool.date_dir(sp, "done", datetime.now(UTC)) / f"{other}.md", b"d")
+    assert spool.locate(sp, other).state == "done"
+    with pytest.raises(TaskNotFound):
+        spool.locate(sp, spool.new_id("z"))
