@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s spoold: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr,
     )
+    for noisy in ("watchfiles", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except SpooldError as e:

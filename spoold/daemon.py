@@ -49,6 +49,8 @@ class Daemon:
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._last_scan = 0.0
         self._held_logged: str | None = None
+        self._watching = asyncio.Event()
+        self._probe = sp.dir("running") / f".watch-probe-{spool.owner_tag()}"
 
     @staticmethod
     def _mtime(path: Path) -> float | None:
@@ -68,6 +70,7 @@ class Daemon:
         for action in queue.recover(self.sp, max_attempts=self.settings.max_attempts):
             log.info("recovery: %s", action)
         watcher = asyncio.ensure_future(self._watch())
+        await self._watcher_ready()
         log.info("serving %s (backend %s, %d per %g min, concurrency %d)", self.sp.root, self.settings.backend,
                  self.settings.max_requests, self.settings.window_minutes, self.settings.concurrency)
         try:
@@ -90,9 +93,24 @@ class Daemon:
         from watchfiles import awatch  # lazy: `spoold submit` must not pay for the watcher
 
         paths = [self.sp.dir("inbox"), self.sp.dir("queued"), self.sp.dir("running"), self.sp.root]
-        async for _ in awatch(*paths, watch_filter=None, debounce=200, step=2, recursive=False,
-                              stop_event=self.stopping, ignore_permission_denied=True):
+        async for changes in awatch(*paths, watch_filter=None, debounce=200, step=2, recursive=False,
+                                    stop_event=self.stopping, ignore_permission_denied=True):
+            if any(Path(p).name == self._probe.name for _, p in changes):
+                self._watching.set()
             self.wake.set()
+
+    async def _watcher_ready(self, timeout_s: float = 5.0) -> None:
+        """Touch a probe until the watcher reports it, so no drop falls between the first scan and the watch."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not self._watching.is_set() and time.monotonic() < deadline:
+                self._probe.touch()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._watching.wait(), 0.05)
+        finally:
+            self._probe.unlink(missing_ok=True)
+        if not self._watching.is_set():
+            log.warning("the file watcher did not answer; relying on a scan every %g s", self.settings.scan_interval_s)
 
     async def _serve(self) -> None:
         while not self.stopping.is_set():

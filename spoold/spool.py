@@ -16,6 +16,8 @@ import secrets
 import socket
 import stat
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,13 +92,28 @@ def slugify(text: str, limit: int = 40) -> str:
     return out or ""
 
 
+_last_ms = 0
+_id_lock = threading.Lock()
+
+
+def _monotonic_now() -> datetime:
+    """Wall time in ms, but never the same or earlier than this process's last id: FIFO within a process."""
+    global _last_ms
+    with _id_lock:
+        ms = max(time.time_ns() // 1_000_000, _last_ms + 1)
+        _last_ms = ms
+    return datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+
+
 def new_id(hint: str = "", now: datetime | None = None) -> str:
     """A unique, time-sortable, filesystem-safe id with a readable slug.
 
     Millisecond UTC time first (sorts by submission), 30 random bits (unique
     across processes and machines), then a slug of the hint.
     """
-    now = (now or datetime.now(UTC)).astimezone(UTC)
+    if now is None:
+        now = _monotonic_now()
+    now = now.astimezone(UTC)
     stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
     rand = base64.b32encode(secrets.token_bytes(5)).decode().lower()[:6]
     slug = slugify(hint)

@@ -44,11 +44,15 @@ def _version_env() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tempfile.gettempdir(), "DISABLE_AUTOUPDATER": "1"}
 
 
+_checked: set[Path] = set()
+
+
 def ensure_claude() -> Path:
     """Path to the pinned `claude` executable, installing it with npm on first use."""
     target = cache_dir() / f"claude-code-{CLAUDE_CODE_VERSION}"
     exe = _claude_in(target)
-    if _works(exe):
+    if exe in _checked or _works(exe):
+        _checked.add(exe)
         return exe
     npm = shutil.which("npm")
     if npm is None:
@@ -58,6 +62,7 @@ def ensure_claude() -> Path:
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o755)
     try:
         proc = subprocess.run(
             [npm, "install", "--prefix", str(tmp), "--no-audit", "--no-fund", "--no-save",
@@ -85,6 +90,7 @@ def ensure_claude() -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _checked.add(exe)
     return exe
 
 

@@ -80,7 +80,12 @@ class Text:
 
 @dataclass
 class Error:
-    """An API error: HTTP `status` with body {"type":"error","error":{"type":type,"message":message}}."""
+    """An API error: HTTP `status` with body {"type":"error","error":{"type":type,"message":message}}.
+
+    Empty type/message default to the real API's for `status` (401: "invalid x-api-key", or
+    "Invalid bearer token" when the request came with an OAuth Authorization header).
+    400/401/403/404 carry `x-should-retry: false`.
+    """
 
     status: int
     type: str = ""  # default: the real API's type for `status`
@@ -350,6 +355,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = reply.status
             etype = reply.type or _ERROR_TYPES.get(status, "api_error")
             msg = reply.message or _ERROR_MESSAGES.get(status, "Error")
+            if status == 401 and not reply.message and self.headers.get("Authorization"):
+                msg = "Invalid bearer token"  # OAuth (subscription) mode
             headers = {"x-should-retry": "false"} if status in (400, 401, 403, 404) else {}
             headers.update(reply.headers or {})
             self._send_json(status, {"type": "error", "error": {"type": etype, "message": msg}}, headers)

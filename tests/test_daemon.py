@@ -1,0 +1,120 @@
+"""The daemon as a real process on a temporary spool, with the `command` backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from conftest import ECHO_COMMAND, drop, results, terminal_files, wait_for, write_config
+from spoold import api, spool
+from spoold.task import parse_result, parse_task
+
+SLEEPER = [sys.executable, "-c", "import sys, time; sys.stdin.read(); print('started', flush=True); time.sleep(60)"]
+
+
+def _done(sp: spool.Spool, n: int = 1) -> list:
+    return wait_for(lambda: len(terminal_files(sp, "done")) >= n and terminal_files(sp, "done"), what=f"{n} done")
+
+
+def test_drop_to_done_with_result_file(sp, daemon) -> None:
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    d = daemon(sp)
+    drop(sp, "question.md", "---\nmodel: haiku\ntitle: Q\n---\nWhat is up?\n")
+    [task_file] = _done(sp)
+    res = parse_result((task_file.parent / task_file.name.replace(".md", ".result.md")).read_text())
+    assert res.answer == "answer: What is up?\n" and res.status == "done" and res.model == "haiku"
+    assert res.started_at and res.finished_at and res.attempts == 1
+    task = parse_task(task_file.read_text(), task_id=res.id)
+    assert task.status == "done" and task.source == "question.md" and task.title == "Q"
+    assert "question" in res.id
+    assert d.stop() == 0
+    assert "queued" in d.log and f"done {res.id}" in d.log
+
+
+def test_bad_input_does_not_stop_the_daemon(sp, daemon) -> None:
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    daemon(sp)
+    drop(sp, "broken.md", "---\nmodel: [oops\n---\nq\n")
+    drop(sp, "good.md", "fine question\n")
+    _done(sp)
+    wait_for(lambda: results(sp, "failed"), what="failed result")
+    assert "not valid YAML" in results(sp, "failed")[0].read_text()
+
+
+def test_priority_order(sp, daemon) -> None:
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    ids = [api.submit(sp, f"p{i}", priority=p).id for i, p in enumerate(["low", "normal", "urgent", "high"])]
+    d = daemon(sp, args=["--once"])
+    assert d.proc.wait(30) == 0
+    order = [ln.split()[-1] for ln in d.log.splitlines() if " running " in ln]
+    order = [ln.split("running ")[1].split()[0] for ln in d.log.splitlines() if "spoold: running " in ln]
+    assert order == [ids[2], ids[3], ids[1], ids[0]]
+
+
+def test_rate_limit_holds_in_once_mode(sp, daemon) -> None:
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=2, window_minutes=60)
+    for i in range(4):
+        api.submit(sp, f"q{i}")
+    d = daemon(sp, args=["--once"])
+    assert d.proc.wait(30) == 0
+    assert len(terminal_files(sp, "done")) == 2 and len(spool.list_queued(sp)) == 2
+    assert "rate limit: 2 starts per 60 min" in d.log
+    st = api.status(sp)
+    assert st.held_until and st.counts["queued"] == 2
+    items = api.list_tasks(sp, "queued")
+    assert [t.position for t in items] == [1, 2] and all(t.estimated_wait_seconds > 3000 for t in items)
+
+
+def test_cancel_running_task_stops_its_process(sp, daemon) -> None:
+    write_config(sp, backend="command", command=SLEEPER)
+    d = daemon(sp)
+    tid = api.submit(sp, "sleep please").id
+    wait_for(lambda: spool.list_running(sp), what="running")
+    assert api.cancel(sp, tid) == "cancelling"
+    wait_for(lambda: spool.locate(sp, tid).state == "cancelled", what="cancelled")
+    assert spool.list_running(sp) == [] and not os.path.exists(spool.Path(sp.dir("running"), f"{tid}.cancel"))
+    assert f"cancelled {tid}" in d.log
+
+
+def test_sigterm_requeues_a_running_task_after_the_grace_period(sp, daemon) -> None:
+    write_config(sp, backend="command", command=SLEEPER, grace_s=0.2)
+    d = daemon(sp)
+    tid = api.submit(sp, "long").id
+    wait_for(lambda: spool.list_running(sp), what="running")
+    assert d.stop(signal.SIGTERM) == 0
+    info = api.info(sp, tid)
+    assert info.state == "queued" and info.attempts == 0  # a stop is not the task's fault
+
+
+def test_kill_9_then_restart_recovers(sp, daemon) -> None:
+    write_config(sp, backend="command", command=SLEEPER)
+    d = daemon(sp)
+    tid = api.submit(sp, "long").id
+    wait_for(lambda: spool.list_running(sp), what="running")
+    d.stop(signal.SIGKILL)
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    d2 = daemon(sp)
+    wait_for(lambda: spool.locate(sp, tid).state == "done", what="done after restart")
+    assert f"recovery: requeued {tid}" in d2.log
+    assert api.info(sp, tid).attempts == 2
+
+
+def test_config_change_is_picked_up_without_restart(sp, daemon) -> None:
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=1)
+    d = daemon(sp)
+    api.submit(sp, "one")
+    _done(sp, 1)
+    api.submit(sp, "two")
+    wait_for(lambda: "rate limit" in d.log, what="limit reached")
+    api.set_config(sp, {"max_requests": 5})
+    _done(sp, 2)
+    assert "config reloaded" in d.log
+
+
+def test_command_failure_is_failed_with_stderr(sp, daemon) -> None:
+    write_config(sp, backend="command", command=[sys.executable, "-c", "import sys; sys.exit('no such model: x')"])
+    daemon(sp)
+    tid = api.submit(sp, "q").id
+    wait_for(lambda: spool.locate(sp, tid).state == "failed", what="failed")
+    assert "no such model: x" in api.info(sp, tid).error

@@ -1,0 +1,143 @@
+"""The limit on a controllable clock, budgets, holds, estimates and a damaged ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from spoold import ledger, queue, spool
+from spoold.config import Settings
+from spoold.task import Task
+
+W = 3600.0
+
+
+def settings(**kw: object) -> Settings:
+    base = dict(max_requests=3, window_minutes=60, concurrency=10)
+    base.update(kw)
+    return Settings(**base)
+
+
+def usage(starts: list[float], **kw: object) -> ledger.Usage:
+    return ledger.Usage(starts=starts, spend=kw.get("spend", {}), durations=[], hold_until=kw.get("hold_until"),
+                        hold_reason=kw.get("hold_reason"))
+
+
+def test_n_starts_then_the_next_waits_exactly_for_the_first_to_leave() -> None:
+    s = settings()
+    starts = [1000.0, 1010.0, 1020.0]
+    assert ledger.gate(usage(starts[:2]), s, 0, 1030).wait_until is None
+    g = ledger.gate(usage(starts), s, 0, 1030)
+    assert g.wait_until == 1000.0 + W and "3 starts per 60 min" in g.reason
+    assert ledger.gate(usage(starts), s, 0, 1000.0 + W - 0.001).wait_until == 1000.0 + W
+    assert ledger.gate(usage(starts), s, 0, 1000.0 + W + 0.001).wait_until is None
+
+
+def test_sliding_window_never_admits_more_than_n_in_any_window() -> None:
+    """Greedy admission on a fine clock: every window of length W holds at most N starts."""
+    s = settings(max_requests=5, window_minutes=1)
+    starts: list[float] = []
+    t = 0.0
+    while t < 600:
+        if ledger.gate(usage(starts), s, 0, t).wait_until is None:
+            starts.append(t)
+        t += 0.25
+    for i, a in enumerate(starts):
+        assert sum(1 for b in starts[i:] if b < a + 60) <= 5
+    assert len(starts) == 5 * 10  # and it is not stingier than the limit
+
+
+def test_min_interval_and_concurrency() -> None:
+    s = settings(min_interval_s=360)
+    assert ledger.gate(usage([1000.0]), s, 0, 1100).wait_until == 1360.0
+    assert ledger.gate(usage([]), settings(concurrency=1), 1, 0).wait_until == float("inf")
+
+
+def test_clock_going_back_still_holds_the_limit() -> None:
+    s = settings()
+    future = [5000.0, 5001.0, 5002.0]  # stamped before the clock went back to 1000
+    g = ledger.gate(usage(future), s, 0, 1000.0)
+    assert g.wait_until == 1000.0 + W  # counted as 'now', not forgotten and not a day-long stall
+
+
+def test_hold_and_budget() -> None:
+    s = settings(budget_day_usd=1.0)
+    now = 1_700_000_000.0
+    g = ledger.gate(usage([], hold_until=now + 50, hold_reason="usage limit"), s, 0, now)
+    assert g.wait_until == now + 50 and g.reason == "usage limit"
+    day = ledger.datetime.fromtimestamp(now, ledger.UTC).strftime("%Y-%m-%d")
+    g = ledger.gate(usage([], spend={day: 1.2}), s, 0, now)
+    assert "daily budget" in g.reason and g.wait_until > now
+    g = ledger.gate(usage([], spend={day: 0.5}), s, 0, now)
+    assert g.wait_until is None
+
+
+def _queue(sp: spool.Spool, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        t = Task(id=spool.new_id(f"t{i}"), prompt=f"t{i}\n")
+        queue.enqueue(sp, t)
+        ids.append(t.id)
+    return ids
+
+
+def test_estimates_follow_the_formula(sp: spool.Spool) -> None:
+    """Under N per W the k-th start is the start N places earlier plus W."""
+    s = settings(max_requests=2, window_minutes=60, concurrency=5)
+    ids = _queue(sp, 5)
+    now = 10_000.0
+    u = usage([now - 600])  # one start 10 min ago: one slot free now
+    est = ledger.estimate(sp, s, now=now, usage=u)
+    assert [e.task_id for e in est] == ids and [e.position for e in est] == [1, 2, 3, 4, 5]
+    assert [e.start for e in est] == [now, now - 600 + W, now + W, now - 600 + 2 * W, now + 2 * W]
+
+
+def test_estimates_respect_workers_and_holds(sp: spool.Spool) -> None:
+    s = settings(max_requests=100, concurrency=1)
+    _queue(sp, 3)
+    now = 10_000.0
+    u = usage([])
+    u.durations = [30.0, 30.0, 500.0]  # the median, not the outlier
+    est = ledger.estimate(sp, s, now=now, usage=u)
+    assert [e.start for e in est] == [now, now + 30, now + 60]
+    u.hold_until = now + 1000
+    assert ledger.estimate(sp, s, now=now, usage=u)[0].start == now + 1000
+
+
+def test_try_start_records_the_start_under_the_lock(sp: spool.Spool) -> None:
+    s = settings(max_requests=1)
+    claimed, g = ledger.try_start(sp, s, lambda: "x", now=lambda: 100.0)
+    assert claimed == "x" and ledger.read_usage(sp, 100.0).starts == [100.0]
+    claimed, g = ledger.try_start(sp, s, lambda: "y", now=lambda: 101.0)
+    assert claimed is None and g.wait_until == 100.0 + W
+
+
+def test_damaged_ledger_is_kept_aside_and_rebuilt_not_emptied(sp: spool.Spool) -> None:
+    s = settings(max_requests=1)
+    _queue(sp, 1)
+    claimed, _ = ledger.try_start(sp, s, lambda: queue.claim(sp, spool.list_queued(sp)[0], "sonnet"))
+    assert claimed is not None
+    path = ledger.host_file(sp)
+    path.write_text("{not json")
+    u = ledger.read_usage(sp)
+    assert len(u.starts) == 1  # rebuilt from the running task's started_at
+    assert any(n.startswith(path.name + ".damaged-") for n in os.listdir(path.parent))
+    assert json.loads(path.read_text())["starts"]
+
+
+def test_hosts_files_are_joined(sp: spool.Spool) -> None:
+    d = ledger.ledger_dir(sp)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "laptop.json").write_text(json.dumps({"starts": [100.0, 200.0], "spend": {"2026-11-24": 1.0}}))
+    (d / "desktop.json").write_text(json.dumps({"starts": [150.0], "spend": {"2026-11-24": 0.5}}))
+    u = ledger.read_usage(sp, 300.0)
+    assert u.starts == [100.0, 150.0, 200.0] and u.spend == {"2026-11-24": 1.5}
+
+
+@pytest.mark.parametrize("strategy", ["fifo", "lifo"])
+def test_strategies(sp: spool.Spool, strategy: str) -> None:
+    ids = _queue(sp, 3)
+    order = [e.task_id for e in ledger.dispatch_order(spool.list_queued(sp), strategy)]
+    assert order == (ids if strategy == "fifo" else ids[::-1])
