@@ -26,6 +26,7 @@ class Settings:
     budget_month_usd: float | None = None
     strategy: str = "priority"
     max_attempts: int = 3
+    retry_backoff_s: float = 15.0
     timeout_s: float = 1800.0
     grace_s: float = 10.0
     max_bytes: int = 1024 * 1024

@@ -241,7 +241,7 @@ class Daemon:
             queue.requeue(self.sp, claimed, outcome.error or "held", count_attempt=False)
             return
         if outcome.kind == "retry" and task.attempts < settings.max_attempts:
-            backoff = min(MAX_BACKOFF_S, 15.0 * 2 ** (task.attempts - 1))
+            backoff = min(MAX_BACKOFF_S, settings.retry_backoff_s * 2 ** (task.attempts - 1))
             task.not_before = datetime.now(UTC) + timedelta(seconds=backoff)
             queue.requeue(self.sp, claimed, f"{outcome.error}; retry {task.attempts + 1} in {backoff:.0f} s")
             return

@@ -118,3 +118,35 @@ def drop(sp: Spool, name: str, content: str | bytes) -> Path:
     dest = sp.dir("inbox") / name
     os.rename(staging, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> Path:
+    """The pinned real Claude Code CLI, installed into a cache on first use (never skipped)."""
+    from claude_cli import ensure_claude
+
+    return ensure_claude()
+
+
+@pytest.fixture
+def fake_api() -> Iterator[object]:
+    from fake_api import FakeAPI
+
+    with FakeAPI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def claude_daemon(sp: Spool, daemon: Callable[..., DaemonProc], fake_api: object, claude_bin: Path, tmp_path: Path):
+    """Start `spoold run` with the real CLI pointed at the fake API, logged in as a subscription user."""
+    from claude_cli import claude_env
+
+    def start(subscription: bool = True, **settings: object) -> DaemonProc:
+        home = tmp_path / "home"
+        home.mkdir(exist_ok=True)
+        write_config(sp, claude_bin=str(claude_bin), **settings)
+        env = claude_env(fake_api.url, home, subscription=subscription)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return daemon(sp, env={**env, "PYTHONPATH": str(ROOT)})
+
+    return start

@@ -5,7 +5,7 @@ Usage::
     with FakeAPI() as fake:             # serves on http://127.0.0.1:<ephemeral port>
         fake.script(Text("hello"))      # next main request gets this reply ...
         run_cli(env=claude_env(fake.url, home))
-        fake.requests                   # every POST: {"method","path","headers","body"}
+        fake.requests                   # every POST: {"method","path","headers","body","main"}
 
 Replies for the *main* request (the one carrying the user's prompt) come, in order, from
 the scripted queue (`script`), then from `default` (a Reply or a callable body -> Reply),

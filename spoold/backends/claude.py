@@ -24,7 +24,9 @@ RESET_RE = re.compile(
     r"(?P<h>\d{1,2})(?::(?P<m>\d{2}))?\s*(?P<ampm>am|pm)?\s*(?:\((?P<tz>[^)]+)\))?",
     re.I,
 )
-AUTH_RE = re.compile(r"invalid api key|/login|not logged in|oauth token|authentication_error|invalid x-api-key|credit balance", re.I)
+AUTH_RE = re.compile(r"invalid api key|/login|login again|not logged in|oauth token|failed to authenticate|invalid x-api-key", re.I)
+BILLING_RE = re.compile(r"credit balance|out of credits|billing", re.I)
+BILLING_HOLD = timedelta(hours=1)
 TRANSIENT_RE = re.compile(r"overloaded|timed? ?out|connection error|econnreset|socket hang up|internal server error|rate.?limit", re.I)
 MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
 USAGE_LIMIT_FALLBACK = timedelta(minutes=30)
@@ -97,6 +99,10 @@ def classify(task: Task, proc: ProcResult, now: datetime | None = None) -> Outco
     if status in (401, 403) or AUTH_RE.search(text):
         out.kind = "hold"
         out.error = f"claude is not logged in or its credentials were refused ({text.strip()[:200]}): run `claude login`"
+        return out
+    if BILLING_RE.search(text):
+        out.kind, out.hold_until = "hold", (now or datetime.now(UTC)) + BILLING_HOLD
+        out.error = f"the account cannot pay for requests ({text.strip()[:200]}); add credit, then `spoold config --clear-hold`"
         return out
     if subtype == "error_max_turns":
         out.kind, out.error = "failed", "claude stopped at its maximum number of turns"

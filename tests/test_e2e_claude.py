@@ -1,0 +1,84 @@
+"""End to end: the daemon runs the real `claude` CLI (pinned) against the suite's fake Messages API."""
+
+from __future__ import annotations
+
+import time
+
+from conftest import drop, terminal_files, wait_for
+from spoold import api, spool
+from spoold.task import parse_result
+
+
+def _state(sp: spool.Spool, tid: str) -> str:
+    try:
+        return spool.locate(sp, tid).state
+    except Exception:  # noqa: BLE001 - mid-move
+        return "?"
+
+
+def test_dropped_file_becomes_a_result_through_the_real_cli(sp, fake_api, claude_daemon) -> None:
+    d = claude_daemon()
+    drop(sp, "sky.md", "---\nmodel: sonnet\nsystem: --answer in French\n---\nWhy is the sky blue?\n")
+    [task_file] = wait_for(lambda: terminal_files(sp, "done"), timeout=60, what="done")
+    tid = task_file.name[:-3]
+    res = parse_result(spool.result_path_for(task_file.parent, tid).read_text())
+    assert res.answer == "fake answer to: Why is the sky blue?\n"
+    assert res.model == "sonnet" and res.model_resolved and res.model_resolved.startswith("claude-")
+    assert res.cost_usd and res.cost_usd > 0 and res.output_tokens and res.session_id and res.duration_s
+    [main] = fake_api.main_requests()
+    body = main["body"]
+    assert not body.get("tools")  # --tools "": no tool definitions, a small request
+    assert "--answer in French" in str(body.get("system"))  # a value, never a flag
+    assert "Why is the sky blue?" in str(body["messages"])
+    assert f"done {tid}" in d.log
+
+
+def test_usage_limit_holds_the_queue_and_keeps_the_task(sp, fake_api, claude_daemon) -> None:
+    d = claude_daemon(subscription=True)
+    first = api.submit(sp, "[[usage-limit]] big question").id
+    wait_for(lambda: "holding the queue" in d.log, timeout=60, what="hold")
+    second = api.submit(sp, "another question").id
+    wait_for(lambda: _state(sp, first) == "queued", what="requeued")
+    info = api.info(sp, first)
+    assert info.attempts == 0 and "session limit" in info.error  # not failed, no attempt lost
+    st = api.status(sp)
+    assert st.held_until and "session limit" in st.hold_reason
+    assert info.estimated_wait_seconds > 3600  # the estimate reflects the reset (about 3 h away)
+    assert _state(sp, second) == "queued" and len(fake_api.main_requests()) == 1
+
+
+def test_not_logged_in_holds_instead_of_failing_everything(sp, fake_api, claude_daemon) -> None:
+    d = claude_daemon(subscription=True)
+    ids = [api.submit(sp, f"[[error:401]] q{i}").id for i in range(3)]
+    wait_for(lambda: "holding the queue" in d.log, timeout=60, what="hold")
+    wait_for(lambda: all(_state(sp, t) == "queued" for t in ids), what="all queued")
+    assert "claude login" in d.log and terminal_files(sp, "failed") == []
+
+
+def test_transient_error_is_retried_then_succeeds(sp, fake_api, claude_daemon) -> None:
+    from fake_api import Error, Text
+
+    fake_api.script(Error(529), Error(529), Text("second time lucky"))
+    claude_daemon(retry_backoff_s=0.05)
+    tid = api.submit(sp, "flaky").id
+    wait_for(lambda: _state(sp, tid) == "done", timeout=60, what="done after retry")
+    assert api.result(sp, tid)[1] == "second time lucky\n"
+    assert api.info(sp, tid).attempts == 2
+
+
+def test_unknown_model_fails_with_the_clis_message(sp, fake_api, claude_daemon) -> None:
+    claude_daemon()
+    tid = api.submit(sp, "q", model="claude-nope").id
+    wait_for(lambda: _state(sp, tid) == "failed", timeout=60, what="failed")
+    err = api.info(sp, tid).error
+    assert "issue with the selected model (claude-nope)" in err
+
+
+def test_task_timeout_kills_the_cli(sp, fake_api, claude_daemon) -> None:
+    claude_daemon()
+    t0 = time.monotonic()
+    tid = api.submit(sp, "---\ntimeout: 2\n---\n[[hang]] never answers").id
+    wait_for(lambda: _state(sp, tid) == "failed", timeout=60, what="failed by timeout")
+    assert time.monotonic() - t0 < 30
+    assert "timeout" in api.info(sp, tid).error
+    assert spool.list_running(sp) == []
