@@ -272,6 +272,11 @@ def _count(sp: Spool, state: str) -> int:
     )
 
 
+def clear_hold(sp: Spool) -> None:
+    """Lift a usage-limit, billing or login hold early (for example after `claude login`)."""
+    ledger.clear_hold(sp, load_settings(sp))
+
+
 def set_config(sp: Spool, changes: dict[str, Any]) -> Settings:
     """Write the spool's config.yaml (a running daemon reloads it) and return the effective settings."""
     if changes:

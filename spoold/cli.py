@@ -198,7 +198,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in changes.items() if v is not None}
     for k in args.unset or []:
         changes[k] = None
-    settings = api.set_config(_spool(args, create=True), changes)
+    sp = _spool(args, create=True)
+    if args.clear_hold:
+        api.clear_hold(sp)
+    settings = api.set_config(sp, changes)
     data = config.as_dict(settings)
     if args.json:
         _print_json(data)
@@ -271,6 +274,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-month", type=float, help="USD per month")
     c.add_argument("--strategy", choices=["priority", "fifo", "lifo"])
     c.add_argument("--unset", action="append", metavar="KEY", help="remove a setting from config.yaml")
+    c.add_argument("--clear-hold", action="store_true", help="lift a usage-limit or login hold now")
     add("mcp-config", cmd_mcp_config, "print the Claude Desktop config entry for the MCP adapter")
     return p
 

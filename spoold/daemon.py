@@ -187,7 +187,7 @@ class Daemon:
             if len(self.running) >= self.settings.concurrency:
                 return float("inf")
             claimed, gate = ledger.try_start(
-                self.sp, self.settings, lambda e=entry: queue.claim(self.sp, e, self.settings.default_model)
+                self.sp, self.settings, lambda t, e=entry: queue.claim(self.sp, e, self.settings.default_model, started=t)
             )
             if gate.wait_until is not None:
                 if self._held_logged != gate.reason:

@@ -41,6 +41,8 @@ class HostLedger:
     durations: list[float] = field(default_factory=list)
     hold_until: float | None = None
     hold_reason: str | None = None
+    hold_set_at: float | None = None
+    holds_cleared_at: float | None = None  # lifts every host's hold set before it, without writing their files
 
 
 @dataclass
@@ -80,6 +82,8 @@ def _load_host(path: Path) -> HostLedger:
         durations=[float(x) for x in raw.get("durations", [])],
         hold_until=float(raw["hold_until"]) if raw.get("hold_until") else None,
         hold_reason=raw.get("hold_reason"),
+        hold_set_at=float(raw["hold_set_at"]) if raw.get("hold_set_at") else None,
+        holds_cleared_at=float(raw["holds_cleared_at"]) if raw.get("holds_cleared_at") else None,
     )
 
 
@@ -91,19 +95,22 @@ def read_usage(sp: Spool, now: float | None = None) -> Usage:
     durations: list[float] = []
     hold_until, hold_reason = None, None
     d = ledger_dir(sp)
-    names = sorted(os.listdir(d)) if d.is_dir() else []
-    for name in names:
+    hosts = []
+    for name in sorted(os.listdir(d)) if d.is_dir() else []:
         if not name.endswith(".json"):
             continue
         try:
-            h = _load_host(d / name)
+            hosts.append(_load_host(d / name))
         except (OSError, ValueError, TypeError, KeyError) as e:
-            h = _rebuild(sp, d / name, e)
+            hosts.append(_rebuild(sp, d / name, e))
+    cleared = max((h.holds_cleared_at or 0.0 for h in hosts), default=0.0)
+    for h in hosts:
         starts += h.starts
         for day, usd in h.spend.items():
             spend[day] = spend.get(day, 0.0) + usd
         durations += h.durations
-        if h.hold_until and h.hold_until > now and (hold_until is None or h.hold_until > hold_until):
+        live = h.hold_until and h.hold_until > now and (h.hold_set_at or 0.0) > cleared
+        if live and (hold_until is None or h.hold_until > hold_until):
             hold_until, hold_reason = h.hold_until, h.hold_reason
     return Usage(sorted(starts), spend, durations[-KEEP_DURATIONS:], hold_until, hold_reason)
 
@@ -140,8 +147,8 @@ def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
 
 
 def _write_host(sp: Spool, path: Path, h: HostLedger) -> None:
-    data = {"starts": h.starts, "spend": h.spend, "durations": h.durations,
-            "hold_until": h.hold_until, "hold_reason": h.hold_reason}
+    data = {"starts": h.starts, "spend": h.spend, "durations": h.durations, "hold_until": h.hold_until,
+            "hold_reason": h.hold_reason, "hold_set_at": h.hold_set_at, "holds_cleared_at": h.holds_cleared_at}
     spool.rewrite(sp, path, json.dumps(data, indent=1).encode())
 
 
@@ -161,7 +168,7 @@ def _update_own(sp: Spool, change: Callable[[HostLedger], None], settings: Setti
     h.spend = {d: v for d, v in h.spend.items() if d >= month_start}
     h.durations = h.durations[-KEEP_DURATIONS:]
     if h.hold_until and h.hold_until <= now:
-        h.hold_until, h.hold_reason = None, None
+        h.hold_until, h.hold_reason, h.hold_set_at = None, None, None
     _write_host(sp, path, h)
 
 
@@ -226,14 +233,19 @@ def budget_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, st
     return None
 
 
-def try_start(sp: Spool, settings: Settings, claim: Callable[[], T | None], now: Callable[[], float] = time.time) -> tuple[T | None, Gate]:
-    """Admission and claim as one step under the lock: no two processes take the last slot."""
+def try_start(
+    sp: Spool, settings: Settings, claim: Callable[[float], T | None], now: Callable[[], float] = time.time
+) -> tuple[T | None, Gate]:
+    """Admission and claim as one step under the lock: no two processes take the last slot.
+
+    `claim(t)` gets the admission time, so the task's `started_at` is the very stamp the ledger counts.
+    """
     with locked(sp):
         t = now()
         g = gate(read_usage(sp, t), settings, len(spool.list_running(sp)), t)
         if g.wait_until is not None:
             return None, g
-        claimed = claim()
+        claimed = claim(t)
         if claimed is not None:
             _update_own(sp, lambda h: h.starts.append(t), settings, t)
         return claimed, g
@@ -258,15 +270,17 @@ def set_hold(sp: Spool, settings: Settings, until: float, reason: str) -> None:
     t = time.time()
 
     def change(h: HostLedger) -> None:
-        h.hold_until, h.hold_reason = until, reason
+        h.hold_until, h.hold_reason, h.hold_set_at = until, reason, t
 
     with locked(sp):
         _update_own(sp, change, settings, t)
 
 
 def clear_hold(sp: Spool, settings: Settings) -> None:
+    """Lift every host's current hold by stamping our own file (other hosts' files stay theirs)."""
+    t = time.time()
     with locked(sp):
-        _update_own(sp, lambda h: setattr(h, "hold_until", None), settings, time.time())
+        _update_own(sp, lambda h: setattr(h, "holds_cleared_at", t), settings, t)
 
 
 # ---- order and estimates ---------------------------------------------------------

@@ -133,7 +133,7 @@ class Claimed:
     task: Task
 
 
-def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str) -> Claimed | None:
+def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: float | None = None) -> Claimed | None:
     """queued/ → running/ under our owner name. None if another process won, or the file is bad (then failed)."""
     dest = spool.running_path(sp, entry.task_id)
     try:
@@ -150,7 +150,7 @@ def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str) -> Claimed | 
         log.warning("failed %s: %s", entry.task_id, msg)
         return None
     task.status = "running"
-    task.started_at = now()
+    task.started_at = datetime.fromtimestamp(started, UTC) if started is not None else now()
     task.attempts += 1
     spool.rewrite(sp, dest, render_task(task))
     log.info("running %s (attempt %d, model %s)", task.id, task.attempts, task.model)

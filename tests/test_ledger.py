@@ -108,16 +108,16 @@ def test_estimates_respect_workers_and_holds(sp: spool.Spool) -> None:
 
 def test_try_start_records_the_start_under_the_lock(sp: spool.Spool) -> None:
     s = settings(max_requests=1)
-    claimed, g = ledger.try_start(sp, s, lambda: "x", now=lambda: 100.0)
+    claimed, g = ledger.try_start(sp, s, lambda t: "x", now=lambda: 100.0)
     assert claimed == "x" and ledger.read_usage(sp, 100.0).starts == [100.0]
-    claimed, g = ledger.try_start(sp, s, lambda: "y", now=lambda: 101.0)
+    claimed, g = ledger.try_start(sp, s, lambda t: "y", now=lambda: 101.0)
     assert claimed is None and g.wait_until == 100.0 + W
 
 
 def test_damaged_ledger_is_kept_aside_and_rebuilt_not_emptied(sp: spool.Spool) -> None:
     s = settings(max_requests=1)
     _queue(sp, 1)
-    claimed, _ = ledger.try_start(sp, s, lambda: queue.claim(sp, spool.list_queued(sp)[0], "sonnet"))
+    claimed, _ = ledger.try_start(sp, s, lambda t: queue.claim(sp, spool.list_queued(sp)[0], "sonnet", started=t))
     assert claimed is not None
     path = ledger.host_file(sp)
     path.write_text("{not json")
@@ -141,3 +141,16 @@ def test_strategies(sp: spool.Spool, strategy: str) -> None:
     ids = _queue(sp, 3)
     order = [e.task_id for e in ledger.dispatch_order(spool.list_queued(sp), strategy)]
     assert order == (ids if strategy == "fifo" else ids[::-1])
+
+
+def test_hold_is_shared_and_can_be_cleared(sp: spool.Spool) -> None:
+    s = settings()
+    ledger.set_hold(sp, s, 4_000_000_000.0, "usage limit")
+    assert ledger.read_usage(sp).hold_reason == "usage limit"
+    d = ledger.ledger_dir(sp)
+    (d / "otherhost.json").write_text(json.dumps({"hold_until": 4_000_000_001.0, "hold_reason": "theirs",
+                                                  "hold_set_at": 1.0}))
+    assert ledger.read_usage(sp).hold_reason == "theirs"
+    ledger.clear_hold(sp, s)
+    assert ledger.read_usage(sp).hold_until is None
+    assert json.loads((d / "otherhost.json").read_text())["hold_reason"] == "theirs"  # their file untouched

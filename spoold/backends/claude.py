@@ -27,6 +27,7 @@ RESET_RE = re.compile(
 AUTH_RE = re.compile(r"invalid api key|/login|login again|not logged in|oauth token|failed to authenticate|invalid x-api-key", re.I)
 BILLING_RE = re.compile(r"credit balance|out of credits|billing", re.I)
 BILLING_HOLD = timedelta(hours=1)
+AUTH_HOLD = timedelta(minutes=10)
 TRANSIENT_RE = re.compile(r"overloaded|timed? ?out|connection error|econnreset|socket hang up|internal server error|rate.?limit", re.I)
 MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
 USAGE_LIMIT_FALLBACK = timedelta(minutes=30)
@@ -97,8 +98,9 @@ def classify(task: Task, proc: ProcResult, now: datetime | None = None) -> Outco
         out.error = f"subscription usage limit: {text.strip()}"
         return out
     if status in (401, 403) or AUTH_RE.search(text):
-        out.kind = "hold"
-        out.error = f"claude is not logged in or its credentials were refused ({text.strip()[:200]}): run `claude login`"
+        out.kind, out.hold_until = "hold", (now or datetime.now(UTC)) + AUTH_HOLD
+        out.error = (f"claude is not logged in or its credentials were refused ({text.strip()[:200]}): "
+                     "run `claude login`, then `spoold config --clear-hold`")
         return out
     if BILLING_RE.search(text):
         out.kind, out.hold_until = "hold", (now or datetime.now(UTC)) + BILLING_HOLD
