@@ -118,3 +118,15 @@ def test_command_failure_is_failed_with_stderr(sp, daemon) -> None:
     tid = api.submit(sp, "q").id
     wait_for(lambda: spool.locate(sp, tid).state == "failed", what="failed")
     assert "no such model: x" in api.info(sp, tid).error
+
+
+def test_missing_cli_holds_the_queue_instead_of_failing_tasks(sp, daemon) -> None:
+    write_config(sp, claude_bin=str(sp.root / "no-such-claude"))
+    d = daemon(sp)
+    tid = api.submit(sp, "q").id
+    wait_for(lambda: "holding the queue" in d.log, what="hold")
+    wait_for(lambda: spool.locate(sp, tid).state == "queued", what="requeued")
+    assert "cannot start" in d.log and "no-such-claude" in d.log
+    st = api.status(sp)
+    assert st.held_until and "install it or set claude_bin" in st.hold_reason
+    assert api.info(sp, tid).attempts == 0

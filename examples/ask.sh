@@ -1,0 +1,16 @@
+#!/bin/sh
+# ask.sh: drop a prompt into the spool the safe way (write aside, then one atomic rename).
+#   ./ask.sh "Why is the sky blue?"            # prompt as arguments
+#   echo "Summarize this" | ./ask.sh           # prompt on stdin
+#   MODEL=opus PRIORITY=high ./ask.sh "..."    # frontmatter from the environment
+set -eu
+spool="${SPOOLD_DIR:-$HOME/async}"
+mkdir -p "$spool/inbox"
+name="ask-$(date +%Y%m%d-%H%M%S)-$$.md"
+staging="$spool/inbox/.$name.tmp"          # a dotfile: the daemon ignores it while we write
+{
+  printf -- '---\nmodel: %s\npriority: %s\n---\n' "${MODEL:-sonnet}" "${PRIORITY:-normal}"
+  if [ "$#" -gt 0 ]; then printf '%s\n' "$*"; else cat; fi
+} > "$staging"
+mv "$staging" "$spool/inbox/$name"
+echo "$spool/inbox/$name"
