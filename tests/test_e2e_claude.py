@@ -82,3 +82,15 @@ def test_task_timeout_kills_the_cli(sp, fake_api, claude_daemon) -> None:
     assert time.monotonic() - t0 < 30
     assert "timeout" in api.info(sp, tid).error
     assert spool.list_running(sp) == []
+
+
+def test_daily_budget_holds_dispatch_after_the_cost_is_spent(sp, fake_api, claude_daemon) -> None:
+    d = claude_daemon(budget_day_usd=0.00001)  # one fake answer costs more than this
+    first = api.submit(sp, "first").id
+    wait_for(lambda: _state(sp, first) == "done", timeout=60, what="first done")
+    second = api.submit(sp, "second").id
+    wait_for(lambda: "daily budget" in d.log, timeout=30, what="budget hold")
+    st = api.status(sp)
+    assert _state(sp, second) == "queued" and "daily budget" in st.hold_reason
+    assert api.info(sp, second).estimated_start == st.held_until  # the estimate says: after midnight UTC
+    assert len(fake_api.main_requests()) == 1
