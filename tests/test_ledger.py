@@ -154,3 +154,38 @@ def test_hold_is_shared_and_can_be_cleared(sp: spool.Spool) -> None:
     ledger.clear_hold(sp, s)
     assert ledger.read_usage(sp).hold_until is None
     assert json.loads((d / "otherhost.json").read_text())["hold_reason"] == "theirs"  # their file untouched
+
+
+def _hammer(root: str, until: float, out: "multiprocessing.Queue[list[float]]") -> None:
+    """One competing process: take every slot it can until `until`."""
+    import time
+
+    sp = spool.open_spool(root)
+    s = settings(max_requests=10, window_minutes=0.5 / 60)
+    mine: list[float] = []
+    while time.time() < until:
+        token, g = ledger.try_start(sp, s, lambda t: t)
+        if token is not None:
+            mine.append(token)
+        elif g.wait_until:
+            time.sleep(min(0.01, max(0.0, g.wait_until - time.time())))
+    out.put(mine)
+
+
+def test_competing_processes_never_exceed_the_window_together(sp: spool.Spool) -> None:
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    until = time.time() + 3.0
+    procs = [ctx.Process(target=_hammer, args=(str(sp.root), until, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    per_proc = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    times = sorted(t for mine in per_proc for t in mine)
+    assert sum(1 for mine in per_proc if mine) >= 2  # they really competed
+    worst = max(sum(1 for b in times[i:] if b < a + 0.5) for i, a in enumerate(times))
+    assert worst == 10 and len(times) >= 20  # the limit, exactly, and not stingier
