@@ -181,17 +181,18 @@ def resource_errors() -> Iterator[None]:
 # ---- reading helpers (plain functions over the library) --------------------------
 
 
-def task_detail(sp: spool.Spool, task_id: str) -> TaskDetail:
-    ti = api.info(sp, task_id)
+def task_detail(sp: spool.Spool, task_id: str, ti: TaskInfo | None = None) -> TaskDetail:
+    ti = ti or api.info(sp, task_id)
     st = api.status(sp) if ti.state in ("queued", "running") else None
     return TaskDetail.of(ti, queue_held_until=st and st.held_until, queue_hold_reason=st and st.hold_reason)
 
 
 def task_result(sp: spool.Spool, task_id: str) -> TaskResult:
-    detail = task_detail(sp, task_id)
+    ti = api.info(sp, task_id)
+    detail = task_detail(sp, task_id, ti)
     out = TaskResult(task_id=task_id, state=detail.state, finished=detail.state in spool.TERMINAL,
                      model=detail.model, error=detail.error, status=detail)
-    if out.finished and api.info(sp, task_id, with_estimate=False).result_path:
+    if out.finished and ti.result_path:
         _, out.answer = api.result(sp, task_id)
         meta = api.result_meta(sp, task_id)
         out.model = meta.get("model_resolved") or meta.get("model") or out.model
@@ -199,12 +200,6 @@ def task_result(sp: spool.Spool, task_id: str) -> TaskResult:
         out.input_tokens, out.output_tokens = meta.get("input_tokens"), meta.get("output_tokens")
         out.error = meta.get("error") or out.error
     return out
-
-
-def _check_size(what: str, text: str | None, settings: Settings) -> None:
-    size = len(text.encode()) if text else 0
-    if size > settings.max_bytes:
-        raise ToolError(f"the {what} is {size:,} bytes; the spool's limit is {settings.max_bytes:,} (max_bytes)")
 
 
 # ---- the server ----------------------------------------------------------------
@@ -242,9 +237,8 @@ def build_server(spool_root: Path | str) -> MCPServer:
         with tool_errors():
             sp = open_spool(create=True)
             settings = api.load_settings(sp)
-            _check_size("system prompt", system, settings)
             ti = api.submit(sp, query, model=model, priority=priority, system=system, title=title,
-                            not_before=not_before, source="mcp", settings=settings)
+                            not_before=not_before, source="mcp", settings=settings, frontmatter=False)
         log.info("queued %s", ti.id)
         return SubmitResult(
             task_id=ti.id, status=ti.state, queue_position=ti.position, estimated_wait_seconds=ti.estimated_wait_seconds,

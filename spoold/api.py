@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from spoold import config, intake, ledger, queue, spool
+from spoold import config, ledger, queue, spool
 from spoold.config import Settings
-from spoold.errors import BadInput, InvalidState
+from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.spool import Spool
 from spoold.task import Task, from_meta, parse_result, parse_task, parse_text, title_of
 
@@ -84,20 +84,30 @@ def submit(
     sp: Spool, prompt: str, *, model: str | None = None, priority: str | None = None, system: str | None = None,
     title: str | None = None, not_before: str | datetime | None = None, tags: list[str] | None = None,
     timeout: str | float | None = None, source: str | None = None, settings: Settings | None = None,
+    frontmatter: bool = True, slug_hint: str | None = None,
 ) -> TaskInfo:
-    """Queue a prompt (Markdown with optional frontmatter); never rejected for load, only for bad input."""
+    """Queue a prompt; never rejected for load, only for bad input.
+
+    With `frontmatter=False` the text is the prompt verbatim, even if it starts with `---`.
+    The id's readable part comes from `slug_hint` (e.g. a file name), the title, or the prompt.
+    """
     settings = settings or load_settings(sp)
-    if len(prompt.encode()) > settings.max_bytes:
-        raise BadInput(f"the query is {len(prompt.encode()):,} bytes; the spool's limit is {settings.max_bytes:,} (max_bytes)")
-    meta, body = parse_text(prompt)
+    size = len(prompt.encode()) + len((system or "").encode())
+    if size > settings.max_bytes:
+        raise BadInput(f"the query is {size:,} bytes; the spool's limit is {settings.max_bytes:,} (max_bytes)")
+    meta, body = parse_text(prompt) if frontmatter else ({}, prompt)
     flags = {"model": model, "priority": priority, "system": system, "title": title, "not_before": not_before,
              "tags": tags, "timeout": timeout}
     meta.update({k: v for k, v in flags.items() if v is not None})
-    task_id = spool.new_id(title or meta.get("title") or source or body[:60])
+    task_id = spool.new_id(slug_hint or title or str(meta.get("title") or "") or body[:60])
     task = from_meta(meta, body, task_id=task_id, default_model=settings.default_model)
     task.submitted_at = spool.id_time(task_id)
     task.source = source
-    queue.enqueue(sp, task)
+    try:
+        queue.enqueue(sp, task)
+    except OSError as e:
+        raise SpoolError(f"cannot write to the spool {sp.root} ({e.strerror or e}); free space or make it writable, "
+                         "then submit again") from None
     return info(sp, task_id, settings=settings)
 
 
@@ -244,12 +254,16 @@ def _summary(path: Path, task_id: str, state: str) -> TaskInfo:
 
 def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     """Counts by state (from directory listings), running tasks, holds and the next start."""
+    from spoold import intake
+
     settings = settings or load_settings(sp)
     now = time.time()
-    counts = {st: _count(sp, st) for st in ("inbox", "queued", "running", "done", "failed", "cancelled")}
+    queued = spool.list_queued(sp)  # once: a deep queue is the expensive listing
+    counts = {st: len(queued) if st == "queued" else _count(sp, st)
+              for st in ("inbox", "queued", "running", "done", "failed", "cancelled")}
     usage = ledger.read_usage(sp, now)
     g = ledger.gate(usage, settings, 0, now)
-    nxt = ledger.estimate(sp, settings, limit=1, now=now, usage=usage) if counts["queued"] else []
+    nxt = ledger.estimate(sp, settings, queued, limit=1, now=now, usage=usage) if queued else []
     return QueueStatus(
         spool=str(sp.root), counts=counts,
         running=[_summary(sp.dir("running") / e.name, e.task_id, "running") for e in spool.list_running(sp)],
@@ -260,6 +274,8 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
 
 
 def _count(sp: Spool, state: str) -> int:
+    from spoold import intake
+
     if state == "queued":
         return len(spool.list_queued(sp))
     if state == "running":

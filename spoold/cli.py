@@ -79,7 +79,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         raise SpooldError("nothing to submit: give a prompt, a file, or - for stdin")
     ti = api.submit(sp, text, model=args.model, priority=args.priority, system=args.system, title=args.title,
-                    not_before=args.not_before, source=source)
+                    not_before=args.not_before, source=source, slug_hint=source and Path(source).stem)
     if args.wait:
         return _finish_wait(sp, ti.id, args, None)
     if args.json:
@@ -214,7 +214,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_mcp_config(args: argparse.Namespace) -> int:
     from spoold import config
 
-    exe = shutil.which("spoold-mcp") or str(Path(sys.executable).with_name("spoold-mcp"))
+    beside = Path(sys.executable).with_name("spoold-mcp")  # the script installed with this Python, not a shim
+    exe = str(beside) if beside.exists() else shutil.which("spoold-mcp") or str(beside)
     root = str(config.spool_root(args.spool).absolute())
     _print_json({"mcpServers": {"spoold": {"command": exe, "args": [], "env": {"SPOOLD_DIR": root}}}})
     return 0
