@@ -73,7 +73,8 @@ def test_cancel_running_task_stops_its_process(sp, daemon) -> None:
     wait_for(lambda: spool.list_running(sp), what="running")
     assert api.cancel(sp, tid) == "cancelling"
     wait_for(lambda: spool.locate(sp, tid).state == "cancelled", what="cancelled")
-    assert spool.list_running(sp) == [] and not os.path.exists(spool.Path(sp.dir("running"), f"{tid}.cancel"))
+    wait_for(lambda: not os.path.exists(sp.dir("running") / f"{tid}.cancel"), what="cancel marker removed")
+    assert spool.list_running(sp) == []
     assert f"cancelled {tid}" in d.log
 
 
