@@ -1,0 +1,44 @@
+"""The real Claude Code CLI as the MCP client: it loads spoold-mcp, offers its tools, and a tool call writes a task."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from claude_cli import claude_env
+from fake_api import Text, ToolUse
+from spoold import api, spool
+
+
+def test_claude_code_loads_the_adapter_and_submits_through_it(sp, fake_api, claude_bin, tmp_path) -> None:
+    fake_api.script(
+        ToolUse("mcp__spoold__async_submit", {"query": "Summarize the history of tea.", "priority": "high"}),
+        Text("Queued it for you."),
+    )
+    mcp_config = tmp_path / "mcp.json"
+    mcp_config.write_text(json.dumps({"mcpServers": {"spoold": {
+        "command": sys.executable, "args": ["-m", "mcp_adapter.server", "--spool", str(sp.root)],
+    }}}))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = claude_env(fake_api.url, home)
+    env["PYTHONPATH"] = str(spool.Path(__file__).resolve().parent.parent)
+    # The CLI waits 5 s for MCP servers by default; a loaded CI machine can need more to import the SDK.
+    env["MCP_CONNECT_TIMEOUT_MS"] = "60000"
+    out = subprocess.run(
+        [str(claude_bin), "-p", "--output-format", "json", "--model", "sonnet", "--mcp-config", str(mcp_config),
+         "--strict-mcp-config", "--allowedTools", "mcp__spoold__async_submit"],
+        input="Please queue a tea history summary.", capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    result = json.loads(out.stdout)
+    assert result["result"] == "Queued it for you.", out.stdout + out.stderr
+    mains = fake_api.main_requests()
+    first, second = mains[:2]
+    offered = {t["name"] for t in first["body"].get("tools", [])}
+    assert {"mcp__spoold__async_submit", "mcp__spoold__async_wait", "mcp__spoold__async_result"} <= offered
+    tool_result = json.dumps(second["body"]["messages"])
+    assert "task_id" in tool_result and "queue_position" in tool_result
+    [task] = api.list_tasks(sp, "queued")
+    assert task.title.startswith("Summarize the history of tea") and task.priority == "high"
+    assert task.id in tool_result
