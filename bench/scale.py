@@ -1,0 +1,101 @@
+"""A deep queue: first dispatch, `status`, `ls --state queued | head` and daemon memory at 10k/50k/100k queued tasks."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from bench.common import (NOOP, PY, Daemon, child_env, lines, median, new_spool, rss_mb, spoold_exe, table, tmpdir,
+                          wait_for)
+
+FIRST_DISPATCH_S, STATUS_S, RSS_MB = 2.0, 0.5, 100.0
+
+
+def fill(root: Path, n: int) -> None:
+    """n queued tasks in the spool's own format (rendered once, ids swapped in), written without fsync: setup only."""
+    from spoold import spool
+    from spoold.task import Task, render_task
+
+    sp = spool.open_spool(root)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    proto_id = spool.new_id("task", now=t0)
+    proto = render_task(Task(id=proto_id, prompt="summarize chapter\n", submitted_at=t0, source="bulk"))
+    qdir = sp.dir("queued")
+    for i in range(n):
+        now = t0 + timedelta(milliseconds=i)
+        tid = spool.new_id("task", now=now)
+        data = proto.replace(proto_id.encode(), tid.encode())
+        stamp = now.isoformat(timespec="milliseconds").replace("+00:00", "Z").encode()
+        data = data.replace(b"2026-01-01T00:00:00.000Z", stamp)
+        with open(qdir / spool.queued_name(tid, "normal", None), "wb") as f:
+            f.write(data)
+
+
+def _timed(cmd: str | list[str], env: dict[str, str], shell: bool = False) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, env=env, shell=shell, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def measure(n: int, runs: int) -> dict[str, float]:
+    with tmpdir(f"scale-{n}") as base:
+        starts = base / "starts"
+        root = new_spool(base, backend="command", command=[*NOOP, str(starts)], concurrency=1,
+                         max_requests=1_000_000, window_minutes=60)
+        fill(root, n)
+        env = child_env(SPOOLD_DIR=str(root))
+        exe = spoold_exe()
+        status = [_timed([exe, "status"], env) for _ in range(runs)]
+        ls = [_timed(f"'{exe}' ls --state queued | head", env, shell=True) for _ in range(runs)]
+        firsts, rss, peak, rate = [], [], [], []
+        for _ in range(runs):
+            before = len(lines(starts))
+            d = Daemon(root, wait_serving=False)
+            try:
+                wait_for(lambda: len(lines(starts)) > before, 120, "first dispatch", poll=0.001)
+                firsts.append(float(lines(starts)[before]) - d.started)
+                time.sleep(2.0)  # let it work through the queue a while, then read its memory
+                cur, hwm = rss_mb(d.proc.pid)
+                rss.append(cur)
+                peak.append(hwm)
+                rate.append((len(lines(starts)) - before - 1) / 2.0)
+            finally:
+                d.stop()
+    return {"first": median(firsts), "status": median(status), "ls": median(ls), "rss": median(rss),
+            "peak": median(peak), "rate": median(rate)}
+
+
+def _growth(small: float, big: float, ratio: float) -> str:
+    """The exponent k in t ∝ n^k between two sizes: 1 is linear, below 1 is sublinear."""
+    if small <= 0 or big <= 0:
+        return "-"
+    return f"n^{math.log(big / small) / math.log(ratio):.2f}"
+
+
+def run(quick: bool) -> str:
+    sizes = (10_000, 50_000, 100_000)
+    runs = 1 if quick else 3
+    res = {n: measure(n, runs) for n in sizes}
+    lo, hi = sizes[0], sizes[-1]
+    rows = []
+    for key, label, fmt, target in (
+        ("first", "`spoold run` → first dispatch", lambda v: f"{v:.2f} s", FIRST_DISPATCH_S),
+        ("status", "`spoold status`", lambda v: f"{v:.2f} s", STATUS_S),
+        ("ls", "`spoold ls --state queued \\| head`", lambda v: f"{v:.2f} s", None),
+        ("rss", "daemon RSS while dispatching", lambda v: f"{v:.0f} MB", RSS_MB),
+        ("peak", "daemon peak RSS", lambda v: f"{v:.0f} MB", RSS_MB),
+        ("rate", "dispatch rate with the queue this deep", lambda v: f"{v:.1f} /s", None),
+    ):
+        vals = [res[n][key] for n in sizes]
+        verdict = ""
+        if target is not None:
+            verdict = f"≤ {fmt(target)} {'met' if res[hi][key] <= target else 'missed'}"
+        rows.append([label, *[fmt(v) for v in vals], _growth(res[lo][key], res[hi][key], hi / lo), verdict])
+    headers = ["", *[f"{n:,} queued" for n in sizes], f"growth {lo // 1000}k→{hi // 1000}k", "target (at 100k)"]
+    note = (f"Median of {runs} run(s) per size; `status`/`ls` run with no daemon, RSS read 2 s after the first "
+            "dispatch. Growth n^1.00 is linear; n^0 is flat.")
+    return "### Scale: a deep queue\n\n" + table(headers, rows) + "\n\n" + note

@@ -1,0 +1,99 @@
+"""Many trivial tasks through spoold, nq and task-spooler in the same run: tasks per second, first drop to last result."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from bench.common import NOOP, Daemon, count_results, drop, lines, median, new_spool, table, tmpdir, wait_for
+
+MARK = ["sh", "-c", 'date +%s.%N >> "$0"; : > "$1"']  # nq/tsp: same start stamp, plus a file when it ends
+
+
+def _spoold(n: int, conc: int) -> float:
+    with tmpdir("tput-spoold") as base:
+        starts = base / "starts"
+        root = new_spool(base, backend="command", command=[*NOOP, str(starts)], concurrency=conc,
+                         max_requests=1_000_000, window_minutes=60)
+        with Daemon(root):
+            t0 = time.perf_counter()
+            for i in range(n):
+                drop(root, f"t{i:05d}.md", f"task {i}\n")
+            wait_for(lambda: count_results(root) >= n, 600, "all results", poll=0.01)
+            elapsed = time.perf_counter() - t0
+        assert len(lines(starts)) == n, "every task ran once"
+    return n / elapsed
+
+
+def _wait_marks(marks: Path, n: int) -> None:
+    wait_for(lambda: len(os.listdir(marks)) >= n, 600, "all jobs", poll=0.01)
+
+
+def _nq(n: int, conc: int) -> float:
+    """nq runs one job at a time per queue directory; concurrency c is c directories, filled round-robin."""
+    with tmpdir("tput-nq") as base:
+        marks = base / "marks"
+        marks.mkdir()
+        dirs = [base / f"q{k}" for k in range(conc)]
+        for d in dirs:
+            d.mkdir()
+        t0 = time.perf_counter()
+        for i in range(n):
+            env = dict(os.environ, NQDIR=str(dirs[i % conc]))
+            subprocess.run(["nq", "-q", *MARK, str(base / "starts"), str(marks / str(i))], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+        _wait_marks(marks, n)
+        elapsed = time.perf_counter() - t0
+        for d in dirs:
+            subprocess.run(["nq", "-w"], env=dict(os.environ, NQDIR=str(d)), check=False)
+    return n / elapsed
+
+
+def _tsp(n: int, conc: int) -> float:
+    with tmpdir("tput-tsp") as base:
+        marks = base / "marks"
+        marks.mkdir()
+        env = dict(os.environ, TS_SOCKET=str(base / "socket"), TMPDIR=str(base), TS_MAXFINISHED=str(n + 10),
+                   TS_MAXCONN=str(n + 10))
+        subprocess.run(["tsp", "-S", str(conc)], env=env, check=True)
+        try:
+            t0 = time.perf_counter()
+            for i in range(n):
+                subprocess.run(["tsp", *MARK, str(base / "starts"), str(marks / str(i))], env=env, check=True,
+                               stdout=subprocess.DEVNULL)
+            _wait_marks(marks, n)
+            elapsed = time.perf_counter() - t0
+        finally:
+            subprocess.run(["tsp", "-K"], env=env, check=False, stderr=subprocess.DEVNULL)
+    return n / elapsed
+
+
+def run(quick: bool) -> str:
+    n = 1000
+    repeats = 1 if quick else 3
+    peers = {"nq": _nq, "tsp": _tsp} if shutil.which("nq") and shutil.which("tsp") else {}
+    rows = []
+    for conc in (1, 4):
+        rates: dict[str, list[float]] = {"spoold": [], **{k: [] for k in peers}}
+        for _ in range(repeats):  # interleaved, so a noisy moment hits every tool alike
+            rates["spoold"].append(_spoold(n, conc))
+            for name, fn in peers.items():
+                rates[name].append(fn(n, conc))
+        med = {k: median(v) for k, v in rates.items()}
+        best = max((med[k] for k in peers), default=float("nan"))
+        row = [str(conc), f"{med['spoold']:.0f}"]
+        row += [f"{med[k]:.0f} ({med['spoold'] / med[k]:.2f}×)" for k in peers]
+        row.append("met" if med["spoold"] >= best else "missed")
+        rows.append(row)
+    headers = ["concurrency", "spoold tasks/s", *[f"{k} tasks/s (spoold ÷ {k})" for k in peers], "target: ≥ faster peer"]
+    note = (f"{n} trivial tasks per run, median of {repeats} interleaved run(s). spoold: files dropped into `inbox/` "
+            "with the daemon already running, `command` backend, every task fsynced and a result file written; "
+            "the clock runs from the first drop to the last result file. nq/tsp: one `nq`/`tsp` call per job "
+            "(their way to submit), until the last job's end marker exists; neither fsyncs. nq has no slots, so "
+            "concurrency 4 is four queue directories filled round-robin.")
+    if not peers:
+        note += " nq and tsp are not installed (`apt-get install nq task-spooler`): no ratios."
+    return "### Throughput\n\n" + table(headers, rows) + "\n\n" + note
