@@ -26,6 +26,7 @@ log = logging.getLogger("spoold")
 PENDING_RECHECK_S = 0.05
 EXEC_HOLD_S = 60.0
 MAX_BACKOFF_S = 900.0
+WRITE_RETRY_S = 0.2
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Daemon:
         self._held_logged: str | None = None
         self._watching = asyncio.Event()
         self._probe = sp.dir("running") / f".watch-probe-{spool.owner_tag()}"
+        self._write_failures = 0
+        self._foreign_in_queued = False
 
     @staticmethod
     def _mtime(path: Path) -> float | None:
@@ -67,8 +70,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
-        for action in queue.recover(self.sp, max_attempts=self.settings.max_attempts):
-            log.info("recovery: %s", action)
+        try:
+            for action in queue.recover(self.sp, max_attempts=self.settings.max_attempts):
+                log.info("recovery: %s", action)
+        except OSError as e:
+            self._cannot_write(e)  # the loop's first turn recovers again once it can
         watcher = asyncio.ensure_future(self._watch())
         await self._watcher_ready()
         log.info("serving %s (backend %s, %d per %g min, concurrency %d)", self.sp.root, self.settings.backend,
@@ -92,11 +98,16 @@ class Daemon:
     async def _watch(self) -> None:
         from watchfiles import awatch  # lazy: `spoold submit` must not pay for the watcher
 
-        paths = [self.sp.dir("inbox"), self.sp.dir("queued"), self.sp.dir("running"), self.sp.root]
+        queued = self.sp.dir("queued")
+        paths = [self.sp.dir("inbox"), queued, self.sp.dir("running"), self.sp.root]
         async for changes in awatch(*paths, watch_filter=None, debounce=200, step=2, recursive=False,
                                     stop_event=self.stopping, ignore_permission_denied=True):
-            if any(Path(p).name == self._probe.name for _, p in changes):
-                self._watching.set()
+            for _, p in changes:
+                path = Path(p)
+                if path.name == self._probe.name:
+                    self._watching.set()
+                elif path.parent == queued and not spool.queued_entry(path.name):
+                    self._foreign_in_queued = True  # a file a foreign tool wrote straight into queued/
             self.wake.set()
 
     async def _watcher_ready(self, timeout_s: float = 5.0) -> None:
@@ -104,7 +115,7 @@ class Daemon:
         deadline = time.monotonic() + timeout_s
         try:
             while not self._watching.is_set() and time.monotonic() < deadline:
-                self._probe.touch()
+                self._probe.touch(mode=0o600)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._watching.wait(), 0.05)
         finally:
@@ -116,9 +127,16 @@ class Daemon:
         while not self.stopping.is_set():
             self.wake.clear()
             self._maybe_reload()
-            pending = self._intake_and_recover()
-            self._check_cancels()
-            wait_until = self._dispatch()
+            try:
+                pending = self._intake_and_recover()
+                self._check_cancels()
+                wait_until = self._dispatch()
+            except OSError as e:  # disk full, read-only, quota: hold with every task where it was
+                delay = self._cannot_write(e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+                continue
+            self._can_write()
             if self.once and not self.running and self._drained(wait_until):
                 return
             timeout = self.settings.scan_interval_s
@@ -128,6 +146,21 @@ class Daemon:
                 timeout = min(timeout, max(0.0, wait_until - time.time()) + 0.001)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _cannot_write(self, e: OSError) -> float:
+        """Say once why the spool cannot be written; return how long to wait before trying again."""
+        self._write_failures += 1
+        delay = min(self.settings.scan_interval_s, WRITE_RETRY_S * 2 ** min(self._write_failures - 1, 10))
+        if self._write_failures == 1:
+            log.error("cannot write to the spool (%s: %s); holding, every task stays where it is; "
+                      "retrying every %g s", e.strerror or e, e.filename or self.sp.root, self.settings.scan_interval_s)
+        self._last_scan = 0.0  # recover our own half-done moves first once writing works again
+        return delay
+
+    def _can_write(self) -> None:
+        if self._write_failures:
+            log.info("the spool is writable again; resuming")
+            self._write_failures = 0
 
     def _drained(self, wait_until: float | None) -> bool:
         """--once ends when no queued task can start now: the queue is empty, or it waits on the limit."""
@@ -163,10 +196,13 @@ class Daemon:
             log.error("config not reloaded, keeping the previous one: %s", e)
 
     def _intake_and_recover(self) -> bool:
-        report = intake.scan(self.sp, default_model=self.settings.default_model, max_bytes=self.settings.max_bytes)
-        if time.monotonic() - self._last_scan > self.settings.scan_interval_s:
+        full = time.monotonic() - self._last_scan > self.settings.scan_interval_s or self._foreign_in_queued
+        self._foreign_in_queued = False
+        report = intake.scan(self.sp, default_model=self.settings.default_model, max_bytes=self.settings.max_bytes,
+                             include_queued=full)
+        if full:
             self._last_scan = time.monotonic()
-            for action in queue.recover(self.sp, max_attempts=self.settings.max_attempts):
+            for action in queue.recover(self.sp, max_attempts=self.settings.max_attempts, running_here=set(self.running)):
                 log.info("recovery: %s", action)
         return bool(report.pending)
 
@@ -177,13 +213,18 @@ class Daemon:
                 r.job.cancel()
 
     def _dispatch(self) -> float | None:
-        """Start tasks while the ledger admits them; return when the next start may be possible."""
-        while not self.stopping.is_set():
-            entries = ledger.dispatch_order(spool.list_queued(self.sp), self.settings.strategy)
-            entry = ledger.next_eligible(entries, time.time())
-            if entry is None:
-                nbs = [e.not_before.timestamp() for e in entries if e.not_before]
-                return min(nbs) if nbs else None
+        """Start tasks while the ledger admits them; return when the next start may be possible.
+
+        One listing of queued/ per turn: at 100,000 queued tasks a listing costs ~0.1 s, so
+        it must not be repeated per start. A name another process claimed first is skipped.
+        """
+        entries = ledger.dispatch_order(spool.list_queued(self.sp), self.settings.strategy)
+        now = time.time()
+        for entry in entries:
+            if entry.not_before is not None and entry.not_before.timestamp() > now:
+                continue
+            if self.stopping.is_set():
+                return None
             if len(self.running) >= self.settings.concurrency:
                 return float("inf")
             claimed, gate = ledger.try_start(
@@ -198,7 +239,8 @@ class Daemon:
             if claimed is not None:
                 job = asyncio.ensure_future(self._execute(claimed))
                 self.running[claimed.task.id] = Running(claimed, job)
-        return None
+        later = [e.not_before.timestamp() for e in entries if e.not_before and e.not_before.timestamp() > now]
+        return min(later) if later else None
 
     # ---- one task ----------------------------------------------------------------
 
@@ -216,7 +258,7 @@ class Daemon:
                 proc = ProcResult(None, b"", b"")
             else:
                 outcome = backend.classify(task, proc)
-            self._settle(claimed, outcome, proc)
+            await self._settle_when_writable(claimed, outcome, proc)
         except asyncio.CancelledError:
             reason = self.running[task.id].stop_reason if task.id in self.running else "stop"
             if reason == "cancel":
@@ -230,6 +272,22 @@ class Daemon:
         finally:
             self.running.pop(task.id, None)
             self.wake.set()
+
+    async def _settle_when_writable(self, claimed: queue.Claimed, outcome: Outcome, proc: ProcResult) -> None:
+        """Settle a finished run; while the spool cannot be written, keep its answer here and try again."""
+        failures = 0
+        while True:
+            if failures and not claimed.path.exists():
+                return  # the move itself went through before the error: settled
+            try:
+                self._settle(claimed, outcome, proc)
+                return
+            except OSError as e:
+                failures += 1
+                if failures == 1:
+                    log.error("cannot record the outcome of %s (%s); keeping it and retrying", claimed.task.id,
+                              e.strerror or e)
+                await asyncio.sleep(min(self.settings.scan_interval_s, WRITE_RETRY_S * 2 ** min(failures - 1, 10)))
 
     def _settle(self, claimed: queue.Claimed, outcome: Outcome, proc: ProcResult) -> None:
         """Move the task where its outcome puts it, and tell the ledger."""
@@ -262,6 +320,8 @@ class Daemon:
 
 
 def _fmt(ts: float) -> str:
+    if ts == float("inf"):
+        return "a running task ends"  # another daemon's tasks fill the spool-wide concurrency
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 

@@ -82,13 +82,13 @@ class IntakeReport:
     pending: list[str]  # not yet complete; look again soon
 
 
-def scan(sp: Spool, *, default_model: str, max_bytes: int) -> IntakeReport:
-    """Take every complete file from inbox/ (and foreign files from queued/) into the queue."""
+def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool = True) -> IntakeReport:
+    """Take every complete file from inbox/ (and, when asked, foreign files from queued/) into the queue."""
     report = IntakeReport([], [], [])
-    for state in ("inbox", "queued"):
+    for state in ("inbox", "queued") if include_queued else ("inbox",):
         base = sp.dir(state)
         for name in sorted(os.listdir(base)):
-            if state == "queued" and spool.parse_queued_name(name):
+            if state == "queued" and spool.queued_entry(name):
                 continue
             take_one(sp, base / name, report, default_model=default_model, max_bytes=max_bytes)
     return report
@@ -106,16 +106,31 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, *, default_model: str,
     regular = stat.S_ISREG(st.st_mode)
     if regular and not name.lower().endswith(TASK_SUFFIXES):
         return  # not a task (a PDF, an image): left where the user put it; `status` lists it
-    if regular and not is_settled(path, st):
-        report.pending.append(name)
+    if regular and (not is_settled(path, st) or st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S):
+        report.pending.append(name)  # still being written, or a writer's link-then-unlink is under way
         return
     task_id = spool.new_id(Path(name).stem)
     claimed = queue.claim_intake(sp, path, task_id)
     if claimed is None:
         return  # another daemon took it first
-    if not regular:
-        kind = _kind(st.st_mode)
+    shown = os.fsencode(name).decode("utf-8", "replace")  # a name that is not UTF-8 still gets a readable source
+    try:
+        _settle_intake(sp, claimed, task_id, shown, st.st_mode, report, default_model=default_model, max_bytes=max_bytes)
+    except OSError:
+        queue.unclaim_intake(sp, claimed, path)  # the spool cannot be written: leave the file where the user put it
+        raise
+
+
+def _settle_intake(sp: Spool, claimed: Path, task_id: str, name: str, mode: int, report: IntakeReport, *,
+                   default_model: str, max_bytes: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = _kind(mode)
         queue.reject_intake(sp, claimed, task_id, name, f"{name!r} is a {kind}, not a file; spoold never follows or reads it")
+        report.failed.append(task_id)
+        return
+    if os.lstat(claimed).st_nlink > 1:
+        queue.reject_intake(sp, claimed, task_id, name, f"{name!r} is a hard link to a file elsewhere; spoold reads only "
+                            "files of its own: copy it into inbox/ instead")
         report.failed.append(task_id)
         return
     try:
@@ -154,7 +169,10 @@ def read_dropped(path: Path, *, task_id: str, source: str, default_model: str, m
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise BadInput(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8", line) from None
-    task = parse_task(text, task_id=task_id, default_model=default_model)
+    try:
+        task = parse_task(text, task_id=task_id, default_model=default_model)
+    except (TypeError, ValueError, RecursionError) as e:  # a shape no rule foresaw: still the file's fault, not ours
+        raise BadInput(f"the frontmatter has a value spoold cannot use ({type(e).__name__}: {str(e)[:200]})") from None
     task.id, task.source, task.status, task.attempts = task_id, source, "queued", 0
     task.submitted_at = spool.id_time(task_id)
     task.started_at = task.finished_at = None

@@ -19,8 +19,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import filelock
-
 from spoold import spool
 from spoold.config import Settings
 from spoold.spool import QueuedEntry, Spool
@@ -67,8 +65,11 @@ def host_file(sp: Spool) -> Path:
 @contextmanager
 def locked(sp: Spool) -> Iterator[None]:
     """The ledger lock; an flock, so a killed holder releases it and nothing deadlocks."""
+    import filelock  # lazy: a submit reads the ledger for its estimate but never locks it
+
     ledger_dir(sp).mkdir(mode=0o700, parents=True, exist_ok=True)
-    with filelock.FileLock(ledger_dir(sp) / ".lock", timeout=LOCK_TIMEOUT_S, thread_local=False):
+    with filelock.FileLock(ledger_dir(sp) / ".lock", timeout=LOCK_TIMEOUT_S, thread_local=False, mode=0o600):
+        spool.fault("ledger:locked")
         yield
 
 
@@ -242,7 +243,11 @@ def try_start(
     """
     with locked(sp):
         t = now()
-        g = gate(read_usage(sp, t), settings, len(spool.list_running(sp)), t)
+        usage = read_usage(sp, t)
+        if usage.starts and usage.starts[-1] > t:  # the clock went back: our starts 'in the future' count from now
+            _update_own(sp, lambda h: setattr(h, "starts", [min(x, t) for x in h.starts]), settings, t)
+            usage = read_usage(sp, t)
+        g = gate(usage, settings, len(spool.list_running(sp)), t)
         if g.wait_until is not None:
             return None, g
         claimed = claim(t)
@@ -251,36 +256,40 @@ def try_start(
         return claimed, g
 
 
-def record_finish(sp: Spool, settings: Settings, cost_usd: float | None, duration_s: float | None) -> None:
-    t = time.time()
-    day = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
+def _locked_update(sp: Spool, settings: Settings, change: Callable[[HostLedger, float], None]) -> None:
+    """Change our own file under the lock, with the time read under the lock.
 
-    def change(h: HostLedger) -> None:
+    A time read before waiting for the lock would be older than starts other
+    processes recorded meanwhile, and pruning against it would misplace them.
+    """
+    with locked(sp):
+        t = time.time()
+        _update_own(sp, lambda h: change(h, t), settings, t)
+
+
+def record_finish(sp: Spool, settings: Settings, cost_usd: float | None, duration_s: float | None) -> None:
+    def change(h: HostLedger, t: float) -> None:
+        day = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
         if cost_usd:
             h.spend[day] = h.spend.get(day, 0.0) + cost_usd
         if duration_s is not None:
             h.durations.append(round(duration_s, 3))
 
-    with locked(sp):
-        _update_own(sp, change, settings, t)
+    _locked_update(sp, settings, change)
 
 
 def set_hold(sp: Spool, settings: Settings, until: float, reason: str) -> None:
     """Hold all dispatch (every process reads it) until `until`."""
-    t = time.time()
 
-    def change(h: HostLedger) -> None:
+    def change(h: HostLedger, t: float) -> None:
         h.hold_until, h.hold_reason, h.hold_set_at = until, reason, t
 
-    with locked(sp):
-        _update_own(sp, change, settings, t)
+    _locked_update(sp, settings, change)
 
 
 def clear_hold(sp: Spool, settings: Settings) -> None:
     """Lift every host's current hold by stamping our own file (other hosts' files stay theirs)."""
-    t = time.time()
-    with locked(sp):
-        _update_own(sp, lambda h: setattr(h, "holds_cleared_at", t), settings, t)
+    _locked_update(sp, settings, lambda h, t: setattr(h, "holds_cleared_at", t))
 
 
 # ---- order and estimates ---------------------------------------------------------

@@ -12,16 +12,19 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-
-import filelock
+from typing import TYPE_CHECKING
 
 from spoold import spool
 from spoold.errors import BadInput, InvalidState, TaskNotFound
 from spoold.spool import Located, Spool
 from spoold.task import Result, Task, parse_task, render_result, render_task
 
+if TYPE_CHECKING:
+    import filelock
+
 log = logging.getLogger("spoold")
 _INTAKE = "intake~"
+NAME_MAX = 255  # bytes in one file name on every filesystem spoold supports
 
 
 def now() -> datetime:
@@ -37,15 +40,19 @@ def _lock_path(sp: Spool, owner: str) -> Path:
 
 def hold_owner_lock(sp: Spool) -> filelock.BaseFileLock:
     """Mark this process alive as an owner of claims until it exits (the OS drops the lock on death)."""
+    import filelock  # lazy: `spoold submit` never takes a lock, and filelock costs it 15 ms of start-up
+
     path = _lock_path(sp, spool.owner_tag())
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = filelock.FileLock(path, timeout=0, thread_local=False)
+    lock = filelock.FileLock(path, timeout=0, thread_local=False, mode=0o600)
     lock.acquire()
     return lock
 
 
 def owner_alive(sp: Spool, owner: str) -> bool:
     """False only when we can prove it: same host and nobody holds its lock. Other hosts count as alive."""
+    import filelock
+
     host, _, _pid = owner.rpartition("-")
     if host != spool.owner_tag().rpartition("-")[0]:
         return True
@@ -54,7 +61,7 @@ def owner_alive(sp: Spool, owner: str) -> bool:
     path = _lock_path(sp, owner)
     if not path.exists():
         return False
-    probe = filelock.FileLock(path, timeout=0, thread_local=False)
+    probe = filelock.FileLock(path, timeout=0, thread_local=False, mode=0o600)
     try:
         probe.acquire()
     except filelock.Timeout:
@@ -86,12 +93,21 @@ def enqueue(sp: Spool, task: Task) -> Path:
 
 def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
     """Move a dropped entry into tmp/ under our name before reading it: nobody else takes it, nothing is lost."""
-    name = f"{_INTAKE}{spool.owner_tag()}~{task_id}~{path.name}"[:250]
-    dest = sp.dir("tmp") / name
+    prefix = f"{_INTAKE}{spool.owner_tag()}~{task_id}~"
+    room = NAME_MAX - len(prefix.encode())
+    dest = sp.dir("tmp") / (prefix + os.fsdecode(os.fsencode(path.name)[-room:]))  # keep the suffix if it must be cut
     try:
         return spool.move(path, dest)
     except FileNotFoundError:
         return None
+
+
+def unclaim_intake(sp: Spool, claimed: Path, original: Path) -> None:
+    """Undo claim_intake when the task could not be written; recovery does it if even this fails."""
+    try:
+        spool.move(claimed, original)
+    except OSError as e:
+        log.warning("left %s in tmp/ (%s); recovery returns it to %s", claimed.name, e.strerror or e, original.parent.name)
 
 
 def _parse_intake_claim(name: str) -> tuple[str, str, str] | None:
@@ -103,8 +119,11 @@ def _parse_intake_claim(name: str) -> tuple[str, str, str] | None:
 
 def accept_intake(sp: Spool, claimed: Path, task: Task) -> Path:
     path = enqueue(sp, task)
-    claimed.unlink()
-    spool.fsync_dir(claimed.parent)
+    try:
+        claimed.unlink()
+        spool.fsync_dir(claimed.parent)
+    except OSError as e:  # queued already: recovery drops the copy
+        log.warning("left the intake copy %s in tmp/ (%s)", claimed.name, e.strerror or e)
     log.info("queued %s (from %s)", task.id, task.source)
     return path
 
@@ -114,7 +133,10 @@ def reject_intake(sp: Spool, claimed: Path, task_id: str, source: str, message: 
     t = now()
     result = Result(id=task_id, status="failed", submitted_at=t, finished_at=t, attempts=0, error=message)
     spool.write_new(sp, spool.result_path_for(sp.dir("failed"), task_id), render_result(result))
-    _move_rejected(sp, claimed, task_id)
+    try:
+        _move_rejected(sp, claimed, task_id)
+    except OSError as e:  # the result is written: recovery moves the entry beside it
+        log.warning("left the rejected %s in tmp/ (%s)", claimed.name, e.strerror or e)
     log.warning("failed %s (%s): %s", task_id, source, message)
 
 
@@ -152,7 +174,11 @@ def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: floa
     task.status = "running"
     task.started_at = datetime.fromtimestamp(started, UTC) if started is not None else now()
     task.attempts += 1
-    spool.rewrite(sp, dest, render_task(task))
+    try:
+        spool.rewrite(sp, dest, render_task(task))
+    except OSError:
+        spool.move(dest, sp.dir("queued") / entry.name)  # disk full: the task waits, as it was
+        raise
     log.info("running %s (attempt %d, model %s)", task.id, task.attempts, task.model)
     return Claimed(dest, task)
 
@@ -166,6 +192,7 @@ def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
     dest_dir = spool.date_dir(sp, "done", task.finished_at) if result.status == "done" else sp.dir("failed")
     spool.rewrite(sp, claimed.path, render_task(task))
     _write_result(sp, dest_dir, result)
+    spool.fault("finish:result-written")
     dest = spool.move(claimed.path, spool.task_path_for(dest_dir, task.id))
     log.info("%s %s%s", result.status, task.id, f": {result.error}" if result.error else "")
     return dest
@@ -263,14 +290,21 @@ def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
 # ---- recovery ------------------------------------------------------------------
 
 
-def recover(sp: Spool, *, max_attempts: int) -> list[str]:
-    """Put everything a dead process left in flight back in a true state. Returns what was done."""
+def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = None) -> list[str]:
+    """Put everything a dead process left in flight back in a true state. Returns what was done.
+
+    `running_here` (the ids this process is running) also recovers our own claims a
+    failed write left behind, as if their owner had died.
+    """
     actions: list[str] = []
+    mine = spool.owner_tag()
     for entry in spool.list_running(sp):
-        if not owner_alive(sp, f"{entry.host}-{entry.pid}"):
+        owner = f"{entry.host}-{entry.pid}"
+        stray = running_here is not None and owner == mine and entry.task_id not in running_here
+        if stray or not owner_alive(sp, owner):
             actions.append(recover_running(sp, entry, max_attempts=max_attempts))
     for name in os.listdir(sp.dir("tmp")):
-        actions.extend(_recover_tmp(sp, name))
+        actions.extend(_recover_tmp(sp, name, ours_stray=running_here is not None))
     for name in os.listdir(sp.dir("running")):
         if name.endswith(".cancel"):
             tid = name[: -len(".cancel")]
@@ -306,7 +340,8 @@ def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int, 
         return f"failed {entry.task_id}: {msg}"
     # Re-own the file before moving it, so the rewrite/move rule (owner only) holds.
     mine = spool.running_path(sp, entry.task_id)
-    spool.move(path, mine)
+    if path != mine:
+        spool.move(path, mine)
     requeue(sp, Claimed(mine, claimed.task), f"interrupted on {entry.host} (pid {entry.pid}); requeued")
     return f"requeued {entry.task_id}"
 
@@ -316,7 +351,8 @@ def _failure(task: Task, message: str) -> Result:
                   started_at=task.started_at, finished_at=now(), attempts=task.attempts, error=message)
 
 
-def _recover_tmp(sp: Spool, name: str) -> list[str]:
+def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]:
+    """A dead process's staged write or intake claim; with ours_stray, also our own (intake never spans a turn)."""
     path = sp.dir("tmp") / name
     claim_parts = _parse_intake_claim(name)
     owner = claim_parts[0] if claim_parts else name.split(".", 1)[0]
@@ -327,7 +363,7 @@ def _recover_tmp(sp: Spool, name: str) -> list[str]:
         if name.endswith(".tmp") and not owner_alive(sp, owner) and not (pid.isdigit() and _pid_exists(int(pid))):
             path.unlink(missing_ok=True)
         return []
-    if owner_alive(sp, owner):
+    if owner_alive(sp, owner) and not (ours_stray and owner == spool.owner_tag()):
         return []
     _, task_id, source = claim_parts
     try:

@@ -8,12 +8,11 @@ maildir-style (tmp/ + fsync + no-clobber link + directory fsync).
 from __future__ import annotations
 
 import base64
-import ctypes
 import errno
+import functools
 import os
 import re
-import secrets
-import socket
+import signal
 import stat
 import sys
 import threading
@@ -32,7 +31,7 @@ TERMINAL = ("done", "failed", "cancelled")
 
 ID_RE = re.compile(r"^\d{8}T\d{9}Z-[a-z2-7]{6}(?:-[a-z0-9][a-z0-9-]{0,39})?$")
 _NO_TIME = "00000000T000000Z"
-_QUEUED_RE = re.compile(r"^([0-3])\.(\d{8}T\d{6}Z)\.(.+)\.md$")
+_QUEUED_RE = re.compile(r"^([0-3])\.(\d{8}T\d{6}Z)\.(" + ID_RE.pattern[1:-1] + r")\.md$")  # the id checked in the same pass
 _RUNNING_RE = re.compile(r"^(.+)@([A-Za-z0-9-]+)-(\d+)\.md$")
 _DATE_DIR_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -65,6 +64,11 @@ def open_spool(root: Path | str, create: bool = True) -> Spool:
     elif not sp.dir("queued").is_dir():
         raise SpoolError(f"no spool at {sp.root}: run `spoold init` (or pass --spool)")
     check_private(sp.root)
+    for d in (*(sp.dir(s) for s in STATES), sp.state_dir):
+        if d.is_symlink():  # a rename out of it would leave the spool, or fail halfway across filesystems
+            raise SpoolError(f"{d} is a symbolic link; keep every spool directory inside {sp.root} (link the spool itself)")
+        if d.exists():
+            check_private(d)
     return sp
 
 
@@ -115,25 +119,29 @@ def new_id(hint: str = "", now: datetime | None = None) -> str:
         now = _monotonic_now()
     now = now.astimezone(UTC)
     stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
-    rand = base64.b32encode(secrets.token_bytes(5)).decode().lower()[:6]
+    rand = base64.b32encode(os.urandom(5)).decode().lower()[:6]
     slug = slugify(hint)
     return f"{stamp}-{rand}-{slug}" if slug else f"{stamp}-{rand}"
 
 
 def check_id(task_id: str) -> str:
     """Validate an id before it touches a path: no separators, dots or NUL can pass."""
-    if not isinstance(task_id, str) or not ID_RE.match(task_id):
+    if not isinstance(task_id, str) or not ID_RE.fullmatch(task_id):  # fullmatch: `$` alone lets "id\n" in
         raise BadTaskId(f"not a task id: {task_id[:80]!r}" if isinstance(task_id, str) else "task id must be text")
     return task_id
 
 
 def id_time(task_id: str) -> datetime:
     """The submission time encoded in an id."""
-    s = task_id[:19]
-    return datetime.strptime(s[:15], "%Y%m%dT%H%M%S").replace(microsecond=int(s[15:18]) * 1000, tzinfo=UTC)
+    return _stamp(task_id[:15]).replace(microsecond=int(task_id[15:18]) * 1000)
 
 
-@dataclass(frozen=True)
+def _stamp(s: str) -> datetime:
+    """`YYYYmmddTHHMMSS` as UTC; by hand because strptime costs a `spoold submit` its _strptime import."""
+    return datetime(int(s[:4]), int(s[4:6]), int(s[6:8]), int(s[9:11]), int(s[11:13]), int(s[13:15]), tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)  # slots: a 100,000-task listing holds one per task
 class QueuedEntry:
     """What a queued file name says: dispatch order without opening the file."""
 
@@ -151,15 +159,15 @@ def queued_name(task_id: str, priority: str, not_before: datetime | None) -> str
 
 def parse_queued_name(name: str) -> QueuedEntry | None:
     m = _QUEUED_RE.match(name)
-    if not m or not ID_RE.match(m.group(3)):
+    if not m:
         return None
-    nb = None if m.group(2) == _NO_TIME else datetime.strptime(m.group(2), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    nb = None if m.group(2) == _NO_TIME else _stamp(m.group(2))
     return QueuedEntry(name, int(m.group(1)), nb, m.group(3))
 
 
 def owner_tag() -> str:
     """`host-pid` of this process, as it appears in running/ names."""
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    host = re.sub(r"[^A-Za-z0-9-]", "-", os.uname().nodename) or "host"
     return f"{host}-{os.getpid()}"
 
 
@@ -185,6 +193,21 @@ def date_dir(sp: Spool, state: str, when: datetime) -> Path:
 
 # ---- atomic writes and moves ---------------------------------------------------
 
+_FAULT = os.environ.get("SPOOLD_FAULT")  # `point:N`: the crash tests' kill -9 at the Nth pass of a point
+_fault_hits: dict[str, int] = {}
+
+
+def fault(point: str) -> None:
+    """Test hook, as SQLite has: with SPOOLD_FAULT=point:N, SIGKILL this process the Nth time it passes point."""
+    if _FAULT is None:
+        return
+    name, _, nth = _FAULT.rpartition(":")
+    if point == name or name == "*":
+        _fault_hits[name] = _fault_hits.get(name, 0) + 1
+        if _fault_hits[name] == int(nth):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -195,12 +218,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def _write_tmp(sp: Spool, data: bytes) -> Path:
-    tmp = sp.dir("tmp") / f"{owner_tag()}.{secrets.token_hex(6)}.tmp"
+    tmp = sp.dir("tmp") / f"{owner_tag()}.{os.urandom(6).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+            fault("write:partial")
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -214,8 +238,10 @@ def write_new(sp: Spool, dest: Path, data: bytes) -> Path:
     """Write a new file at dest; never overwrite (FileExistsError if dest exists)."""
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = _write_tmp(sp, data)
+    fault("write:staged")
     try:
         os.link(tmp, dest)  # link() fails rather than clobber: the no-overwrite rule
+        fault("write:linked")
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(dest.parent)
@@ -225,6 +251,7 @@ def write_new(sp: Spool, dest: Path, data: bytes) -> Path:
 def rewrite(sp: Spool, path: Path, data: bytes) -> None:
     """Atomically replace a file this process owns (it sits under our claim)."""
     tmp = _write_tmp(sp, data)
+    fault("rewrite:staged")
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -237,7 +264,13 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
-def _load_renameat2() -> Any:
+@functools.cache
+def _renameat2() -> Any:
+    """libc's renameat2, loaded on the first rename (a `spoold submit` never renames; ctypes costs start-up)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
@@ -247,8 +280,6 @@ def _load_renameat2() -> Any:
     return fn
 
 
-_renameat2 = _load_renameat2() if sys.platform.startswith("linux") else None
-
 
 def rename_noreplace(src: Path, dest: Path) -> None:
     """rename(2) that fails with FileExistsError instead of replacing dest.
@@ -257,9 +288,12 @@ def rename_noreplace(src: Path, dest: Path) -> None:
     filesystem lacks it, a check-then-rename is the fallback (ids are unique,
     so the window only matters for foreign files).
     """
-    if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
             return
+        import ctypes
+
         err = ctypes.get_errno()
         if err == errno.ENOENT:
             raise FileNotFoundError(err, os.strerror(err), str(src))
@@ -279,7 +313,9 @@ def move(src: Path, dest: Path) -> Path:
     and FileExistsError rather than overwrite a file already at dest.
     """
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fault("move:before")
     rename_noreplace(src, dest)
+    fault("move:after")
     fsync_dir(dest.parent)
     if src.parent != dest.parent:
         fsync_dir(src.parent)
@@ -301,10 +337,20 @@ def read_bytes(path: Path, limit: int | None = None) -> bytes:
 # ---- listing and lookup --------------------------------------------------------
 
 
+_parsed: dict[str, QueuedEntry | None] = {}  # the last listing's names, parsed: a name never changes meaning
+
+
+def queued_entry(name: str) -> QueuedEntry | None:
+    """parse_queued_name, remembered from the last listing (a daemon lists a deep queue every turn)."""
+    return _parsed[name] if name in _parsed else parse_queued_name(name)
+
+
 def list_queued(sp: Spool) -> list[QueuedEntry]:
     """The queue in dispatch order, from names alone."""
-    entries = (parse_queued_name(n) for n in sorted(os.listdir(sp.dir("queued"))))
-    return [e for e in entries if e]
+    global _parsed
+    parsed = {n: queued_entry(n) for n in os.listdir(sp.dir("queued"))}
+    _parsed = parsed  # rebuilt from the directory each time: holds only what is queued now
+    return [e for e in (parsed[n] for n in sorted(parsed)) if e]
 
 
 def list_running(sp: Spool) -> list[RunningEntry]:
@@ -349,8 +395,21 @@ def running_path(sp: Spool, task_id: str, owner: str | None = None) -> Path:
 
 
 def locate(sp: Spool, task_id: str) -> Located:
-    """Find a task by id in whichever state directory holds it."""
+    """Find a task by id in whichever state directory holds it.
+
+    Lock-free: a task can move (queued → running, running → queued) between two
+    listings and be missed by one pass, so a miss is looked for again before
+    it counts.
+    """
     check_id(task_id)
+    for _ in range(3):
+        found = _locate_once(sp, task_id)
+        if found:
+            return found
+    raise TaskNotFound(f"no task {task_id} in {sp.root}")
+
+
+def _locate_once(sp: Spool, task_id: str) -> Located | None:
     for e in list_running(sp):
         if e.task_id == task_id:
             return Located("running", sp.dir("running") / e.name, task_id)
@@ -363,7 +422,7 @@ def locate(sp: Spool, task_id: str) -> Located:
             p = task_path_for(d, task_id)
             if p.exists():
                 return Located(state, p, task_id)
-    raise TaskNotFound(f"no task {task_id} in {sp.root}")
+    return None
 
 
 def find_result(sp: Spool, task_id: str) -> Path | None:

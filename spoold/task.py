@@ -150,7 +150,7 @@ def from_meta(meta: dict[str, Any], body: str, *, task_id: str, default_model: s
         raise BadInput("`tags` must be a list such as [research, long]")
     known = set(USER_KEYS) | set(SPOOLD_KEYS)
     extra = {k: v for k, v in meta.items() if k not in known}
-    warnings = [w for w in (meta.get("warnings") or []) if isinstance(w, str)]
+    warnings = [w for w in meta.get("warnings") or [] if isinstance(w, str)] if isinstance(meta.get("warnings"), list) else []
     warnings += [f"unknown frontmatter key `{k}` kept but ignored" for k in extra if not _already_warned(warnings, k)]
     task = Task(
         id=task_id,
@@ -166,7 +166,16 @@ def from_meta(meta: dict[str, Any], body: str, *, task_id: str, default_model: s
         warnings=warnings,
     )
     _stored_fields(task, meta)
+    _check_storable(task)
     return task
+
+
+def _check_storable(task: Task) -> None:
+    """Refuse now what could not be read back once written out (YAML re-indents deep nesting, escapes control bytes)."""
+    try:
+        parse_text(render_task(task).decode())
+    except BadInput as e:
+        raise BadInput(f"the frontmatter is too large or too deeply nested to store ({e}); make it smaller or flatter") from None
 
 
 def _already_warned(warnings: list[str], key: str) -> bool:

@@ -92,7 +92,7 @@ def test_kill_9_then_restart_recovers(sp, daemon) -> None:
     write_config(sp, backend="command", command=SLEEPER)
     d = daemon(sp)
     tid = api.submit(sp, "long").id
-    wait_for(lambda: spool.list_running(sp), what="running")
+    wait_for(lambda: api.info(sp, tid).started_at, what="claimed and stamped")  # the claim's rewrite is done
     d.stop(signal.SIGKILL)
     write_config(sp, backend="command", command=ECHO_COMMAND)
     d2 = daemon(sp)

@@ -30,7 +30,7 @@ def test_dropped_file_becomes_a_result_through_the_real_cli(sp, fake_api, claude
     assert not body.get("tools")  # --tools "": no tool definitions, a small request
     assert "--answer in French" in str(body.get("system"))  # a value, never a flag
     assert "Why is the sky blue?" in str(body["messages"])
-    assert f"done {tid}" in d.log
+    wait_for(lambda: f"done {tid}" in d.log, what="the done line (logged just after the move)")
 
 
 def test_usage_limit_holds_the_queue_and_keeps_the_task(sp, fake_api, claude_daemon) -> None:

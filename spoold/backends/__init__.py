@@ -7,6 +7,7 @@ them, so timeouts, cancellation and process-group cleanup live in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -20,6 +21,8 @@ from spoold.task import Task
 
 OutcomeKind = Literal["done", "failed", "retry", "hold"]
 STDERR_KEEP = 64 * 1024
+PIPE_GRACE_S = 2.0  # how long output may trail the CLI's exit
+EXIT_POLL_S = 0.05
 
 
 @dataclass
@@ -75,14 +78,33 @@ def get_backend(settings: Settings) -> Backend:
     return ClaudeBackend()
 
 
-async def _drain_tail(stream: asyncio.StreamReader, keep: int) -> bytes:
-    """Read a stream to its end, keeping only its tail (a chatty child can't eat our memory)."""
-    buf = bytearray()
+async def _read_into(stream: asyncio.StreamReader, buf: bytearray, keep: int | None = None) -> None:
+    """Read a stream to its end into buf, keeping only its tail when asked (a chatty child can't eat our memory)."""
     while chunk := await stream.read(65536):
         buf += chunk
-        if len(buf) > 2 * keep:
+        if keep is not None and len(buf) > 2 * keep:
             del buf[:-keep]
-    return bytes(buf[-keep:])
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """The leader's exit. Not proc.wait(), which also waits for every holder of our pipes to close them."""
+    wait = asyncio.ensure_future(proc.wait())
+    try:
+        while proc.returncode is None and not wait.done():
+            await asyncio.wait([wait], timeout=EXIT_POLL_S)
+    finally:
+        wait.cancel()
+
+
+async def _pipes_closed(proc: asyncio.subprocess.Process, readers: list[asyncio.Future[None]]) -> None:
+    """The leader has exited; a child it left behind holding our pipes must not keep the task open."""
+    _, pending = await asyncio.wait(readers, timeout=PIPE_GRACE_S)
+    if pending:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, pending = await asyncio.wait(pending, timeout=PIPE_GRACE_S)
+        for t in pending:  # it left our process group: keep what was read
+            t.cancel()
 
 
 async def run_process(inv: Invocation, timeout_s: float, on_start: object = None) -> ProcResult:
@@ -111,13 +133,15 @@ async def run_process(inv: Invocation, timeout_s: float, on_start: object = None
         finally:
             proc.stdin.close()
 
-    out_task = asyncio.ensure_future(proc.stdout.read())
-    err_task = asyncio.ensure_future(_drain_tail(proc.stderr, STDERR_KEEP))
+    out, err = bytearray(), bytearray()
+    out_task = asyncio.ensure_future(_read_into(proc.stdout, out))
+    err_task = asyncio.ensure_future(_read_into(proc.stderr, err, STDERR_KEEP))
     feed_task = asyncio.ensure_future(feed())
     timed_out = False
+    exited = asyncio.ensure_future(_exited(proc))
     try:
         try:
-            await asyncio.wait_for(proc.wait(), timeout_s)
+            await asyncio.wait_for(asyncio.shield(exited), timeout_s)
         except TimeoutError:
             timed_out = True
             await kill_group(proc)
@@ -126,9 +150,10 @@ async def run_process(inv: Invocation, timeout_s: float, on_start: object = None
         for t in (out_task, err_task, feed_task):
             t.cancel()
         raise
-    stdout, stderr = await asyncio.gather(out_task, err_task)
-    await asyncio.gather(feed_task, return_exceptions=True)
-    return ProcResult(proc.returncode, stdout, stderr, timed_out, time.monotonic() - t0, started)
+    finally:
+        exited.cancel()
+    await _pipes_closed(proc, [out_task, err_task, feed_task])
+    return ProcResult(proc.returncode, bytes(out), bytes(err[-STDERR_KEEP:]), timed_out, time.monotonic() - t0, started)
 
 
 async def kill_group(proc: asyncio.subprocess.Process, grace_s: float = 3.0) -> None:
