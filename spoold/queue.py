@@ -97,7 +97,7 @@ def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
     room = NAME_MAX - len(prefix.encode())
     dest = sp.dir("tmp") / (prefix + os.fsdecode(os.fsencode(path.name)[-room:]))  # keep the suffix if it must be cut
     try:
-        return spool.move(path, dest)
+        return spool.move(path, dest, durable=False)
     except FileNotFoundError:
         return None
 
@@ -120,8 +120,7 @@ def _parse_intake_claim(name: str) -> tuple[str, str, str] | None:
 def accept_intake(sp: Spool, claimed: Path, task: Task) -> Path:
     path = enqueue(sp, task)
     try:
-        claimed.unlink()
-        spool.fsync_dir(claimed.parent)
+        claimed.unlink()  # no fsync: if a power cut brings the copy back, recovery sees the task and drops it
     except OSError as e:  # queued already: recovery drops the copy
         log.warning("left the intake copy %s in tmp/ (%s)", claimed.name, e.strerror or e)
     log.info("queued %s (from %s)", task.id, task.source)
@@ -159,7 +158,7 @@ def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: floa
     """queued/ → running/ under our owner name. None if another process won, or the file is bad (then failed)."""
     dest = spool.running_path(sp, entry.task_id)
     try:
-        spool.move(sp.dir("queued") / entry.name, dest)
+        spool.move(sp.dir("queued") / entry.name, dest, durable=False)
     except (FileNotFoundError, FileExistsError):
         return None
     try:

@@ -306,19 +306,22 @@ def rename_noreplace(src: Path, dest: Path) -> None:
     os.rename(src, dest)
 
 
-def move(src: Path, dest: Path) -> Path:
+def move(src: Path, dest: Path, *, durable: bool = True) -> Path:
     """One transition: rename src to dest, whose name is unique by task id.
 
     Raises FileNotFoundError when src is gone (another process won the race)
     and FileExistsError rather than overwrite a file already at dest.
+    `durable=False` skips the directory fsyncs, for claims: if a power cut undoes
+    such a rename the file is simply back where it was, which recovery handles.
     """
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fault("move:before")
     rename_noreplace(src, dest)
     fault("move:after")
-    fsync_dir(dest.parent)
-    if src.parent != dest.parent:
-        fsync_dir(src.parent)
+    if durable:
+        fsync_dir(dest.parent)
+        if src.parent != dest.parent:
+            fsync_dir(src.parent)
     return dest
 
 
