@@ -97,7 +97,7 @@ def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
     room = NAME_MAX - len(prefix.encode())
     dest = sp.dir("tmp") / (prefix + os.fsdecode(os.fsencode(path.name)[-room:]))  # keep the suffix if it must be cut
     try:
-        return spool.move(path, dest, durable=False)
+        return spool.move(path, dest)
     except FileNotFoundError:
         return None
 
@@ -158,7 +158,7 @@ def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: floa
     """queued/ → running/ under our owner name. None if another process won, or the file is bad (then failed)."""
     dest = spool.running_path(sp, entry.task_id)
     try:
-        spool.move(sp.dir("queued") / entry.name, dest, durable=False)
+        spool.move(sp.dir("queued") / entry.name, dest)
     except (FileNotFoundError, FileExistsError):
         return None
     try:

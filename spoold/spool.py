@@ -306,22 +306,21 @@ def rename_noreplace(src: Path, dest: Path) -> None:
     os.rename(src, dest)
 
 
-def move(src: Path, dest: Path, *, durable: bool = True) -> Path:
+def move(src: Path, dest: Path) -> Path:
     """One transition: rename src to dest, whose name is unique by task id.
 
     Raises FileNotFoundError when src is gone (another process won the race)
-    and FileExistsError rather than overwrite a file already at dest.
-    `durable=False` skips the directory fsyncs, for claims: if a power cut undoes
-    such a rename the file is simply back where it was, which recovery handles.
+    and FileExistsError rather than overwrite a file already at dest. Both
+    directories are fsynced: a claim undone by a power cut while the queued
+    copy survived would run a task twice.
     """
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fault("move:before")
     rename_noreplace(src, dest)
     fault("move:after")
-    if durable:
-        fsync_dir(dest.parent)
-        if src.parent != dest.parent:
-            fsync_dir(src.parent)
+    fsync_dir(dest.parent)
+    if src.parent != dest.parent:
+        fsync_dir(src.parent)
     return dest
 
 
