@@ -7,7 +7,21 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, Daemon, child_env, count_results, drop, lines, median, ms, new_spool, pct, table, tmpdir, wait_for
+from bench.common import (
+    ROOT,
+    Daemon,
+    child_env,
+    count_results,
+    drop,
+    lines,
+    median,
+    ms,
+    new_spool,
+    pct,
+    table,
+    tmpdir,
+    wait_for,
+)
 
 TARGET_S = 0.020
 PROMPT = "Why is the sky blue?\n"

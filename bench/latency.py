@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import time
 
-from bench.common import NOOP, Daemon, count_results, drop, lines, ms, new_spool, pct, median, table, tmpdir, wait_for
+from bench.common import (
+    NOOP,
+    Daemon,
+    count_results,
+    drop,
+    lines,
+    median,
+    ms,
+    new_spool,
+    pct,
+    table,
+    tmpdir,
+    wait_for,
+)
 
 P50_TARGET, P99_TARGET = 0.015, 0.050
 

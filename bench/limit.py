@@ -7,7 +7,22 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.common import NOOP, PY, ROOT, Daemon, child_env, count_results, lines, median, ms, new_spool, pct, table, tmpdir, wait_for
+from bench.common import (
+    NOOP,
+    PY,
+    ROOT,
+    Daemon,
+    child_env,
+    count_results,
+    lines,
+    median,
+    ms,
+    new_spool,
+    pct,
+    table,
+    tmpdir,
+    wait_for,
+)
 
 N, WINDOW_S = 2, 1.0  # 2 starts per rolling second: every start after the first two waits for a slot
 

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bench.common import (NOOP, PY, Daemon, child_env, lines, median, new_spool, rss_mb, spoold_exe, table, tmpdir,
-                          wait_for)
+from bench.common import (
+    NOOP,
+    Daemon,
+    child_env,
+    lines,
+    median,
+    new_spool,
+    rss_mb,
+    spoold_exe,
+    table,
+    tmpdir,
+    wait_for,
+)
 
 FIRST_DISPATCH_S, STATUS_S, RSS_MB = 2.0, 0.5, 100.0
 

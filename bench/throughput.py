@@ -8,7 +8,18 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.common import NOOP, Daemon, count_results, drop, lines, median, new_spool, table, tmpdir, wait_for
+from bench.common import (
+    NOOP,
+    Daemon,
+    count_results,
+    drop,
+    lines,
+    median,
+    new_spool,
+    table,
+    tmpdir,
+    wait_for,
+)
 
 MARK = ["sh", "-c", 'date +%s.%N >> "$0"; : > "$1"']  # nq/tsp: same start stamp, plus a file when it ends
 

@@ -20,7 +20,11 @@ from typing import Annotated, Literal
 import anyio
 import anyio.to_thread
 from mcp.server import MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.exceptions import (
+    ResourceError,
+    ResourceNotFoundError,
+    ToolError,
+)
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from spoold import config, intake, ledger, queue, spool
 from spoold.backends import Outcome, ProcResult, get_backend, run_process
-from spoold.config import Settings
 from spoold.errors import SpooldError
 from spoold.spool import Spool
 from spoold.task import Result
@@ -96,7 +95,9 @@ class Daemon:
         self.wake.set()
 
     async def _watch(self) -> None:
-        from watchfiles import awatch  # lazy: `spoold submit` must not pay for the watcher
+        from watchfiles import (
+            awatch,  # lazy: `spoold submit` must not pay for the watcher
+        )
 
         queued = self.sp.dir("queued")
         paths = [self.sp.dir("inbox"), queued, self.sp.dir("running"), self.sp.root]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from spoold import spool
 from spoold.config import Settings
@@ -131,7 +131,10 @@ def _rebuild(sp: Spool, path: Path, err: Exception) -> HostLedger:
 
 def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
     """`started_at` of recent tasks, read from running/, the newest done/ partitions and failed/."""
-    from spoold.task import parse_text, parse_time  # local: only a damaged ledger needs it
+    from spoold.task import (  # local: only a damaged ledger needs it
+        parse_text,
+        parse_time,
+    )
 
     paths = [sp.dir("running") / e.name for e in spool.list_running(sp)]
     for d in spool.date_dirs(sp, "done")[:since_days]:

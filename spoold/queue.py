@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from spoold import spool
 from spoold.errors import BadInput, InvalidState, TaskNotFound
-from spoold.spool import Located, Spool
+from spoold.spool import Spool
 from spoold.task import Result, Task, parse_task, render_result, render_task
 
 if TYPE_CHECKING:

@@ -51,6 +51,19 @@ def wait_for(pred: Callable[[], object], timeout: float = 20.0, what: str = "con
         time.sleep(0.01)
 
 
+def worst_window(stamps: list[float], window_s: float, slack: float = 0.001) -> int:
+    """The most starts in any window of window_s (stamps are written to the millisecond: `slack` allows that)."""
+    stamps = sorted(stamps)
+    return max((sum(1 for b in stamps[i:] if b < a + window_s - slack) for i, a in enumerate(stamps)), default=0)
+
+
+def executable(path: Path, text: str) -> Path:
+    """Write a script the daemon can run as a backend."""
+    path.write_text(text)
+    path.chmod(0o700)
+    return path
+
+
 def terminal_files(sp: Spool, state: str) -> list[Path]:
     """Task files (not results) in a terminal state, across date partitions."""
     out = []

@@ -6,13 +6,12 @@ the claude backend, exactly where the real CLI would be.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for, write_config
+
 from spoold import api, spool
 
 OK = '{"type":"result","subtype":"success","is_error":false,"result":"fine","total_cost_usd":0.001}'
@@ -24,7 +23,7 @@ SCRIPTS = {
                              "failed", "claude refused the task: boom"),
     "megabytes on stderr": ("head -c 5000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo 'the real reason' >&2; exit 3",
                             "failed", "the real reason"),
-    "megabytes of answer": (f"head -c 3000000 /dev/zero | tr '\\0' a; echo; exit 0", "failed", "printed no result"),
+    "megabytes of answer": ("head -c 3000000 /dev/zero | tr '\\0' a; echo; exit 0", "failed", "printed no result"),
 }
 
 

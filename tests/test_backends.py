@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from spoold.backends import ProcResult
-from spoold.backends.claude import ClaudeBackend, classify, parse_result_json, usage_limit_reset
+from spoold.backends.claude import (
+    ClaudeBackend,
+    classify,
+    parse_result_json,
+    usage_limit_reset,
+)
 from spoold.backends.command import CommandBackend
 from spoold.config import Settings
 from spoold.task import Task

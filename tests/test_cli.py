@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ECHO_COMMAND, write_config
+
 from spoold import spool
 
 

@@ -7,9 +7,18 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-from conftest import ROOT, drop, results, terminal_files, wait_for, write_config
+from conftest import (
+    ROOT,
+    drop,
+    executable,
+    results,
+    terminal_files,
+    wait_for,
+    worst_window,
+    write_config,
+)
+
 from spoold import api, spool
 from spoold.task import parse_result, parse_task
 
@@ -47,19 +56,12 @@ for k in range(first, first + count):
 """
 
 
-def _worst_window(stamps: list[float]) -> int:
-    stamps.sort()
-    return max((sum(1 for b in stamps[i:] if b < a + WINDOW_S - 0.001) for i, a in enumerate(stamps)), default=0)
-
-
 def test_fifty_writers_three_daemons_every_task_exactly_once(sp, daemon, tmp_path, stress) -> None:
     per_writer = 40 if stress else 8
     n = WRITERS * per_writer
     log_dir = tmp_path / "log"
     log_dir.mkdir()
-    backend = tmp_path / "backend.sh"
-    backend.write_text(BACKEND)
-    backend.chmod(0o700)
+    backend = executable(tmp_path / "backend.sh", BACKEND)
     write_config(sp, backend="command", command=[str(backend)], max_requests=PER_WINDOW,
                  window_minutes=WINDOW_S / 60, concurrency=3, scan_interval_s=1)
     env = {"CONC_SPOOL": str(sp.root), "CONC_LOG": str(log_dir)}
@@ -91,7 +93,7 @@ def test_fifty_writers_three_daemons_every_task_exactly_once(sp, daemon, tmp_pat
         assert parse_result(spool.result_path_for(p.parent, t.id).read_text()).answer == f"answer: {t.prompt.strip()}\n"
     stamps = [api.datetime.fromisoformat(line.split()[1].strip("'\"").replace("Z", "+00:00")).timestamp()
               for line in runs]
-    assert _worst_window(stamps) <= PER_WINDOW
+    assert worst_window(stamps, WINDOW_S) <= PER_WINDOW
     assert os.listdir(sp.dir("inbox")) == [] and spool.list_queued(sp) == [] and spool.list_running(sp) == []
     assert os.listdir(sp.dir("tmp")) == []
     shared = sum(1 for d in daemons if "spoold: running " in d.log)

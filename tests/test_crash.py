@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DaemonProc, executable, wait_for, worst_window, write_config
 
-from conftest import DaemonProc, wait_for, write_config
 from spoold import api, spool
 from spoold.task import parse_result, parse_task
 
@@ -84,11 +84,6 @@ def _check_whole(sp: spool.Spool) -> None:
                     parse_result((d / name).read_text(encoding="utf-8"))  # whole, or it would not be visible
 
 
-def _worst_window(stamps: list[float]) -> int:
-    stamps.sort()
-    return max((sum(1 for b in stamps[i:] if b < a + WINDOW_S - 0.001) for i, a in enumerate(stamps)), default=0)
-
-
 @pytest.mark.timeout(1800)
 def test_kill_9_at_every_step_loses_nothing(sp: spool.Spool, tmp_path: Path, stress: bool) -> None:
     rounds = 500 if stress else 60
@@ -97,9 +92,7 @@ def test_kill_9_at_every_step_loses_nothing(sp: spool.Spool, tmp_path: Path, str
     rng = random.Random(seed)
     log_dir = tmp_path / "log"
     log_dir.mkdir()
-    backend = tmp_path / "backend.sh"
-    backend.write_text(BACKEND)
-    backend.chmod(0o700)
+    backend = executable(tmp_path / "backend.sh", BACKEND)
     write_config(sp, backend="command", command=[str(backend)], max_requests=PER_WINDOW,
                  window_minutes=WINDOW_S / 60, concurrency=2, max_attempts=1000, retry_backoff_s=0.1,
                  scan_interval_s=0.2, grace_s=1)
@@ -178,7 +171,7 @@ def test_kill_9_at_every_step_loses_nothing(sp: spool.Spool, tmp_path: Path, str
     for line in (log_dir / "starts").read_text().splitlines():
         tid, _, started = line.partition(" ")
         stamps.append(api.datetime.fromisoformat(started.strip("'\"").replace("Z", "+00:00")).timestamp())
-    assert _worst_window(stamps) <= PER_WINDOW, "the rate limit was exceeded"
+    assert worst_window(stamps, WINDOW_S) <= PER_WINDOW, "the rate limit was exceeded"
     total = sum(kills.values())
     print(f"\ncrash: {total} kills survived over {len(submitted)} tasks, {len(stamps)} backend runs: {kills}")
     assert total == rounds

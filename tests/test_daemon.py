@@ -7,6 +7,7 @@ import signal
 import sys
 
 from conftest import ECHO_COMMAND, drop, results, terminal_files, wait_for, write_config
+
 from spoold import api, spool
 from spoold.task import parse_result, parse_task
 

@@ -14,8 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import (
+    ECHO_COMMAND,
+    ROOT,
+    drop,
+    results,
+    terminal_files,
+    wait_for,
+    write_config,
+)
 
-from conftest import ECHO_COMMAND, ROOT, drop, results, terminal_files, wait_for, write_config
 from spoold import api, ledger, spool
 from spoold.config import Settings
 from spoold.errors import SpoolError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from conftest import drop, terminal_files, wait_for
+
 from spoold import api, spool
 from spoold.task import parse_result
 

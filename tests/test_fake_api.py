@@ -15,7 +15,15 @@ import pytest
 
 try:  # tests/ as a package (rootdir on sys.path) or as a plain directory (rootdir-less)
     from tests.claude_cli import claude_env, ensure_claude
-    from tests.fake_api import Error, FakeAPI, Slow, Text, ToolUse, UsageLimit, default_answer
+    from tests.fake_api import (
+        Error,
+        FakeAPI,
+        Slow,
+        Text,
+        ToolUse,
+        UsageLimit,
+        default_answer,
+    )
 except ImportError:
     from claude_cli import claude_env, ensure_claude  # type: ignore[no-redef]
     from fake_api import Error, FakeAPI, Slow, Text, ToolUse, UsageLimit, default_answer  # type: ignore[no-redef]

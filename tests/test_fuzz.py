@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ECHO_COMMAND, results, terminal_files, wait_for, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ECHO_COMMAND, results, terminal_files, wait_for, write_config
 from spoold import intake, spool
 from spoold.task import MODEL_RE, parse_result, parse_task
 

@@ -6,8 +6,8 @@ import os
 import threading
 
 import pytest
-
 from conftest import drop, results, terminal_files
+
 from spoold import intake, spool
 from spoold.task import parse_result, parse_task
 
@@ -55,7 +55,7 @@ def test_conflict_copies_become_separate_tasks(sp: spool.Spool) -> None:
 
 def test_same_name_dropped_again_and_again_is_never_merged(sp: spool.Spool) -> None:
     for i in range(5):
-        drop(sp, "same.md", f"same prompt\n")
+        drop(sp, "same.md", "same prompt\n")
         assert len(scan(sp).queued) == 1
     assert len(spool.list_queued(sp)) == 5
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 
@@ -156,7 +157,7 @@ def test_hold_is_shared_and_can_be_cleared(sp: spool.Spool) -> None:
     assert json.loads((d / "otherhost.json").read_text())["hold_reason"] == "theirs"  # their file untouched
 
 
-def _hammer(root: str, until: float, out: "multiprocessing.Queue[list[float]]") -> None:
+def _hammer(root: str, until: float, out: Any) -> None:
     """One competing process: take every slot it can until `until`."""
     import time
 

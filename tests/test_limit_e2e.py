@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from conftest import terminal_files, wait_for, write_config
+from conftest import terminal_files, wait_for, worst_window, write_config
+
 from spoold import api, spool
 from spoold.task import parse_task
 
@@ -31,8 +32,7 @@ def test_three_daemons_share_the_limit_and_never_run_a_task_twice(sp, daemon, st
     starts = _started(sp)
     assert len({tid for _, tid in starts}) == n_tasks  # each task exactly once
     times = [t for t, _ in starts]
-    # started_at is written with millisecond precision: allow that rounding, nothing more
-    worst = max(sum(1 for b in times[i:] if b < a + window_s - 0.001) for i, a in enumerate(times))
+    worst = worst_window(times, window_s)
     assert worst <= per_window, f"{worst} starts in one {window_s} s window"
     logs = "".join(d.log for d in daemons)
     assert logs.count("spoold: running ") == n_tasks

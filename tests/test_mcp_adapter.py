@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import ECHO_COMMAND, ROOT, write_config
 from mcp import Client, MCPError
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.types import CallToolResult
@@ -23,7 +24,6 @@ from mcp_adapter import server as adapter
 from spoold import api
 from spoold.spool import Spool
 from spoold.task import parse_task
-from conftest import ECHO_COMMAND, ROOT, write_config
 
 pytestmark = pytest.mark.anyio
 

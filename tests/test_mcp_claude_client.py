@@ -8,6 +8,7 @@ import sys
 
 from claude_cli import claude_env
 from fake_api import Text, ToolUse
+
 from spoold import api, spool
 
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ECHO_COMMAND, ROOT, write_config
+
 from spoold import api, spool
 from spoold.errors import BadTaskId, SpoolError
 

@@ -113,8 +113,9 @@ def test_recovery_keeps_a_finished_answer(sp: spool.Spool) -> None:
     """Killed between writing the result and moving the task: the answer is kept, not rerun."""
     t = _enqueue(sp)
     dead = _orphan(sp, t)
-    from spoold.task import render_result
     from datetime import UTC, datetime
+
+    from spoold.task import render_result
 
     d = spool.date_dir(sp, "done", datetime.now(UTC))
     spool.write_new(sp, d / f"{t.id}.result.md", render_result(Result(id=t.id, status="done", answer="kept")))

@@ -7,7 +7,15 @@ from datetime import UTC, datetime
 import pytest
 
 from spoold.errors import BadInput
-from spoold.task import Result, parse_result, parse_task, parse_text, render_result, render_task, split_frontmatter
+from spoold.task import (
+    Result,
+    parse_result,
+    parse_task,
+    parse_text,
+    render_result,
+    render_task,
+    split_frontmatter,
+)
 
 TID = "20261124T160000000Z-abcdef-x"
 
