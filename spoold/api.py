@@ -108,7 +108,20 @@ def submit(
     except OSError as e:
         raise SpoolError(f"cannot write to the spool {sp.root} ({e.strerror or e}); free space or make it writable, "
                          "then submit again") from None
-    return info(sp, task_id, settings=settings)
+    return _queued_info(sp, task, settings)
+
+
+def _queued_info(sp: Spool, task: Task, settings: Settings) -> TaskInfo:
+    """Info for a task just queued, from memory: a submit does not read its own file back."""
+    out = TaskInfo(id=task.id, state="queued", title=title_of(task), model=task.model, priority=task.priority,
+                   submitted_at=iso(task.submitted_at), not_before=iso(task.not_before), warnings=task.warnings,
+                   path=str(sp.dir("queued") / spool.queued_name(task.id, task.priority, task.not_before)))
+    entries = spool.list_queued(sp)
+    order = ledger.dispatch_order(entries, settings.strategy)
+    idx = next((i for i, e in enumerate(order) if e.task_id == task.id), None)
+    if idx is not None:
+        _apply_estimate(out, ledger.estimate(sp, settings, entries, limit=idx + 1)[-1])
+    return out
 
 
 def cancel(sp: Spool, task_id: str) -> str:

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from spoold.errors import ConfigError
 
@@ -108,10 +107,16 @@ def validate(s: Settings) -> Settings:
 def read_file(path: Path) -> dict[str, Any]:
     """The spool's config.yaml as a mapping of known keys (unknown keys are an error to fix)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; fix or delete it") from None
+    import yaml  # lazy: without a config file a submit never pays for PyYAML
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML ({type(e).__name__}); fix or delete it") from None
     if raw is None:
         return {}
@@ -150,6 +155,8 @@ def update_file(spool_write: Any, config_path: Path, changes: dict[str, Any]) ->
         else:
             current[k] = _coerce(k, v)
     validate(Settings(**current))
+    import yaml
+
     data = yaml.safe_dump(current, sort_keys=True).encode()
     spool_write(config_path, data)
     return current

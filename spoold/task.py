@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
 from typing import Any
-
-import yaml
 
 from spoold.errors import BadInput
 from spoold.spool import PRIORITIES
@@ -44,14 +44,22 @@ class Task:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors and aliases: no 'billion laughs' through a dropped file."""
+@functools.cache
+def _loader() -> type:
+    """A SafeLoader that refuses anchors and aliases: no 'billion laughs' through a dropped file.
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise BadInput("YAML aliases (*name) are not allowed in frontmatter; write the value out", mark.line + 2)
-        return super().compose_node(parent, index)
+    Built on first use: PyYAML costs ~18 ms to import, and a plain `spoold submit` never needs it.
+    """
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise BadInput("YAML aliases (*name) are not allowed in frontmatter; write the value out", mark.line + 2)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
 
 
 def split_frontmatter(text: str) -> tuple[str | None, str, int]:
@@ -77,8 +85,10 @@ def parse_text(text: str) -> tuple[dict[str, Any], str]:
         return {}, body
     if len(fm) > MAX_FRONTMATTER:
         raise BadInput(f"frontmatter is larger than {MAX_FRONTMATTER // 1024} KiB; put long text in the body", 1)
+    import yaml
+
     try:
-        meta = yaml.load(fm, Loader=_NoAliasLoader)  # noqa: S506 - safe loader subclass
+        meta = yaml.load(fm, Loader=_loader())  # noqa: S506 - safe loader subclass
     except yaml.MarkedYAMLError as e:
         line = (e.problem_mark.line + first_line) if e.problem_mark else None
         raise BadInput(f"frontmatter is not valid YAML: {e.problem or e}", line) from None
@@ -166,7 +176,8 @@ def from_meta(meta: dict[str, Any], body: str, *, task_id: str, default_model: s
         warnings=warnings,
     )
     _stored_fields(task, meta)
-    _check_storable(task)
+    if task.extra or len(task.system or "") + len(task.title or "") > MAX_FRONTMATTER // 8:
+        _check_storable(task)  # only user-shaped values can grow past the limit when written out
     return task
 
 
@@ -227,8 +238,54 @@ def task_meta(task: Task) -> dict[str, Any]:
 
 def render(meta: dict[str, Any], body: str) -> bytes:
     """A Markdown file with YAML frontmatter; the body is written exactly as given."""
-    fm = yaml.safe_dump(_plain(meta), sort_keys=False, allow_unicode=True, default_flow_style=False, width=1_000_000)
+    fm = _emit_simple(meta)
+    if fm is None:
+        import yaml
+
+        plain = _plain(meta)
+        readable = "\x85" not in json.dumps(plain, ensure_ascii=False)  # PyYAML mangles a raw NEL
+        fm = yaml.safe_dump(plain, sort_keys=False, allow_unicode=readable, default_flow_style=False,
+                            width=1_000_000)
     return f"---\n{fm}---\n{body}".encode()
+
+
+_SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SAFE_FLOAT = re.compile(r"-?[0-9]+\.[0-9]+")
+
+
+def _emit_simple(meta: dict[str, Any]) -> str | None:
+    """YAML for the common case (ASCII text, ints, plain floats, bools, lists of text) without PyYAML.
+
+    Every line is `key: <JSON value>`, and such a JSON value is also a YAML value with the
+    same meaning; anything else returns None and PyYAML writes it.
+    """
+    lines = []
+    for key, value in meta.items():
+        if not isinstance(key, str) or not _SIMPLE_KEY.fullmatch(key):
+            return None
+        text = _simple_scalar(value)
+        if text is None:
+            if not isinstance(value, list) or not value:
+                return None
+            items = [_simple_scalar(v) for v in value]
+            if any(i is None or not isinstance(v, str) for i, v in zip(items, value)):
+                return None
+            text = "[" + ", ".join(items) + "]"  # type: ignore[arg-type]
+        lines.append(f"{key}: {text}\n")
+    return "".join(lines)
+
+
+def _simple_scalar(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text if _SAFE_FLOAT.fullmatch(text) else None  # `1e-05` would read back as text
+    if isinstance(value, str) and value.isascii() and "\x7f" not in value:
+        return json.dumps(value)  # JSON escapes control bytes the way YAML's double quotes do
+    return None
 
 
 def _plain(value: Any) -> Any:

@@ -12,6 +12,7 @@ from spoold.task import (
     parse_result,
     parse_task,
     parse_text,
+    render,
     render_result,
     render_task,
     split_frontmatter,
@@ -108,3 +109,35 @@ def test_result_round_trip() -> None:
 def test_failed_result_says_why_in_the_body() -> None:
     text = render_result(Result(id=TID, status="failed", error="bad model")).decode()
     assert "**Failed:** bad model" in text
+
+
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from spoold.task import _emit_simple  # noqa: E402
+
+_scalars = st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.booleans(),
+                     st.lists(st.text(), max_size=3))
+
+
+@settings(max_examples=400, deadline=None)
+@example(meta={'A': '\x85'})
+@given(st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True), _scalars, max_size=6))
+def test_fast_frontmatter_reads_back_as_yaml_does(meta: dict) -> None:
+    """The PyYAML-free writer is used only where its output means exactly the same to a YAML reader."""
+    import yaml
+
+    text = _emit_simple(meta)
+    if text is not None:
+        assert yaml.safe_load(text or "{}") == meta
+    assert parse_text(render(meta, "body").decode()) == (meta, "body")
+
+
+def test_plain_submit_needs_no_yaml() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from spoold.task import Task, render_task, parse_text; "
+            "render_task(Task(id='20261124T160000000Z-abcdef', prompt='hi', title='T', tags=['a'])); "
+            "parse_text('plain prompt'); print('yaml' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
