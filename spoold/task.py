@@ -251,6 +251,7 @@ def render(meta: dict[str, Any], body: str) -> bytes:
 
 _SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SAFE_FLOAT = re.compile(r"-?[0-9]+\.[0-9]+")
+_YAML_WORDS = {"yes", "no", "true", "false", "on", "off", "null", "y", "n"}  # plain keys YAML reads as bool/null
 
 
 def _emit_simple(meta: dict[str, Any]) -> str | None:
@@ -261,7 +262,7 @@ def _emit_simple(meta: dict[str, Any]) -> str | None:
     """
     lines = []
     for key, value in meta.items():
-        if not isinstance(key, str) or not _SIMPLE_KEY.fullmatch(key):
+        if not isinstance(key, str) or not _SIMPLE_KEY.fullmatch(key) or key.lower() in _YAML_WORDS:
             return None
         text = _simple_scalar(value)
         if text is None:

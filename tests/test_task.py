@@ -122,6 +122,7 @@ _scalars = st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.bo
 
 @settings(max_examples=400, deadline=None)
 @example(meta={'A': '\x85'})
+@example(meta={'NO': '', 'on': 1, 'Null': 'x'})
 @given(st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True), _scalars, max_size=6))
 def test_fast_frontmatter_reads_back_as_yaml_does(meta: dict) -> None:
     """The PyYAML-free writer is used only where its output means exactly the same to a YAML reader."""
