@@ -11,12 +11,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from spoold import spool as spool_mod
 from spoold.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_COMMAND = [sys.executable, "-c", "import sys; print('answer: ' + sys.stdin.read().strip())"]
+
+
+# CI explores a fixed set of generated cases (a red build must mean a regression, not a new
+# random draw); a developer's run and `--stress` explore fresh ones.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
