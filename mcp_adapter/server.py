@@ -187,8 +187,8 @@ def resource_errors() -> Iterator[None]:
 
 def task_detail(sp: spool.Spool, task_id: str, ti: TaskInfo | None = None) -> TaskDetail:
     ti = ti or api.info(sp, task_id)
-    st = api.status(sp) if ti.state in ("queued", "running") else None
-    return TaskDetail.of(ti, queue_held_until=st and st.held_until, queue_hold_reason=st and st.hold_reason)
+    until, why = api.hold(sp) if ti.state in ("queued", "running") else (None, None)
+    return TaskDetail.of(ti, queue_held_until=until, queue_hold_reason=why)
 
 
 def task_result(sp: spool.Spool, task_id: str) -> TaskResult:

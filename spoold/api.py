@@ -265,6 +265,15 @@ def _summary(path: Path, task_id: str, state: str) -> TaskInfo:
     return ti
 
 
+def hold(sp: Spool, settings: Settings | None = None) -> tuple[str | None, str | None]:
+    """(until, why) dispatch is held by a limit, a budget or a hold, from the ledger alone (no listings)."""
+    settings = settings or load_settings(sp)
+    now = time.time()
+    g = ledger.gate(ledger.read_usage(sp, now), settings, 0, now)
+    until = iso(g.wait_until) if g.wait_until and g.wait_until != float("inf") else None
+    return until, g.reason if until else None
+
+
 def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     """Counts by state (from directory listings), running tasks, holds and the next start."""
     from spoold import intake

@@ -377,3 +377,14 @@ def test_stdout_carries_only_the_protocol(sp: Spool, tmp_path: Path) -> None:
     loaded = {ln.rpartition("|")[2].strip() for ln in stderr.splitlines() if ln.startswith("import time:")}
     assert "spoold.api" in loaded and not {"spoold.daemon", "spoold.backends"} & loaded
     assert len(api.list_tasks(sp, "queued")) == 1
+
+
+async def test_status_says_when_the_queue_is_held_and_why(sp: Spool) -> None:
+    from spoold import ledger
+
+    ledger.set_hold(sp, api.load_settings(sp), time.time() + 3600, "subscription usage limit: resets 7pm")
+    async with connect(sp) as client:
+        tid = (await call(client, "async_submit", query="later"))["task_id"]
+        status = await call(client, "async_status", task_id=tid)
+    assert "usage limit" in status["queue_hold_reason"] and status["queue_held_until"]
+    assert status["estimated_wait_seconds"] > 3500  # the estimate waits for the hold too
