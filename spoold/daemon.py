@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,6 +54,7 @@ class Daemon:
         self._probe = sp.dir("running") / f".watch-probe-{spool.owner_tag()}"
         self._write_failures = 0
         self._foreign_in_queued = False
+        self._finishing: set[str] = set()  # ids whose process exited; their outcome is being written
 
     @staticmethod
     def _mtime(path: Path) -> float | None:
@@ -82,6 +84,10 @@ class Daemon:
             await self._serve()
         finally:
             await self._shutdown()
+            try:
+                ledger.flush(self.sp, self.settings)
+            except OSError as e:
+                log.warning("recent run times not saved to the ledger (%s); only estimates use them", e.strerror or e)
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher
@@ -129,9 +135,11 @@ class Daemon:
             self.wake.clear()
             self._maybe_reload()
             try:
-                pending = self._intake_and_recover()
+                pending = await self._intake_and_recover()
                 self._check_cancels()
-                wait_until = self._dispatch()
+                wait_until, started = await self._dispatch()
+                if not started and not self.running:  # idle: make recent run times visible to estimates
+                    await asyncio.to_thread(ledger.flush, self.sp, self.settings)
             except OSError as e:  # disk full, read-only, quota: hold with every task where it was
                 delay = self._cannot_write(e)
                 with contextlib.suppress(TimeoutError):
@@ -196,52 +204,70 @@ class Daemon:
         except SpooldError as e:
             log.error("config not reloaded, keeping the previous one: %s", e)
 
-    def _intake_and_recover(self) -> bool:
+    async def _intake_and_recover(self) -> bool:
+        """Take new files into the queue (and, every scan interval, recover) in a worker thread.
+
+        A thread, so that fsyncs here overlap with finished tasks being written in other threads.
+        Everything it needs from the loop's state is copied first.
+        """
         full = time.monotonic() - self._last_scan > self.settings.scan_interval_s or self._foreign_in_queued
         self._foreign_in_queued = False
-        report = intake.scan(self.sp, default_model=self.settings.default_model, max_bytes=self.settings.max_bytes,
-                             include_queued=full)
+        settings, running_here = self.settings, set(self.running)
+
+        def work() -> bool:
+            report = intake.scan(self.sp, default_model=settings.default_model, max_bytes=settings.max_bytes,
+                                 include_queued=full)
+            if full:
+                for action in queue.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here):
+                    log.info("recovery: %s", action)
+            return bool(report.pending)
+
+        pending = await asyncio.to_thread(work)
         if full:
             self._last_scan = time.monotonic()
-            for action in queue.recover(self.sp, max_attempts=self.settings.max_attempts, running_here=set(self.running)):
-                log.info("recovery: %s", action)
-        return bool(report.pending)
+        return pending
 
     def _check_cancels(self) -> None:
         for task_id, r in list(self.running.items()):
-            if r.stop_reason is None and queue.cancel_marker(self.sp, task_id).exists():
+            if r.stop_reason is None and task_id not in self._finishing and queue.cancel_marker(self.sp, task_id).exists():
                 r.stop_reason = "cancel"
                 r.job.cancel()
 
-    def _dispatch(self) -> float | None:
-        """Start tasks while the ledger admits them; return when the next start may be possible.
+    async def _dispatch(self) -> tuple[float | None, int]:
+        """Start tasks while the ledger admits them; return when the next start may be possible, and how many started.
 
         One listing of queued/ per turn: at 100,000 queued tasks a listing costs ~0.1 s, so
         it must not be repeated per start. A name another process claimed first is skipped.
+        Claims run in a worker thread (their fsyncs must not stall the loop).
         """
-        entries = ledger.dispatch_order(spool.list_queued(self.sp), self.settings.strategy)
+        settings = self.settings
+        entries = ledger.dispatch_order(spool.list_queued(self.sp), settings.strategy)
         now = time.time()
+        started = 0
         for entry in entries:
             if entry.not_before is not None and entry.not_before.timestamp() > now:
                 continue
             if self.stopping.is_set():
-                return None
-            if len(self.running) >= self.settings.concurrency:
-                return float("inf")
-            claimed, gate = ledger.try_start(
-                self.sp, self.settings, lambda t, e=entry: queue.claim(self.sp, e, self.settings.default_model, started=t)
+                return None, started
+            if len(self.running) - len(self._finishing) >= settings.concurrency:
+                return float("inf"), started
+            claimed, gate = await asyncio.to_thread(
+                ledger.try_start, self.sp, settings,
+                lambda t, e=entry: queue.claim(self.sp, e, settings.default_model, started=t),
+                finishing=frozenset(self._finishing),
             )
             if gate.wait_until is not None:
                 if self._held_logged != gate.reason:
                     log.info("waiting until %s: %s", _fmt(gate.wait_until), gate.reason)
                     self._held_logged = gate.reason
-                return gate.wait_until
+                return gate.wait_until, started
             self._held_logged = None
             if claimed is not None:
+                started += 1
                 job = asyncio.ensure_future(self._execute(claimed))
                 self.running[claimed.task.id] = Running(claimed, job)
         later = [e.not_before.timestamp() for e in entries if e.not_before and e.not_before.timestamp() > now]
-        return min(later) if later else None
+        return (min(later) if later else None), started
 
     # ---- one task ----------------------------------------------------------------
 
@@ -259,6 +285,8 @@ class Daemon:
                 proc = ProcResult(None, b"", b"")
             else:
                 outcome = backend.classify(task, proc)
+            self._finishing.add(task.id)
+            self.wake.set()  # its slot is free: the next task may start while this one is written
             await self._settle_when_writable(claimed, outcome, proc)
         except asyncio.CancelledError:
             reason = self.running[task.id].stop_reason if task.id in self.running else "stop"
@@ -272,6 +300,7 @@ class Daemon:
                 queue.requeue(self.sp, claimed, "internal error in spoold (see its log)", count_attempt=True)
         finally:
             self.running.pop(task.id, None)
+            self._finishing.discard(task.id)
             self.wake.set()
 
     async def _settle_when_writable(self, claimed: queue.Claimed, outcome: Outcome, proc: ProcResult) -> None:
@@ -281,7 +310,7 @@ class Daemon:
             if failures and not claimed.path.exists():
                 return  # the move itself went through before the error: settled
             try:
-                self._settle(claimed, outcome, proc)
+                await _to_thread_to_the_end(self._settle, claimed, outcome, proc)
                 return
             except OSError as e:
                 failures += 1
@@ -318,6 +347,21 @@ class Daemon:
         )
         queue.finish(self.sp, claimed, result)
         ledger.record_finish(self.sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None)
+
+
+async def _to_thread_to_the_end(fn: Callable[..., None], *args: object) -> None:
+    """Run fn in a worker thread and wait for it even if cancelled meanwhile: a thread cannot stop halfway.
+
+    A cancel that arrives while fn runs takes effect only if fn failed; work done is not undone.
+    """
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await fut
+            return
+        raise
 
 
 def _fmt(ts: float) -> str:

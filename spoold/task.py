@@ -85,6 +85,9 @@ def parse_text(text: str) -> tuple[dict[str, Any], str]:
         return {}, body
     if len(fm) > MAX_FRONTMATTER:
         raise BadInput(f"frontmatter is larger than {MAX_FRONTMATTER // 1024} KiB; put long text in the body", 1)
+    meta = _read_simple(fm)
+    if meta is not None:
+        return meta, body
     import yaml
 
     try:
@@ -274,6 +277,31 @@ def _emit_simple(meta: dict[str, Any]) -> str | None:
             text = "[" + ", ".join(items) + "]"  # type: ignore[arg-type]
         lines.append(f"{key}: {text}\n")
     return "".join(lines)
+
+
+def _read_simple(fm: str) -> dict[str, Any] | None:
+    """The inverse of _emit_simple, without PyYAML (which costs ~0.35 ms per file on every claim).
+
+    A line is accepted only if _emit_simple would write exactly it back, so what this reads is
+    what YAML reads (the property test holds _emit_simple to that); anything else returns None.
+    """
+    meta: dict[str, Any] = {}
+    for line in fm.split("\n")[:-1] if fm.endswith("\n") else [None]:
+        key, sep, text = (line or "").partition(": ")
+        if not sep or key in meta or not _SIMPLE_KEY.fullmatch(key) or key.lower() in _YAML_WORDS:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if isinstance(value, list):
+            items = [_simple_scalar(v) if isinstance(v, str) else None for v in value]
+            if not value or None in items or "[" + ", ".join(items) + "]" != text:  # type: ignore[arg-type]
+                return None
+        elif _simple_scalar(value) != text:
+            return None
+        meta[key] = value
+    return meta
 
 
 def _simple_scalar(value: Any) -> str | None:

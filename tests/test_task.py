@@ -114,7 +114,7 @@ def test_failed_result_says_why_in_the_body() -> None:
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from spoold.task import _emit_simple  # noqa: E402
+from spoold.task import _emit_simple, _read_simple  # noqa: E402
 
 _scalars = st.one_of(st.text(), st.integers(), st.floats(allow_nan=False), st.booleans(),
                      st.lists(st.text(), max_size=3))
@@ -132,6 +132,31 @@ def test_fast_frontmatter_reads_back_as_yaml_does(meta: dict) -> None:
     if text is not None:
         assert yaml.safe_load(text or "{}") == meta
     assert parse_text(render(meta, "body").decode()) == (meta, "body")
+
+
+_near_json = st.one_of(
+    st.sampled_from(["1", "01", "-0", "1.50", "1e5", "true", "True", "null", "~", '"a"', "'a'", '"a" ', '"\\u00e9"',
+                     '["a", "b"]', '["a","b"]', "[]", '[1]', '"\\/"', "NaN", '"x" # c', "{}", '"\\t"']),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["model", "NO", "a", "tags", "x-y", " a"]), _near_json), max_size=4))
+def test_fast_frontmatter_reader_agrees_with_yaml_or_steps_aside(pairs: list) -> None:
+    """The PyYAML-free reader returns what YAML reads, or None and lets PyYAML read it."""
+    import yaml
+
+    fm = "".join(f"{k}: {v}\n" for k, v in pairs)
+    fast = _read_simple(fm)
+    if fast is not None:
+        assert fast == (yaml.safe_load(fm) or {})
+
+
+def test_spoold_written_task_files_are_read_without_yaml() -> None:
+    task = parse_task("---\ntitle: Sky\ntags: [a, b]\ntimeout: 90\n---\nWhy?\n", task_id="20261124T000000000Z-abcdef-x")
+    fm = render_task(task).decode().split("---\n")[1]
+    assert _read_simple(fm) is not None
 
 
 def test_plain_submit_needs_no_yaml() -> None:
