@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,11 +26,13 @@ from spoold.spool import QueuedEntry, Spool
 
 log = logging.getLogger("spoold")
 T = TypeVar("T")
+E = TypeVar("E")
 KEEP_DURATIONS = 20
 DEFAULT_DURATION_S = 60.0
 LOCK_TIMEOUT_S = 30.0
 _THREADS = threading.Lock()  # the daemon's threads queue here; filelock would make them poll the flock every 50 ms
-_unsaved: dict[Path, list[float]] = {}  # run times not yet in this host's file, per ledger dir (under _THREADS)
+_unsaved: dict[Path, list[float]] = {}  # run times not yet in this host's file, per ledger dir
+_UNSAVED = threading.Lock()  # guards _unsaved alone: a finishing task must not wait for a claim's fsyncs
 
 
 @dataclass
@@ -186,7 +188,8 @@ def _update_own(
         except (OSError, ValueError, TypeError, KeyError) as e:
             h = _rebuild(sp, path, e)
     change(h)
-    h.durations += _unsaved.pop(ledger_dir(sp), [])
+    with _UNSAVED:
+        h.durations += _unsaved.pop(ledger_dir(sp), [])
     horizon = now - settings.window_minutes * 60 - max(settings.min_interval_s, 0)
     # Only the newest max_requests starts can decide a gate or an estimate.
     h.starts = [t for t in h.starts if t > horizon][-max(settings.max_requests, 1) :]
@@ -266,9 +269,22 @@ def try_start(
     """Admission and claim as one step under the lock: no two processes take the last slot.
 
     `claim(t)` gets the admission time, so the task's `started_at` is the very stamp the ledger counts.
-    `finishing` are ids of our running/ files whose process has already exited (their outcome is being
-    written): they no longer hold a concurrency slot.
     """
+    out, g = start_many(sp, settings, [None], lambda _, t: claim(t), 1, now=now, finishing=finishing)
+    return (out[0] if out else None), g
+
+
+def start_many(
+    sp: Spool, settings: Settings, candidates: Iterable[E], claim: Callable[[E, float], T | None], want: int,
+    *, now: Callable[[], float] = time.time, finishing: frozenset[str] = frozenset(),
+) -> tuple[list[T], Gate]:
+    """Admit and claim up to `want` candidates in order, under one lock and with one ledger write.
+
+    Each start is gated as if the ones before it in the batch were already counted. Stops at
+    the first gate that says wait (returned), or when the candidates run out. `finishing` are
+    ids of our running/ files whose process has already exited: they hold no concurrency slot.
+    """
+    out: list[T] = []
     with locked(sp):
         t = now()
         hosts = _read_hosts(sp)
@@ -278,13 +294,25 @@ def try_start(
             hosts = _read_hosts(sp)
             usage = read_usage(sp, t, hosts)
         running = sum(1 for e in spool.list_running(sp) if e.task_id not in finishing)
-        g = gate(usage, settings, running, t)
-        if g.wait_until is not None:
-            return None, g
-        claimed = claim(t)
-        if claimed is not None:
-            _update_own(sp, lambda h: h.starts.append(t), settings, t, hosts.get(host_file(sp).name))
-        return claimed, g
+        g = Gate(None, None)
+        try:
+            for c in candidates:
+                g = gate(usage, settings, running + len(out), t)
+                if g.wait_until is not None:
+                    break
+                claimed = claim(c, t)
+                if claimed is not None:
+                    out.append(claimed)
+                    usage.starts.append(t)
+                    if len(out) >= want:
+                        break
+        except OSError:
+            if not out:
+                raise
+            log.warning("a claim failed after %d succeeded in the same batch; they start, the rest waits", len(out))
+        if out:
+            _update_own(sp, lambda h: h.starts.extend([t] * len(out)), settings, t, hosts.get(host_file(sp).name))
+    return out, g
 
 
 def _locked_update(sp: Spool, settings: Settings, change: Callable[[HostLedger, float], None]) -> None:
@@ -303,7 +331,7 @@ def record_finish(sp: Spool, settings: Settings, cost_usd: float | None, duratio
     alone only feeds estimates, so it rides along with this host's next ledger write (or `flush`)."""
     if not cost_usd:
         if duration_s is not None:
-            with _THREADS:
+            with _UNSAVED:
                 _unsaved.setdefault(ledger_dir(sp), []).append(round(duration_s, 3))
         return
 

@@ -155,12 +155,50 @@ class Claimed:
 
 
 def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: float | None = None) -> Claimed | None:
-    """queued/ → running/ under our owner name. None if another process won, or the file is bad (then failed)."""
-    dest = spool.running_path(sp, entry.task_id)
+    """queued/ → running/ under our owner name. None if another process won, or the file is bad (then failed).
+
+    The running copy (status, started_at, attempts) is staged before the move and swapped in
+    right after it, so a claim costs one file and two directory fsyncs.
+    """
+    src, dest = sp.dir("queued") / entry.name, spool.running_path(sp, entry.task_id)
+    try:
+        raw, st = spool.read_file(src)
+        task = parse_task(raw.decode("utf-8"), task_id=entry.task_id, default_model=default_model)
+    except FileNotFoundError:
+        return None  # another process took it
+    except (BadInput, UnicodeDecodeError, OSError):
+        return _claim_as_is(sp, entry, dest, default_model, started)  # take it, then fail it with the reason
+    _mark_started(task, started)
+    staged = spool.stage(sp, render_task(task))
+    try:
+        if not spool.move_with(src, dest, staged, inode=st.st_ino):  # replaced while we read it: read it again
+            return _claim_in_place(sp, entry, dest, default_model, started)
+    except (FileNotFoundError, FileExistsError):
+        return None
+    log.info("running %s (attempt %d, model %s)", task.id, task.attempts, task.model)
+    return Claimed(dest, task)
+
+
+def _mark_started(task: Task, started: float | None) -> None:
+    task.status = "running"
+    task.started_at = datetime.fromtimestamp(started, UTC) if started is not None else now()
+    task.attempts += 1
+
+
+def _claim_as_is(
+    sp: Spool, entry: spool.QueuedEntry, dest: Path, default_model: str, started: float | None
+) -> Claimed | None:
     try:
         spool.move(sp.dir("queued") / entry.name, dest)
     except (FileNotFoundError, FileExistsError):
         return None
+    return _claim_in_place(sp, entry, dest, default_model, started)
+
+
+def _claim_in_place(
+    sp: Spool, entry: spool.QueuedEntry, dest: Path, default_model: str, started: float | None
+) -> Claimed | None:
+    """The claim already moved the file to dest: read it there, and fail it if it cannot be read."""
     try:
         task = parse_task(spool.read_bytes(dest).decode("utf-8"), task_id=entry.task_id, default_model=default_model)
     except (BadInput, UnicodeDecodeError, OSError) as e:
@@ -170,9 +208,7 @@ def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: floa
         spool.move(dest, spool.task_path_for(sp.dir("failed"), entry.task_id))
         log.warning("failed %s: %s", entry.task_id, msg)
         return None
-    task.status = "running"
-    task.started_at = datetime.fromtimestamp(started, UTC) if started is not None else now()
-    task.attempts += 1
+    _mark_started(task, started)
     try:
         spool.rewrite(sp, dest, render_task(task))
     except OSError:

@@ -165,10 +165,17 @@ def parse_queued_name(name: str) -> QueuedEntry | None:
     return QueuedEntry(name, int(m.group(1)), nb, m.group(3))
 
 
+_owner: tuple[int, str] | None = None
+
+
 def owner_tag() -> str:
-    """`host-pid` of this process, as it appears in running/ names."""
-    host = re.sub(r"[^A-Za-z0-9-]", "-", os.uname().nodename) or "host"
-    return f"{host}-{os.getpid()}"
+    """`host-pid` of this process, as it appears in running/ names (remembered per pid: asked per file written)."""
+    global _owner
+    pid = os.getpid()
+    if _owner is None or _owner[0] != pid:
+        host = re.sub(r"[^A-Za-z0-9-]", "-", os.uname().nodename) or "host"
+        _owner = (pid, f"{host}-{pid}")
+    return _owner[1]
 
 
 @dataclass(frozen=True)
@@ -306,6 +313,33 @@ def rename_noreplace(src: Path, dest: Path) -> None:
     os.rename(src, dest)
 
 
+def stage(sp: Spool, data: bytes) -> Path:
+    """Write data to a new file in tmp/ and fsync it, ready to be renamed into place."""
+    return _write_tmp(sp, data)
+
+
+def move_with(src: Path, dest: Path, staged: Path, *, inode: int) -> bool:
+    """Move src to dest (never clobbering) and give it the staged content: a claim with its rewrite.
+
+    One pair of directory fsyncs for both steps. False, touching nothing more, if src was
+    replaced since it was read (`inode` differs); then dest holds that newer file.
+    FileNotFoundError/FileExistsError as for move. The staged file is consumed or removed.
+    """
+    try:
+        fault("move:before")
+        rename_noreplace(src, dest)
+        fault("move:after")
+        same = os.lstat(dest).st_ino == inode
+        if same:
+            os.replace(staged, dest)
+            fault("rewrite:replaced")
+    finally:
+        staged.unlink(missing_ok=True)
+    fsync_dir(dest.parent)
+    fsync_dir(src.parent)
+    return same
+
+
 def move(src: Path, dest: Path) -> Path:
     """One transition: rename src to dest, whose name is unique by task id.
 
@@ -326,12 +360,18 @@ def move(src: Path, dest: Path) -> Path:
 
 def read_bytes(path: Path, limit: int | None = None) -> bytes:
     """Read a regular file without following a symlink, at most limit+1 bytes."""
+    return read_file(path, limit)[0]
+
+
+def read_file(path: Path, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """read_bytes, with the stat of the very file read (its inode tells whether it was replaced since)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
         with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read() if limit is None else f.read(limit + 1)
+            return (f.read() if limit is None else f.read(limit + 1)), st
     finally:
         os.close(fd)
 

@@ -24,7 +24,7 @@ from spoold.task import parse_result, parse_task
 
 POINTS = {  # point -> the range of N to draw from (how often a round passes it)
     "write:partial": 12, "write:staged": 12, "write:linked": 12, "rewrite:staged": 12,
-    "move:before": 15, "move:after": 15, "finish:result-written": 3, "ledger:locked": 8,
+    "move:before": 15, "move:after": 15, "rewrite:replaced": 6, "finish:result-written": 3, "ledger:locked": 8,
 }
 OUTSIDE = ("backend-running", "random-time")
 PER_WINDOW, WINDOW_S = 3, 0.5
