@@ -190,3 +190,59 @@ def test_competing_processes_never_exceed_the_window_together(sp: spool.Spool) -
     assert sum(1 for mine in per_proc if mine) >= 2  # they really competed
     worst = max(sum(1 for b in times[i:] if b < a + 0.5) for i, a in enumerate(times))
     assert worst == 10 and len(times) >= 20  # the limit, exactly, and not stingier
+
+
+def test_a_batch_of_starts_is_gated_as_it_goes_and_written_once(sp: spool.Spool) -> None:
+    """start_many counts the batch's own earlier starts: 3 per window admits 3 of 5, then says wait."""
+    s = settings(max_requests=3)
+    writes = []
+    real = ledger._write_host
+    ledger._write_host = lambda *a: (writes.append(a), real(*a))  # type: ignore[assignment]
+    try:
+        out, g = ledger.start_many(sp, s, iter(range(5)), lambda c, t: f"task{c}", 10, now=lambda: 500.0)
+    finally:
+        ledger._write_host = real  # type: ignore[assignment]
+    assert out == ["task0", "task1", "task2"] and g.wait_until == 500.0 + W
+    assert len(writes) == 1 and ledger.read_usage(sp, 500.0).starts == [500.0] * 3
+
+
+def test_a_batch_skips_what_others_took_and_stops_at_concurrency(sp: spool.Spool) -> None:
+    out, g = ledger.start_many(sp, settings(max_requests=100), iter(range(5)), lambda c, t: None if c % 2 == 0 else c,
+                               10, now=lambda: 1.0)
+    assert out == [1, 3] and g.wait_until is None  # 0, 2, 4 were taken by someone else; the candidates ran out
+    s = settings(max_requests=100, concurrency=2)
+    _queue(sp, 3)
+    [a, b, c] = spool.list_queued(sp)
+    out, g = ledger.start_many(sp, s, iter([a, b, c]), lambda e, t: queue.claim(sp, e, "sonnet", started=t), 10)
+    assert [x.task.id for x in out] == [a.task_id, b.task_id] and g.wait_until == float("inf")
+    # A running task whose process has exited (its outcome is being written) holds no slot.
+    out, _ = ledger.start_many(sp, s, iter([c]), lambda e, t: queue.claim(sp, e, "sonnet", started=t), 1,
+                               finishing=frozenset({a.task_id}))
+    assert [x.task.id for x in out] == [c.task_id]
+
+
+def test_a_failed_claim_after_others_keeps_the_ones_that_started(sp: spool.Spool) -> None:
+    s = settings(max_requests=100)
+
+    def claim(c: int, t: float) -> int:
+        if c == 2:
+            raise OSError(28, "No space left on device")
+        return c
+
+    out, _ = ledger.start_many(sp, s, iter(range(5)), claim, 10, now=lambda: 7.0)
+    assert out == [0, 1] and ledger.read_usage(sp, 7.0).starts == [7.0, 7.0]
+    with pytest.raises(OSError):
+        ledger.start_many(sp, s, iter([2]), claim, 10)
+
+
+def test_run_times_ride_along_but_spend_is_written_at_once(sp: spool.Spool) -> None:
+    s = settings()
+    path = ledger.host_file(sp)
+    ledger.record_finish(sp, s, None, 12.5)
+    assert not path.exists()  # a run time alone waits for the next write
+    ledger.record_finish(sp, s, 0.25, 3.0)
+    on_disk = json.loads(path.read_text())
+    assert sum(on_disk["spend"].values()) == 0.25 and on_disk["durations"] == [3.0, 12.5]
+    ledger.record_finish(sp, s, None, 7.0)
+    ledger.flush(sp, s)
+    assert json.loads(path.read_text())["durations"] == [3.0, 12.5, 7.0]

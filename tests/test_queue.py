@@ -138,3 +138,38 @@ def test_other_hosts_claims_are_left_alone(sp: spool.Spool) -> None:
     os.rename(c.path, theirs)
     assert queue.recover(sp, max_attempts=3) == []
     assert theirs.exists()
+
+
+def test_claim_of_a_file_replaced_while_it_was_read_runs_the_newer_text(sp: spool.Spool, monkeypatch) -> None:
+    """An editor saving over a queued file (a new inode) just before the claim: the claim reads it again."""
+    _enqueue(sp, "old question\n")
+    [entry] = spool.list_queued(sp)
+    src = sp.dir("queued") / entry.name
+    real_stage = spool.stage
+
+    def stage_then_edit(sp_: spool.Spool, data: bytes):
+        staged = real_stage(sp_, data)
+        newer = src.with_name(".edit")
+        newer.write_text(src.read_text().replace("old question", "new question"))
+        os.replace(newer, src)
+        return staged
+
+    monkeypatch.setattr(spool, "stage", stage_then_edit)
+    claimed = queue.claim(sp, entry, "sonnet", started=1_800_000_000.0)
+    assert claimed is not None and claimed.task.prompt == "new question\n" and claimed.task.attempts == 1
+    on_disk = parse_task(claimed.path.read_text(), task_id=entry.task_id)
+    assert on_disk.prompt == "new question\n" and on_disk.status == "running"
+    assert not os.listdir(sp.dir("tmp")) and not spool.list_queued(sp)
+
+
+def test_move_with_swaps_content_in_and_cleans_its_staged_file(sp: spool.Spool) -> None:
+    src = sp.dir("queued") / "a.md"
+    src.write_text("before\n")
+    staged = spool.stage(sp, b"after\n")
+    dest = sp.dir("running") / "a.md"
+    assert spool.move_with(src, dest, staged, inode=src.stat().st_ino)
+    assert dest.read_text() == "after\n" and not src.exists() and not staged.exists()
+    staged = spool.stage(sp, b"late\n")
+    with pytest.raises(FileNotFoundError):
+        spool.move_with(src, dest, staged, inode=0)
+    assert not staged.exists() and dest.read_text() == "after\n"
