@@ -116,12 +116,16 @@ def _queued_info(sp: Spool, task: Task, settings: Settings) -> TaskInfo:
     out = TaskInfo(id=task.id, state="queued", title=title_of(task), model=task.model, priority=task.priority,
                    submitted_at=iso(task.submitted_at), not_before=iso(task.not_before), warnings=task.warnings,
                    path=str(sp.dir("queued") / spool.queued_name(task.id, task.priority, task.not_before)))
+    _estimate_into(sp, out, settings)
+    return out
+
+
+def _estimate_into(sp: Spool, out: TaskInfo, settings: Settings) -> None:
+    """A queued task's place and estimated start; the names before it are all that is parsed."""
     entries = spool.list_queued(sp)
-    order = ledger.dispatch_order(entries, settings.strategy)
-    idx = next((i for i, e in enumerate(order) if e.task_id == task.id), None)
+    idx = ledger.dispatch_order(entries, settings.strategy).index_of(out.id)  # type: ignore[attr-defined]
     if idx is not None:
         _apply_estimate(out, ledger.estimate(sp, settings, entries, limit=idx + 1)[-1])
-    return out
 
 
 def cancel(sp: Spool, task_id: str) -> str:
@@ -163,13 +167,7 @@ def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_esti
     if loc.state in ("done", "failed", "cancelled", "running"):
         out.error = out.error if loc.state != "running" else None
     if loc.state == "queued" and with_estimate:
-        settings = settings or load_settings(sp)
-        entries = spool.list_queued(sp)
-        order = ledger.dispatch_order(entries, settings.strategy)
-        idx = next((i for i, e in enumerate(order) if e.task_id == task_id), None)
-        if idx is not None:
-            est = ledger.estimate(sp, settings, entries, limit=idx + 1)[-1]
-            _apply_estimate(out, est)
+        _estimate_into(sp, out, settings or load_settings(sp))
     return out
 
 
@@ -230,7 +228,7 @@ def _list_state(sp: Spool, state: str, limit: int) -> list[TaskInfo]:
         settings = load_settings(sp)
         entries = spool.list_queued(sp)
         ests = ledger.estimate(sp, settings, entries, limit=limit)
-        by_id = {e.task_id: e for e in entries}
+        by_id = {e.task_id: e for e in ledger.dispatch_order(entries, settings.strategy)[:limit]}
         out = []
         for est in ests:
             e = by_id[est.task_id]

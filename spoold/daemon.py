@@ -128,7 +128,7 @@ class Daemon:
                     news = True
                 elif self._is_news(change, path):
                     news = True
-                    if path.parent == queued and not spool.queued_entry(path.name):
+                    if path.parent == queued and not spool.parse_queued_name(path.name):
                         self._foreign_in_queued = True  # a file a foreign tool wrote straight into queued/
             if news:
                 self.news.set()
@@ -273,7 +273,8 @@ class Daemon:
         """
         settings = self.settings
         self.news.clear()
-        entries = ledger.dispatch_order(spool.list_queued(self.sp), settings.strategy)
+        listing = spool.list_queued(self.sp)
+        entries = ledger.dispatch_order(listing, settings.strategy)
         started = 0
 
         def due() -> Iterator[spool.QueuedEntry]:  # consumed across batches: each entry is tried once a turn
@@ -307,7 +308,7 @@ class Daemon:
             if len(claimed) < free:  # the due entries ran out
                 break
         now = time.time()
-        later = [e.not_before.timestamp() for e in entries if e.not_before and e.not_before.timestamp() > now]
+        later = [e.not_before.timestamp() for e in listing.timed() if e.not_before and e.not_before.timestamp() > now]
         return (min(later) if later else None), started
 
     async def _slot_freed(self) -> bool:

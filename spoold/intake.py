@@ -88,7 +88,7 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
     for state in ("inbox", "queued") if include_queued else ("inbox",):
         base = sp.dir(state)
         for name in sorted(os.listdir(base)):
-            if state == "queued" and spool.queued_entry(name):
+            if state == "queued" and spool.parse_queued_name(name):
                 continue
             take_one(sp, base / name, report, default_model=default_model, max_bytes=max_bytes)
     return report

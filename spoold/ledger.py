@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -368,8 +368,10 @@ def clear_hold(sp: Spool, settings: Settings) -> None:
 # ---- order and estimates ---------------------------------------------------------
 
 
-def dispatch_order(entries: list[QueuedEntry], strategy: str) -> list[QueuedEntry]:
+def dispatch_order(entries: Sequence[QueuedEntry], strategy: str) -> Sequence[QueuedEntry]:
     """Names already sort by priority, not_before, submission; fifo/lifo re-sort by submission only."""
+    if strategy in ("fifo", "lifo") and isinstance(entries, spool.QueuedListing):
+        return entries.by_id(reverse=strategy == "lifo")  # from names: a deep queue is not parsed
     if strategy == "fifo":
         return sorted(entries, key=lambda e: e.task_id)
     if strategy == "lifo":
@@ -377,7 +379,7 @@ def dispatch_order(entries: list[QueuedEntry], strategy: str) -> list[QueuedEntr
     return entries
 
 
-def next_eligible(entries: list[QueuedEntry], now: float) -> QueuedEntry | None:
+def next_eligible(entries: Sequence[QueuedEntry], now: float) -> QueuedEntry | None:
     for e in entries:
         if e.not_before is None or e.not_before.timestamp() <= now:
             return e
@@ -400,7 +402,7 @@ class Estimate:
 
 
 def estimate(
-    sp: Spool, settings: Settings, entries: list[QueuedEntry] | None = None, *, limit: int | None = None,
+    sp: Spool, settings: Settings, entries: Sequence[QueuedEntry] | None = None, *, limit: int | None = None,
     now: float | None = None, usage: Usage | None = None,
 ) -> list[Estimate]:
     """When each queued task (in dispatch order) should start, by simulating the rules forward.

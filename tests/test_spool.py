@@ -106,3 +106,20 @@ def test_locate_finds_each_state_and_refuses_unknown(sp: spool.Spool) -> None:
     assert spool.locate(sp, other).state == "done"
     with pytest.raises(TaskNotFound):
         spool.locate(sp, spool.new_id("z"))
+
+
+def test_queue_listing_orders_by_name_and_parses_only_what_is_read(sp: spool.Spool) -> None:
+    t0 = datetime(2026, 11, 24, tzinfo=UTC)
+    ids = [spool.new_id(f"t{i}", now=t0 + timedelta(seconds=i)) for i in range(4)]
+    later = t0 + timedelta(days=1)
+    names = [spool.queued_name(ids[0], "low", None), spool.queued_name(ids[1], "normal", later),
+             spool.queued_name(ids[2], "normal", None), spool.queued_name(ids[3], "urgent", None)]
+    for n in names + ["2.20261399T000000Z." + ids[0] + ".md", "notes.txt"]:  # an impossible date is not ours
+        (sp.dir("queued") / n).write_text("x\n")
+    listing = spool.list_queued(sp)
+    assert len(listing) == 4 and listing._entries == [None] * 4  # nothing parsed by listing alone
+    assert [e.task_id for e in listing] == [ids[3], ids[2], ids[1], ids[0]]
+    assert listing.index_of(ids[1]) == 2 and listing.index_of("nope") is None
+    assert [e.task_id for e in listing.timed()] == [ids[1]] and listing.timed()[0].not_before == later
+    assert [e.task_id for e in listing.by_id()] == ids and [e.task_id for e in listing.by_id(reverse=True)] == ids[::-1]
+    assert listing[1:3] == [listing[1], listing[2]]
