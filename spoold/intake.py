@@ -87,60 +87,97 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
     report = IntakeReport([], [], [])
     for state in ("inbox", "queued") if include_queued else ("inbox",):
         base = sp.dir(state)
-        for name in sorted(os.listdir(base)):
-            if state == "queued" and spool.parse_queued_name(name):
-                continue
-            take_one(sp, base / name, report, default_model=default_model, max_bytes=max_bytes)
+        names = [n for n in sorted(os.listdir(base)) if not (state == "queued" and spool.parse_queued_name(n))]
+        taken = [t for t in (take_one(sp, base / n, report) for n in names) if t]
+        if taken:
+            _queue_taken(sp, base, taken, report, default_model=default_model, max_bytes=max_bytes)
     return report
 
 
-def take_one(sp: Spool, path: Path, report: IntakeReport, *, default_model: str, max_bytes: int) -> None:
-    """Claim one dropped entry and queue it, or move it aside with a result saying why."""
+@dataclass
+class Taken:
+    """A dropped entry moved into tmp/ under our name: ours alone now, not yet queued."""
+
+    claimed: Path
+    original: Path
+    task_id: str
+    name: str  # as shown to the user
+    mode: int
+
+
+def take_one(sp: Spool, path: Path, report: IntakeReport) -> Taken | None:
+    """Claim one complete dropped entry (the caller syncs the claims of a scan together)."""
     name = path.name
     if is_ignored(name):
-        return
+        return None
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None
     regular = stat.S_ISREG(st.st_mode)
     if regular and not name.lower().endswith(TASK_SUFFIXES):
-        return  # not a task (a PDF, an image): left where the user put it; `status` lists it
+        return None  # not a task (a PDF, an image): left where the user put it; `status` lists it
     if regular and (not is_settled(path, st) or st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S):
         report.pending.append(name)  # still being written, or a writer's link-then-unlink is under way
-        return
+        return None
     task_id = spool.new_id(Path(name).stem)
     claimed = queue.claim_intake(sp, path, task_id)
     if claimed is None:
-        return  # another daemon took it first
+        return None  # another daemon took it first
     shown = os.fsencode(name).decode("utf-8", "replace")  # a name that is not UTF-8 still gets a readable source
-    try:
-        _settle_intake(sp, claimed, task_id, shown, st.st_mode, report, default_model=default_model, max_bytes=max_bytes)
-    except OSError:
-        queue.unclaim_intake(sp, claimed, path)  # the spool cannot be written: leave the file where the user put it
-        raise
+    return Taken(claimed, path, task_id, shown, st.st_mode)
 
 
-def _settle_intake(sp: Spool, claimed: Path, task_id: str, name: str, mode: int, report: IntakeReport, *,
-                   default_model: str, max_bytes: int) -> None:
-    if not stat.S_ISREG(mode):
-        kind = _kind(mode)
-        queue.reject_intake(sp, claimed, task_id, name, f"{name!r} is a {kind}, not a file; spoold never follows or reads it")
-        report.failed.append(task_id)
-        return
-    if os.lstat(claimed).st_nlink > 1:
-        queue.reject_intake(sp, claimed, task_id, name, f"{name!r} is a hard link to a file elsewhere; spoold reads only "
-                            "files of its own: copy it into inbox/ instead")
-        report.failed.append(task_id)
-        return
+def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport, *, default_model: str,
+                 max_bytes: int) -> None:
+    """Queue a scan's claimed entries with one fsync per directory for all of them, not per entry.
+
+    Order: the claims are made durable, then every queued copy is written, then queued/ is
+    synced, and only then are the claimed originals removed: a power cut at any point leaves
+    each task in tmp/ (recovery returns it to inbox/), queued, or both (recovery drops the copy).
+    """
+    spool.fsync_dir(sp.dir("tmp"))
+    spool.fsync_dir(base)
+    accepted: list[Path] = []
     try:
-        task = read_dropped(claimed, task_id=task_id, source=name, default_model=default_model, max_bytes=max_bytes)
+        for i, t in enumerate(taken):
+            try:
+                if _settle_intake(sp, t, report, default_model=default_model, max_bytes=max_bytes):
+                    accepted.append(t.claimed)
+            except OSError:  # the spool cannot be written: leave the files where the user put them
+                for rest in taken[i:]:
+                    queue.unclaim_intake(sp, rest.claimed, rest.original)
+                raise
+    finally:
+        if accepted:
+            spool.fsync_dir(sp.dir("queued"))
+            for claimed in accepted:
+                queue.drop_intake_copy(claimed)
+
+
+def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: str, max_bytes: int) -> bool:
+    """Queue (True: its claimed copy can go once queued/ is synced) or reject one taken entry."""
+    if not stat.S_ISREG(t.mode):
+        kind = _kind(t.mode)
+        queue.reject_intake(sp, t.claimed, t.task_id, t.name,
+                            f"{t.name!r} is a {kind}, not a file; spoold never follows or reads it")
+        report.failed.append(t.task_id)
+        return False
+    if os.lstat(t.claimed).st_nlink > 1:
+        queue.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name!r} is a hard link to a file elsewhere; "
+                            "spoold reads only files of its own: copy it into inbox/ instead")
+        report.failed.append(t.task_id)
+        return False
+    try:
+        task = read_dropped(t.claimed, task_id=t.task_id, source=t.name, default_model=default_model,
+                            max_bytes=max_bytes)
     except BadInput as e:
-        queue.reject_intake(sp, claimed, task_id, name, f"{name}: {e}")
-        report.failed.append(task_id)
-        return
-    queue.accept_intake(sp, claimed, task)
-    report.queued.append(task_id)
+        queue.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name}: {e}")
+        report.failed.append(t.task_id)
+        return False
+    queue.accept_intake(sp, task)
+    report.queued.append(t.task_id)
+    return True
 
 
 def _kind(mode: int) -> str:

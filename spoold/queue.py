@@ -84,20 +84,23 @@ def _pid_exists(pid: int) -> bool:
 # ---- into the queue ------------------------------------------------------------
 
 
-def enqueue(sp: Spool, task: Task) -> Path:
+def enqueue(sp: Spool, task: Task, *, sync_dir: bool = True) -> Path:
     """Write a new task straight into queued/ (submit, the adapter, intake)."""
     task.status = "queued"
     name = spool.queued_name(task.id, task.priority, task.not_before)
-    return spool.write_new(sp, sp.dir("queued") / name, render_task(task))
+    return spool.write_new(sp, sp.dir("queued") / name, render_task(task), sync_dir=sync_dir)
 
 
 def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
-    """Move a dropped entry into tmp/ under our name before reading it: nobody else takes it, nothing is lost."""
+    """Move a dropped entry into tmp/ under our name before reading it: nobody else takes it, nothing is lost.
+
+    Not synced here: intake fsyncs tmp/ and the source directory once for a whole scan.
+    """
     prefix = f"{_INTAKE}{spool.owner_tag()}~{task_id}~"
     room = NAME_MAX - len(prefix.encode())
     dest = sp.dir("tmp") / (prefix + os.fsdecode(os.fsencode(path.name)[-room:]))  # keep the suffix if it must be cut
     try:
-        return spool.move(path, dest)
+        return spool.move(path, dest, sync="none")
     except FileNotFoundError:
         return None
 
@@ -117,14 +120,18 @@ def _parse_intake_claim(name: str) -> tuple[str, str, str] | None:
     return parts[1], parts[2], parts[3]
 
 
-def accept_intake(sp: Spool, claimed: Path, task: Task) -> Path:
-    path = enqueue(sp, task)
+def accept_intake(sp: Spool, task: Task) -> Path:
+    """Write a taken entry's task into queued/; the caller syncs queued/, then drops the intake copy."""
+    path = enqueue(sp, task, sync_dir=False)
+    log.info("queued %s (from %s)", task.id, task.source)
+    return path
+
+
+def drop_intake_copy(claimed: Path) -> None:
     try:
         claimed.unlink()  # no fsync: if a power cut brings the copy back, recovery sees the task and drops it
     except OSError as e:  # queued already: recovery drops the copy
         log.warning("left the intake copy %s in tmp/ (%s)", claimed.name, e.strerror or e)
-    log.info("queued %s (from %s)", task.id, task.source)
-    return path
 
 
 def reject_intake(sp: Spool, claimed: Path, task_id: str, source: str, message: str) -> None:
@@ -225,10 +232,13 @@ def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
     task.finished_at = result.finished_at or now()
     task.error = result.error
     dest_dir = spool.date_dir(sp, "done", task.finished_at) if result.status == "done" else sp.dir("failed")
-    spool.rewrite(sp, claimed.path, render_task(task))
+    # Four fsyncs: the final text, the result, the result's name (before the task can land beside it)
+    # and the task's name. running/ is not synced: a copy a power cut brings back there is dropped by
+    # recovery, because the finished copy exists.
+    spool.rewrite(sp, claimed.path, render_task(task), sync_dir=False)
     _write_result(sp, dest_dir, result)
     spool.fault("finish:result-written")
-    dest = spool.move(claimed.path, spool.task_path_for(dest_dir, task.id))
+    dest = spool.move(claimed.path, spool.task_path_for(dest_dir, task.id), sync="dest")
     log.info("%s %s%s", result.status, task.id, f": {result.error}" if result.error else "")
     return dest
 
@@ -353,7 +363,13 @@ def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int, 
     path = sp.dir("running") / entry.name
     result_path = spool.find_result(sp, entry.task_id)
     if result_path is not None:
-        spool.move(path, spool.task_path_for(result_path.parent, entry.task_id))
+        done = spool.task_path_for(result_path.parent, entry.task_id)
+        try:
+            spool.move(path, done)
+        except FileExistsError:  # it had finished; a power cut brought back its running/ copy
+            path.unlink(missing_ok=True)
+            spool.fsync_dir(path.parent)
+            return f"dropped a stale running/ copy of {entry.task_id} (it had already finished)"
         return f"finished {entry.task_id} (its result was already written)"
     try:
         task = parse_task(spool.read_bytes(path).decode("utf-8"), task_id=entry.task_id)

@@ -245,9 +245,13 @@ def _write_tmp(sp: Spool, data: bytes) -> Path:
     return tmp
 
 
-def write_new(sp: Spool, dest: Path, data: bytes) -> Path:
-    """Write a new file at dest; never overwrite (FileExistsError if dest exists)."""
-    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+def write_new(sp: Spool, dest: Path, data: bytes, *, sync_dir: bool = True) -> Path:
+    """Write a new file at dest; never overwrite (FileExistsError if dest exists).
+
+    sync_dir=False leaves the directory fsync to the caller, who batches it for many files.
+    """
+    if not dest.parent.is_dir():
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = _write_tmp(sp, data)
     fault("write:staged")
     try:
@@ -255,12 +259,17 @@ def write_new(sp: Spool, dest: Path, data: bytes) -> Path:
         fault("write:linked")
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
+    if sync_dir:
+        fsync_dir(dest.parent)
     return dest
 
 
-def rewrite(sp: Spool, path: Path, data: bytes) -> None:
-    """Atomically replace a file this process owns (it sits under our claim)."""
+def rewrite(sp: Spool, path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Atomically replace a file this process owns (it sits under our claim).
+
+    sync_dir=False when a move of the same file follows at once: the move's fsync of its
+    new directory makes the name durable, with whichever content it has then (the new one).
+    """
     tmp = _write_tmp(sp, data)
     fault("rewrite:staged")
     try:
@@ -268,7 +277,8 @@ def rewrite(sp: Spool, path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 _RENAME_NOREPLACE = 1
@@ -344,20 +354,25 @@ def move_with(src: Path, dest: Path, staged: Path, *, inode: int) -> bool:
     return same
 
 
-def move(src: Path, dest: Path) -> Path:
+def move(src: Path, dest: Path, *, sync: str = "both") -> Path:
     """One transition: rename src to dest, whose name is unique by task id.
 
     Raises FileNotFoundError when src is gone (another process won the race)
     and FileExistsError rather than overwrite a file already at dest. Both
     directories are fsynced: a claim undone by a power cut while the queued
-    copy survived would run a task twice.
+    copy survived would run a task twice. sync="dest" skips the source
+    directory where recovery settles a copy a power cut brings back (a
+    finished task's running/ copy); sync="none" leaves both to a caller that
+    batches them.
     """
-    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not dest.parent.is_dir():
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fault("move:before")
     rename_noreplace(src, dest)
     fault("move:after")
-    fsync_dir(dest.parent)
-    if src.parent != dest.parent:
+    if sync != "none":
+        fsync_dir(dest.parent)
+    if sync == "both" and src.parent != dest.parent:
         fsync_dir(src.parent)
     return dest
 

@@ -123,6 +123,19 @@ def test_recovery_keeps_a_finished_answer(sp: spool.Spool) -> None:
     assert not dead.exists() and spool.locate(sp, t.id).state == "done"
 
 
+def test_recovery_drops_a_running_copy_a_power_cut_brought_back(sp: spool.Spool) -> None:
+    """finish() does not fsync running/: after a power cut the finished task may show there again."""
+    t = _enqueue(sp)
+    c = _claim_next(sp)
+    ghost = c.path.read_bytes()
+    queue.finish(sp, c, Result(id=t.id, status="done", answer="the answer"))
+    dead = spool.running_path(sp, t.id, f"{spool.owner_tag().rpartition('-')[0]}-{_dead_pid()}")
+    dead.write_bytes(ghost)
+    assert queue.recover(sp, max_attempts=3)[0].startswith("dropped a stale running/ copy")
+    assert not dead.exists() and spool.locate(sp, t.id).state == "done"
+    assert "the answer" in spool.locate(sp, t.id).result_path.read_text()
+
+
 def test_recovery_returns_an_interrupted_intake_to_the_inbox(sp: spool.Spool) -> None:
     name = f"intake~{spool.owner_tag().rpartition('-')[0]}-{_dead_pid()}~{spool.new_id('x')}~my question.md"
     (sp.dir("tmp") / name).write_text("my question\n")
