@@ -164,6 +164,7 @@ class Daemon:
     async def _serve(self) -> None:
         while not self.stopping.is_set():
             self.wake.clear()
+            self.news.clear()  # before this turn looks at anything: news from now on ends its dispatch pass
             self._maybe_reload()
             try:
                 pending = await self._intake_and_recover()
@@ -272,7 +273,6 @@ class Daemon:
         Claims run in a worker thread (their fsyncs must not stall the loop).
         """
         settings = self.settings
-        self.news.clear()
         listing = spool.list_queued(self.sp)
         entries = ledger.dispatch_order(listing, settings.strategy)
         started = 0
