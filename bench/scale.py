@@ -1,4 +1,4 @@
-"""A deep queue: first dispatch, `status`, `ls --state queued | head` and daemon memory at 10k/50k/100k queued tasks."""
+"""A deep queue (first dispatch, `status`, `ls`, memory) and a full `done/` (`status`, `ls`, `show`, `result`), at 10k/50k/100k."""
 
 from __future__ import annotations
 
@@ -43,6 +43,44 @@ def fill(root: Path, n: int) -> None:
         data = data.replace(b"2026-01-01T00:00:00.000Z", stamp)
         with open(qdir / spool.queued_name(tid, "normal", None), "wb") as f:
             f.write(data)
+
+
+def fill_done(root: Path, n: int) -> str:
+    """n finished tasks (task file and result) in one date partition, as a corpus run overnight leaves them."""
+    from spoold import spool
+    from spoold.task import Result, Task, render_result, render_task
+
+    sp = spool.open_spool(root)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    proto_id = spool.new_id("task", now=t0)
+    task = render_task(Task(id=proto_id, prompt="summarize chapter\n", submitted_at=t0, status="done"))
+    result = render_result(Result(id=proto_id, status="done", answer="a summary", finished_at=t0))
+    d = spool.date_dir(sp, "done", t0)
+    d.mkdir(parents=True, exist_ok=True)
+    middle = ""
+    for i in range(n):
+        tid = spool.new_id("task", now=t0 + timedelta(milliseconds=i))
+        (d / f"{tid}.md").write_bytes(task.replace(proto_id.encode(), tid.encode()))
+        (d / f"{tid}.result.md").write_bytes(result.replace(proto_id.encode(), tid.encode()))
+        middle = tid if i == n // 2 else middle
+    return middle
+
+
+def measure_done(n: int, runs: int) -> dict[str, float]:
+    with tmpdir(f"scale-done-{n}") as base:
+        root = new_spool(base, backend="command", command=["true"])
+        some_id = fill_done(root, n)
+        env = child_env(SPOOLD_DIR=str(root))
+        exe = spoold_exe()
+        out = {
+            "status": median([_timed([exe, "status"], env) for _ in range(runs)]),
+            "ls": median([_timed(f"'{exe}' ls --state done | head", env, shell=True) for _ in range(runs)]),
+            "show": median([_timed([exe, "show", some_id], env) for _ in range(runs)]),
+            "result": median([_timed([exe, "result", some_id], env) for _ in range(runs)]),
+        }
+        with Daemon(root) as d:
+            out["rss"] = rss_mb(d.proc.pid)[1]
+    return out
 
 
 def _timed(cmd: str | list[str], env: dict[str, str], shell: bool = False) -> float:
@@ -108,4 +146,20 @@ def run(quick: bool) -> str:
     headers = ["", *[f"{n:,} queued" for n in sizes], f"growth {lo // 1000}k→{hi // 1000}k", "target (at 100k)"]
     note = (f"Median of {runs} run(s) per size; `status`/`ls` run with no daemon, RSS read 2 s after the first "
             "dispatch. Growth n^1.00 is linear; n^0 is flat.")
-    return "### Scale: a deep queue\n\n" + table(headers, rows) + "\n\n" + note
+    done = {n: measure_done(n, runs) for n in sizes}
+    drows = []
+    for key, label, fmt, target in (
+        ("status", "`spoold status`", lambda v: f"{v:.2f} s", STATUS_S),
+        ("ls", "`spoold ls --state done \\| head`", lambda v: f"{v:.2f} s", None),
+        ("show", "`spoold show ID`", lambda v: f"{v:.2f} s", None),
+        ("result", "`spoold result ID`", lambda v: f"{v:.2f} s", None),
+        ("rss", "idle daemon peak RSS", lambda v: f"{v:.0f} MB", RSS_MB),
+    ):
+        vals = [done[n][key] for n in sizes]
+        verdict = f"≤ {fmt(target)} {'met' if done[hi][key] <= target else 'missed'}" if target else ""
+        drows.append([label, *[fmt(v) for v in vals], _growth(vals[0], vals[-1], hi / lo), verdict])
+    dheaders = ["", *[f"{n:,} done" for n in sizes], f"growth {lo // 1000}k→{hi // 1000}k", "target (at 100k)"]
+    dnote = ("Finished tasks (a task file and a result each) in one `done/` date partition, the worst case for "
+             "one day's corpus; `show`/`result` look up a task from the middle. The daemon never lists `done/`.")
+    return ("### Scale: a deep queue\n\n" + table(headers, rows) + "\n\n" + note
+            + "\n\n### Scale: many finished tasks\n\n" + table(dheaders, drows) + "\n\n" + dnote)
