@@ -138,8 +138,8 @@ class Daemon:
         """Whether an event can mean new work; our own claims and moves (one per task) are not news."""
         from watchfiles import Change
 
-        if path.parent == self.sp.dir("queued"):
-            return change != Change.deleted  # a task leaving the queue never makes work
+        if path.parent in (self.sp.dir("queued"), self.sp.dir("inbox")):
+            return change != Change.deleted  # a file leaving the inbox or the queue never makes work
         if path.parent == self.sp.dir("running"):
             if path.name.endswith(".cancel"):
                 return True
