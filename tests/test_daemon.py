@@ -132,3 +132,40 @@ def test_missing_cli_holds_the_queue_instead_of_failing_tasks(sp, daemon) -> Non
     st = api.status(sp)
     assert st.held_until and "install it or set claude_bin" in st.hold_reason
     assert api.info(sp, tid).attempts == 0
+
+
+OVERLAP = """#!/bin/sh
+echo "start $(date +%s.%N)" >> "$0.log"
+sleep 0.05
+echo "end $(date +%s.%N)" >> "$0.log"
+"""
+
+
+def test_concurrency_holds_while_finished_tasks_are_written(sp, daemon, tmp_path) -> None:
+    """A finished task frees its slot before its outcome is written; never more backends alive than allowed."""
+    from conftest import executable
+
+    backend = executable(tmp_path / "overlap.sh", OVERLAP)
+    write_config(sp, backend="command", command=[str(backend)], concurrency=2, max_requests=1000)
+    daemon(sp)
+    for i in range(30):
+        drop(sp, f"q{i}.md", f"question {i}\n")
+    _done(sp, 30)
+    events = sorted((float(t), +1 if kind == "start" else -1)
+                    for kind, t in (ln.split() for ln in (tmp_path / "overlap.sh.log").read_text().splitlines()))
+    alive, most = 0, 0
+    for _, step in events:
+        alive += step
+        most = max(most, alive)
+    assert len(events) == 60 and most == 2  # both slots used, never a third
+
+
+def test_a_cancel_reaches_a_running_task_while_dispatch_waits_for_a_slot(sp, daemon) -> None:
+    """The dispatch pass keeps its listing while slots are full; a cancel marker must still end it at once."""
+    write_config(sp, backend="command", command=SLEEPER, concurrency=1)
+    daemon(sp)
+    first = api.submit(sp, "long one").id
+    api.submit(sp, "waits behind it")
+    wait_for(lambda: spool.locate(sp, first).state == "running", what="first running")
+    assert api.cancel(sp, first) == "cancelling"
+    wait_for(lambda: spool.locate(sp, first).state == "cancelled", timeout=10, what="cancelled")
