@@ -7,6 +7,7 @@ written only under a filelock so admission and claim are one step.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -413,9 +414,8 @@ def estimate(
     """
     now = time.time() if now is None else now
     usage = usage or read_usage(sp, now)
-    order = dispatch_order(entries if entries is not None else spool.list_queued(sp), settings.strategy)
-    if limit is not None:
-        order = order[:limit]
+    full = dispatch_order(entries if entries is not None else spool.list_queued(sp), settings.strategy)
+    ids = full.untimed_ids(limit) if isinstance(full, spool.QueuedListing) else None
     dur = typical_duration(usage)
     starts = in_window(usage.starts, settings, now)
     running_started = [_started(sp, e) or now for e in spool.list_running(sp)]
@@ -428,15 +428,21 @@ def estimate(
     if budget:
         floor = max(floor, budget[0])
     n, w = settings.max_requests, settings.window_minutes * 60
+    heapq.heapify(workers)  # the earliest free worker is workers[0]
+    if ids is not None:  # no not_before among them: the schedule alone, a few floats a task
+        return [Estimate(i, pos, t) for pos, (i, t) in enumerate(zip(ids, _schedule(
+            len(ids), floor, workers, starts, n, w, settings.min_interval_s, dur)), 1)]
     out: list[Estimate] = []
-    pending = deque(enumerate(order, 1))
+    pending = deque(enumerate(full[:limit] if limit is not None else full, 1))
     while pending:
-        t = max(floor, min(workers))
+        t = max(floor, workers[0])
         if len(starts) >= n:
             t = max(t, starts[-n] + w)
         if settings.min_interval_s and starts:
             t = max(t, starts[-1] + settings.min_interval_s)
-        pick = next((i for i, (_, e) in enumerate(pending) if not e.not_before or e.not_before.timestamp() <= t), None)
+        head = pending[0][1].not_before  # the usual case, first in line and free to start, without a scan
+        pick = 0 if not head or head.timestamp() <= t else next(
+            (i for i, (_, e) in enumerate(pending) if not e.not_before or e.not_before.timestamp() <= t), None)
         if pick is None:  # everyone left waits for a not_before: jump to the earliest
             t = min(e.not_before.timestamp() for _, e in pending if e.not_before)
             pick = next(i for i, (_, e) in enumerate(pending) if e.not_before and e.not_before.timestamp() <= t)
@@ -444,8 +450,26 @@ def estimate(
         del pending[pick]
         out.append(Estimate(e.task_id, pos, t))
         starts.append(t)
-        k = workers.index(min(workers))
-        workers[k] = t + dur
+        heapq.heapreplace(workers, t + dur)
+    return out
+
+
+def _schedule(k: int, floor: float, workers: list[float], starts: list[float], n: int, w: float, gap: float,
+              dur: float) -> list[float]:
+    """The next k start times when nothing waits for a not_before (estimate's loop without the picking).
+
+    A submit into a 100,000-deep queue estimates its start behind all of them: this keeps that ~0.1 s.
+    """
+    out = []
+    for _ in range(k):
+        t = max(floor, workers[0])
+        if len(starts) >= n:
+            t = max(t, starts[-n] + w)
+        if gap and starts:
+            t = max(t, starts[-1] + gap)
+        starts.append(t)
+        heapq.heapreplace(workers, t + dur)
+        out.append(t)
     return out
 
 

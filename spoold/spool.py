@@ -423,8 +423,10 @@ class QueuedListing(Sequence[QueuedEntry]):
             return [self[j] for j in range(*i.indices(len(self.names)))]
         e = self._entries[i]
         if e is None:
-            e = self._entries[i] = parse_queued_name(self.names[i])
-        return e  # type: ignore[return-value]  # names were checked when listed
+            n = self.names[i]  # checked when listed; most carry no time, and then slicing is the parse
+            e = QueuedEntry(n, int(n[0]), None, n[19:-3]) if n[2:18] == _NO_TIME else parse_queued_name(n)
+            self._entries[i] = e
+        return e  # type: ignore[return-value]
 
     def __eq__(self, other: object) -> bool:
         return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
@@ -433,6 +435,13 @@ class QueuedListing(Sequence[QueuedEntry]):
         """Position of a task, by name alone."""
         suffix = f".{task_id}.md"
         return next((i for i, n in enumerate(self.names) if n.endswith(suffix)), None)
+
+    def untimed_ids(self, limit: int | None = None) -> list[str] | None:
+        """The ids of the first `limit` tasks, if none of them has a not_before (else None)."""
+        names = self.names[:limit]
+        if any(n[2:18] != _NO_TIME for n in names):
+            return None
+        return [n[19:-3] for n in names]
 
     def timed(self) -> list[QueuedEntry]:
         """Entries with a not_before (the rest of the names say 00000000T000000Z)."""
