@@ -99,6 +99,7 @@ def measure(n: int, runs: int) -> dict[str, float]:
         exe = spoold_exe()
         status = [_timed([exe, "status"], env) for _ in range(runs)]
         ls = [_timed(f"'{exe}' ls --state queued | head", env, shell=True) for _ in range(runs)]
+        submit = [_timed([exe, "submit", "one more question"], env) for _ in range(runs)]
         firsts, rss, peak, rate = [], [], [], []
         for _ in range(runs):
             before = len(lines(starts))
@@ -113,7 +114,8 @@ def measure(n: int, runs: int) -> dict[str, float]:
                 rate.append((len(lines(starts)) - before - 1) / 2.0)
             finally:
                 d.stop()
-    return {"first": median(firsts), "status": median(status), "ls": median(ls), "rss": median(rss),
+    return {"first": median(firsts), "status": median(status), "ls": median(ls), "submit": median(submit),
+            "rss": median(rss),
             "peak": median(peak), "rate": median(rate)}
 
 
@@ -134,6 +136,7 @@ def run(quick: bool) -> str:
         ("first", "`spoold run` → first dispatch", lambda v: f"{v:.2f} s", FIRST_DISPATCH_S),
         ("status", "`spoold status`", lambda v: f"{v:.2f} s", STATUS_S),
         ("ls", "`spoold ls --state queued \\| head`", lambda v: f"{v:.2f} s", None),
+        ("submit", "`spoold submit` (its estimate goes behind every queued task)", lambda v: f"{v:.2f} s", None),
         ("rss", "daemon RSS while dispatching", lambda v: f"{v:.0f} MB", RSS_MB),
         ("peak", "daemon peak RSS", lambda v: f"{v:.0f} MB", RSS_MB),
         ("rate", "dispatch rate with the queue this deep", lambda v: f"{v:.1f} /s", None),
