@@ -33,6 +33,7 @@ PENDING_RECHECK_S = 0.05
 EXEC_HOLD_S = 60.0
 MAX_BACKOFF_S = 900.0
 WRITE_RETRY_S = 0.2
+INTAKE_BATCH = 256  # files taken in per turn: a dropped corpus starts running while it is still taken in
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Daemon:
         self.news = asyncio.Event()  # the watcher saw something that may be new work (or stop was asked)
         self.slot_freed = asyncio.Event()
         self._owner = spool.owner_tag()
+        self._more_intake = False  # the last intake stopped at its batch limit
 
     @staticmethod
     def _mtime(path: Path) -> float | None:
@@ -182,7 +184,7 @@ class Daemon:
                 return
             timeout = self.settings.scan_interval_s
             if pending:
-                timeout = min(timeout, PENDING_RECHECK_S)
+                timeout = min(timeout, 0.0 if self._more_intake else PENDING_RECHECK_S)
             if wait_until is not None and wait_until != float("inf"):
                 timeout = min(timeout, max(0.0, wait_until - time.time()) + 0.001)
             with contextlib.suppress(TimeoutError):
@@ -246,15 +248,17 @@ class Daemon:
         self._foreign_in_queued = False
         settings, running_here = self.settings, set(self.running)
 
-        def work() -> bool:
+        def work() -> intake.IntakeReport:
             report = intake.scan(self.sp, default_model=settings.default_model, max_bytes=settings.max_bytes,
-                                 include_queued=full)
+                                 include_queued=full, limit=INTAKE_BATCH)
             if full:
                 for action in queue.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here):
                     log.info("recovery: %s", action)
-            return bool(report.pending)
+            return report
 
-        pending = await asyncio.to_thread(work)
+        report = await asyncio.to_thread(work)
+        self._more_intake = report.more
+        pending = bool(report.pending or report.more)
         if full:
             self._last_scan = time.monotonic()
         return pending
@@ -319,8 +323,8 @@ class Daemon:
         """
         timeout = self.settings.scan_interval_s - (time.monotonic() - self._last_scan)
         while len(self.running) - len(self._finishing) >= self.settings.concurrency:
-            if self.news.is_set() or self.stopping.is_set() or timeout <= 0:
-                return False
+            if self.news.is_set() or self.stopping.is_set() or timeout <= 0 or self._more_intake:
+                return False  # (more dropped files to take in: back to intake, then list again)
             self.slot_freed.clear()
             waits = [asyncio.ensure_future(self.slot_freed.wait()), asyncio.ensure_future(self.news.wait())]
             _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

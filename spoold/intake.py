@@ -80,17 +80,32 @@ class IntakeReport:
     queued: list[str]
     failed: list[str]
     pending: list[str]  # not yet complete; look again soon
+    more: bool = False  # stopped at the batch limit: more files wait
 
 
-def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool = True) -> IntakeReport:
-    """Take every complete file from inbox/ (and, when asked, foreign files from queued/) into the queue."""
+def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool = True,
+         limit: int | None = None) -> IntakeReport:
+    """Take complete files from inbox/ (and, when asked, foreign files from queued/) into the queue.
+
+    At most `limit` a call: a corpus of 100,000 dropped files is taken in batches, and the
+    daemon starts tasks between them instead of after the last one.
+    """
     report = IntakeReport([], [], [])
     for state in ("inbox", "queued") if include_queued else ("inbox",):
         base = sp.dir(state)
         names = [n for n in sorted(os.listdir(base)) if not (state == "queued" and spool.parse_queued_name(n))]
-        taken = [t for t in (take_one(sp, base / n, report) for n in names) if t]
+        taken: list[Taken] = []
+        for n in names:
+            if limit is not None and len(report.queued) + len(report.failed) + len(taken) >= limit:
+                report.more = True
+                break
+            t = take_one(sp, base / n, report)
+            if t:
+                taken.append(t)
         if taken:
             _queue_taken(sp, base, taken, report, default_model=default_model, max_bytes=max_bytes)
+        if report.more:
+            break
     return report
 
 

@@ -140,3 +140,13 @@ def test_two_scanners_never_take_one_file_twice(sp: spool.Spool) -> None:
         t.join()
     assert sum(len(r.queued) for r in reports) == 50
     assert len(spool.list_queued(sp)) == 50
+
+
+def test_a_big_drop_is_taken_in_batches(sp: spool.Spool) -> None:
+    for i in range(10):
+        drop(sp, f"q{i:02d}.md", f"question {i}\n")
+    report = intake.scan(sp, default_model="sonnet", max_bytes=1 << 20, limit=4)
+    assert len(report.queued) == 4 and report.more
+    assert sorted(os.listdir(sp.dir("inbox"))) == [f"q{i:02d}.md" for i in range(4, 10)]
+    report = intake.scan(sp, default_model="sonnet", max_bytes=1 << 20, limit=100)
+    assert len(report.queued) == 6 and not report.more and not os.listdir(sp.dir("inbox"))
