@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -126,43 +127,56 @@ def _growth(small: float, big: float, ratio: float) -> str:
     return f"n^{math.log(big / small) / math.log(ratio):.2f}"
 
 
+Row = tuple[str, str, Callable[[float], str], float | None]  # key, label, format, target at the largest size
+
+
+def SECONDS(v: float) -> str:  # noqa: N802 - used as a constant in the row tables
+    return f"{v:.2f} s"
+
+
+def MB(v: float) -> str:  # noqa: N802
+    return f"{v:.0f} MB"
+
+
+QUEUED_ROWS: list[Row] = [
+    ("first", "`spoold run` → first dispatch", SECONDS, FIRST_DISPATCH_S),
+    ("status", "`spoold status`", SECONDS, STATUS_S),
+    ("ls", "`spoold ls --state queued \\| head`", SECONDS, None),
+    ("submit", "`spoold submit` (its estimate goes behind every queued task)", SECONDS, None),
+    ("rss", "daemon RSS while dispatching", MB, RSS_MB),
+    ("peak", "daemon peak RSS", MB, RSS_MB),
+    ("rate", "dispatch rate with the queue this deep", lambda v: f"{v:.1f} /s", None),
+]
+DONE_ROWS: list[Row] = [
+    ("status", "`spoold status`", SECONDS, STATUS_S),
+    ("ls", "`spoold ls --state done \\| head`", SECONDS, None),
+    ("show", "`spoold show ID`", SECONDS, None),
+    ("result", "`spoold result ID`", SECONDS, None),
+    ("rss", "idle daemon peak RSS", MB, RSS_MB),
+]
+
+
+def _table(res: dict[int, dict[str, float]], spec: list[Row], what: str) -> str:
+    """One row a figure: its value at each size, its growth, and its target at the largest size."""
+    sizes = sorted(res)
+    lo, hi = sizes[0], sizes[-1]
+    rows = []
+    for key, label, fmt, target in spec:
+        vals = [res[n][key] for n in sizes]
+        verdict = f"≤ {fmt(target)} {'met' if vals[-1] <= target else 'missed'}" if target is not None else ""
+        rows.append([label, *[fmt(v) for v in vals], _growth(vals[0], vals[-1], hi / lo), verdict])
+    headers = ["", *[f"{n:,} {what}" for n in sizes], f"growth {lo // 1000}k→{hi // 1000}k", "target (at 100k)"]
+    return table(headers, rows)
+
+
 def run(quick: bool) -> str:
     sizes = (10_000, 50_000, 100_000)
     runs = 1 if quick else 3
-    res = {n: measure(n, runs) for n in sizes}
-    lo, hi = sizes[0], sizes[-1]
-    rows = []
-    for key, label, fmt, target in (
-        ("first", "`spoold run` → first dispatch", lambda v: f"{v:.2f} s", FIRST_DISPATCH_S),
-        ("status", "`spoold status`", lambda v: f"{v:.2f} s", STATUS_S),
-        ("ls", "`spoold ls --state queued \\| head`", lambda v: f"{v:.2f} s", None),
-        ("submit", "`spoold submit` (its estimate goes behind every queued task)", lambda v: f"{v:.2f} s", None),
-        ("rss", "daemon RSS while dispatching", lambda v: f"{v:.0f} MB", RSS_MB),
-        ("peak", "daemon peak RSS", lambda v: f"{v:.0f} MB", RSS_MB),
-        ("rate", "dispatch rate with the queue this deep", lambda v: f"{v:.1f} /s", None),
-    ):
-        vals = [res[n][key] for n in sizes]
-        verdict = ""
-        if target is not None:
-            verdict = f"≤ {fmt(target)} {'met' if res[hi][key] <= target else 'missed'}"
-        rows.append([label, *[fmt(v) for v in vals], _growth(res[lo][key], res[hi][key], hi / lo), verdict])
-    headers = ["", *[f"{n:,} queued" for n in sizes], f"growth {lo // 1000}k→{hi // 1000}k", "target (at 100k)"]
+    queued = _table({n: measure(n, runs) for n in sizes}, QUEUED_ROWS, "queued")
     note = (f"Median of {runs} run(s) per size; `status`/`ls` run with no daemon, RSS read 2 s after the first "
             "dispatch. Growth n^1.00 is linear; n^0 is flat.")
-    done = {n: measure_done(n, runs) for n in sizes}
-    drows = []
-    for key, label, fmt, target in (
-        ("status", "`spoold status`", lambda v: f"{v:.2f} s", STATUS_S),
-        ("ls", "`spoold ls --state done \\| head`", lambda v: f"{v:.2f} s", None),
-        ("show", "`spoold show ID`", lambda v: f"{v:.2f} s", None),
-        ("result", "`spoold result ID`", lambda v: f"{v:.2f} s", None),
-        ("rss", "idle daemon peak RSS", lambda v: f"{v:.0f} MB", RSS_MB),
-    ):
-        vals = [done[n][key] for n in sizes]
-        verdict = f"≤ {fmt(target)} {'met' if done[hi][key] <= target else 'missed'}" if target else ""
-        drows.append([label, *[fmt(v) for v in vals], _growth(vals[0], vals[-1], hi / lo), verdict])
-    dheaders = ["", *[f"{n:,} done" for n in sizes], f"growth {lo // 1000}k→{hi // 1000}k", "target (at 100k)"]
+    done = _table({n: measure_done(n, runs) for n in sizes}, DONE_ROWS, "done")
     dnote = ("Finished tasks (a task file and a result each) in one `done/` date partition, the worst case for "
              "one day's corpus; `show`/`result` look up a task from the middle. The daemon never lists `done/`.")
-    return ("### Scale: a deep queue\n\n" + table(headers, rows) + "\n\n" + note
-            + "\n\n### Scale: many finished tasks\n\n" + table(dheaders, drows) + "\n\n" + dnote)
+    return (f"### Scale: a deep queue\n\n{queued}\n\n{note}"
+            f"\n\n### Scale: many finished tasks\n\n{done}\n\n{dnote}")
