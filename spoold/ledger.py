@@ -192,8 +192,7 @@ def _update_own(
     with _UNSAVED:
         h.durations += _unsaved.pop(ledger_dir(sp), [])
     horizon = now - settings.window_minutes * 60 - max(settings.min_interval_s, 0)
-    # Only the newest max_requests starts can decide a gate or an estimate.
-    h.starts = [t for t in h.starts if t > horizon][-max(settings.max_requests, 1) :]
+    h.starts = [t for t in h.starts if t > horizon]
     month_start = _month_start(now).strftime("%Y-%m-%d")
     h.spend = {d: v for d, v in h.spend.items() if d >= month_start}
     h.durations = h.durations[-KEEP_DURATIONS:]
