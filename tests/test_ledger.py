@@ -259,3 +259,14 @@ def test_the_fast_schedule_agrees_with_the_full_simulation(sp: spool.Spool) -> N
     slow = ledger.estimate(sp, s, list(listing), now=1040.0, usage=u)  # a plain list: the general loop
     assert fast == slow and len(fast) == 40 and fast[0].start == 1040.0
     assert ledger.estimate(sp, s, listing, limit=5, now=1040.0, usage=u) == slow[:5]
+
+
+def test_lowering_and_raising_the_limit_within_a_window_forgets_no_start(sp: spool.Spool) -> None:
+    import time
+
+    t0 = time.time()
+    out, _ = ledger.start_many(sp, settings(max_requests=10), iter(range(10)), lambda c, t: c, 10, now=lambda: t0)
+    assert len(out) == 10
+    ledger.set_hold(sp, settings(max_requests=5), 0.0, "a ledger write under the lowered limit")
+    _, g = ledger.start_many(sp, settings(max_requests=10), iter([0]), lambda c, t: c, 1, now=lambda: t0 + 1)
+    assert g.wait_until == t0 + W  # still ten starts in the window
