@@ -285,9 +285,11 @@ def _read_simple(fm: str) -> dict[str, Any] | None:
     A line is accepted only if _emit_simple would write exactly it back, so what this reads is
     what YAML reads (the property test holds _emit_simple to that); anything else returns None.
     """
+    if not fm.endswith("\n"):
+        return None
     meta: dict[str, Any] = {}
-    for line in fm.split("\n")[:-1] if fm.endswith("\n") else [None]:
-        key, sep, text = (line or "").partition(": ")
+    for line in fm[:-1].split("\n"):
+        key, sep, text = line.partition(": ")
         if not sep or key in meta or not _SIMPLE_KEY.fullmatch(key) or key.lower() in _YAML_WORDS:
             return None
         try:
