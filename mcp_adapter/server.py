@@ -38,11 +38,19 @@ log = logging.getLogger("spoold.mcp")
 MAX_WAIT_S = 50.0  # Claude Code abandons a tool call after about 60 s
 POLL_S = 0.25
 MAX_LIST = 200
+# Claude Code saves a tool result over 50,000 characters to a file and shows the model only its path;
+# the answer appears twice in a result (text and structured content), so a page stays well under that.
+PAGE_CHARS = 20_000
+MAX_PAGE_CHARS = 100_000
 RESULT_URI = "spoold://task/{task_id}/result"
 QUEUE_URI = "spoold://queue"
 
 State = Literal["queued", "running", "done", "failed", "cancelled"]
 Priority = Literal["urgent", "high", "normal", "low"]
+Offset = Annotated[int, Field(ge=0, description="Start of the answer part to return, in characters "
+                                               "(the next_offset of the previous call)")]
+MaxChars = Annotated[int, Field(ge=1, le=MAX_PAGE_CHARS, description="At most this many characters of the answer "
+                                f"(1..{MAX_PAGE_CHARS:,}); the rest follows from next_offset")]
 TaskId = Annotated[str, Field(description="A task id as returned by async_submit, e.g. 20261124T180000123Z-abcdef-my-title")]
 
 INSTRUCTIONS = """\
@@ -113,7 +121,12 @@ class TaskResult(BaseModel):
     task_id: str
     state: State
     finished: bool = Field(description="true once done, failed or cancelled")
-    answer: str | None = Field(None, description="the answer text (partial or empty for failed/cancelled tasks)")
+    answer: str | None = Field(None, description="the answer text from `offset`, at most `max_chars` of it "
+                               "(partial or empty for failed/cancelled tasks)")
+    answer_chars: int | None = Field(None, description="length of the whole answer, in characters")
+    offset: int = Field(0, description="where this part of the answer starts")
+    next_offset: int | None = Field(None, description="more of the answer follows: call async_result with this "
+                                    "offset for the next part; null when the answer ends in this part")
     model: str | None = Field(None, description="the model that answered")
     cost_usd: float | None = None
     duration_s: float | None = None
@@ -191,13 +204,17 @@ def task_detail(sp: spool.Spool, task_id: str, ti: TaskInfo | None = None) -> Ta
     return TaskDetail.of(ti, queue_held_until=until, queue_hold_reason=why)
 
 
-def task_result(sp: spool.Spool, task_id: str) -> TaskResult:
+def task_result(sp: spool.Spool, task_id: str, offset: int = 0, max_chars: int | None = None) -> TaskResult:
+    """The result, with the answer cut to [offset, offset + max_chars) (all of it when max_chars is None)."""
     ti = api.info(sp, task_id)
     detail = task_detail(sp, task_id, ti)
     out = TaskResult(task_id=task_id, state=detail.state, finished=detail.state in spool.TERMINAL,
-                     model=detail.model, error=detail.error, status=detail)
+                     model=detail.model, error=detail.error, offset=offset, status=detail)
     if out.finished and ti.result_path:
-        _, out.answer = api.result(sp, task_id)
+        _, answer = api.result(sp, task_id)
+        end = len(answer) if max_chars is None else offset + max_chars
+        out.answer, out.answer_chars = answer[offset:end], len(answer)
+        out.next_offset = end if end < len(answer) else None
         meta = api.result_meta(sp, task_id)
         out.model = meta.get("model_resolved") or meta.get("model") or out.model
         out.cost_usd, out.duration_s = meta.get("cost_usd"), meta.get("duration_s")
@@ -263,26 +280,29 @@ def build_server(spool_root: Path | str) -> MCPServer:
             return task_detail(open_spool(), task_id)
 
     @server.tool(annotations=reading)
-    def async_result(task_id: TaskId) -> TaskResult:
+    def async_result(task_id: TaskId, offset: Offset = 0, max_chars: MaxChars = PAGE_CHARS) -> TaskResult:
         """The answer of a finished task with its model, cost and duration.
 
-        While the task is still queued or running, `finished` is false, `answer` is null and `status` says
-        where it is; then wait with async_wait rather than calling this in a tight loop.
+        A long answer comes in parts: when `next_offset` is set, call again with offset=next_offset for
+        the rest. While the task is still queued or running, `finished` is false, `answer` is null and
+        `status` says where it is; then wait with async_wait rather than calling this in a tight loop.
         """
         with tool_errors():
             spool.check_id(task_id)
-            return task_result(open_spool(), task_id)
+            return task_result(open_spool(), task_id, offset, max_chars)
 
     @server.tool(annotations=reading)
     async def async_wait(
         task_id: TaskId,
         timeout_seconds: Annotated[float, Field(ge=0, description=f"How long to wait; at most {MAX_WAIT_S:g} s "
                                                 "(longer values are capped)")] = 30.0,
+        max_chars: MaxChars = PAGE_CHARS,
     ) -> TaskResult:
         """Wait until the task finishes (or the timeout passes) and return its answer, or its status at the timeout.
 
         Call it again to keep waiting; each call returns within 50 s. If the task is far back in the queue
-        (see estimated_start), tell the user and check back later instead of waiting repeatedly.
+        (see estimated_start), tell the user and check back later instead of waiting repeatedly. A long
+        answer comes in parts: when `next_offset` is set, fetch the rest with async_result.
         """
         with tool_errors():
             spool.check_id(task_id)
@@ -294,7 +314,7 @@ def build_server(spool_root: Path | str) -> MCPServer:
                 if ti.state in spool.TERMINAL or remaining <= 0:
                     break
                 await anyio.sleep(min(POLL_S, remaining))
-            return await anyio.to_thread.run_sync(task_result, sp, task_id)
+            return await anyio.to_thread.run_sync(task_result, sp, task_id, 0, max_chars)
 
     @server.tool(annotations=reading)
     def async_list(

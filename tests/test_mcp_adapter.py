@@ -146,7 +146,7 @@ async def test_status_and_result_of_a_queued_task(sp: Spool) -> None:
         status = await call(client, "async_status", task_id=tid)
         result = await call(client, "async_result", task_id=tid)
     assert status["state"] == "queued" and status["queue_position"] == 1 and status["queue_held_until"] is None
-    assert result["finished"] is False and result["answer"] is None
+    assert result["finished"] is False and result["answer"] is None and result["next_offset"] is None
     assert result["status"]["queue_position"] == 1
 
 
@@ -163,6 +163,7 @@ async def test_wait_returns_when_the_daemon_finishes_the_task(echo_sp: Spool) ->
     assert elapsed < 10
     assert waited["state"] == "done" and waited["finished"] and waited["answer"].strip() == "answer: ping"
     assert result["answer"] == waited["answer"] and result["model"] == "sonnet" and result["duration_s"] is not None
+    assert result["next_offset"] is None and result["answer_chars"] == len(result["answer"])  # a short answer: whole
     assert status["state"] == "done" and status["finished_at"] and status["attempts"] == 1
 
 
@@ -192,6 +193,29 @@ async def test_result_of_a_failed_task_carries_the_error(sp: Spool) -> None:
         result = await call(client, "async_result", task_id=tid)
     assert result["state"] == "failed" and result["finished"] is True
     assert "boom" in result["error"] and "boom" in result["status"]["error"]
+
+
+async def test_a_long_answer_comes_in_parts_that_join_to_the_whole(echo_sp: Spool) -> None:
+    query = "".join(f"line {i}: é ✓ {'x' * (i % 70)}\n" for i in range(1200))  # about 55,000 characters
+    async with connect(echo_sp) as client:
+        tid = (await call(client, "async_submit", query=query))["task_id"]
+        await run_daemon_once(echo_sp)
+        whole = api.result(echo_sp, tid)[1]
+        first = await call(client, "async_wait", task_id=tid, timeout_seconds=5)
+        parts, offset = [first], first["next_offset"]
+        while offset is not None:
+            parts.append(await call(client, "async_result", task_id=tid, offset=offset, max_chars=7_000))
+            offset = parts[-1]["next_offset"]
+        beyond = await call(client, "async_result", task_id=tid, offset=len(whole) + 5)
+        for bad in (0, adapter.MAX_PAGE_CHARS + 1):
+            assert "max_chars" in await call_error(client, "async_result", task_id=tid, max_chars=bad)
+        assert "offset" in await call_error(client, "async_result", task_id=tid, offset=-1)
+    assert len(whole) > 2 * adapter.PAGE_CHARS and whole.startswith("answer: line 0")
+    assert len(first["answer"]) == adapter.PAGE_CHARS and first["answer_chars"] == len(whole)
+    assert [p["offset"] for p in parts] == [0, *(p["next_offset"] for p in parts[:-1])]
+    assert "".join(p["answer"] for p in parts) == whole and all(p["finished"] for p in parts)
+    assert all(len(p["answer"]) == 7_000 for p in parts[1:-1]) and 0 < len(parts[-1]["answer"]) <= 7_000
+    assert beyond["answer"] == "" and beyond["next_offset"] is None and beyond["answer_chars"] == len(whole)
 
 
 # ---- ids are checked before they touch a path --------------------------------------
