@@ -2,7 +2,8 @@
 
 The faults are injected into daemon subprocesses by tests/shim/sitecustomize.py: the
 spool's write path raises ENOSPC or EROFS while a control file says so, and the wall
-clock is shifted by the seconds another control file holds.
+clock is shifted by the seconds another control file holds. Where the suite runs as root
+(CI does), a spool on a small tmpfs is also filled for real.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,6 +120,91 @@ def test_submit_on_a_full_disk_is_a_clear_error(sp, monkeypatch) -> None:
     with pytest.raises(SpoolError, match="No space left on device.*free space"):
         api.submit(sp, "q")
     assert spool.list_queued(sp) == [] and os.listdir(sp.dir("tmp")) == []
+
+
+# ---- a really full filesystem ----------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs for the spool, so that "full" is the kernel's ENOSPC, not the shim's.
+
+    Mounting needs root (as in CI); elsewhere the shim tests above cover the same paths.
+    """
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _fill(path: Path) -> Path:
+    """Write path until the filesystem says ENOSPC, in ever smaller pieces, so not one page is left."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        chunk = 1 << 20
+        while chunk:
+            try:
+                os.write(fd, b"\0" * chunk)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                chunk //= 2
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError, match="No space left"):
+        (path.parent / ".probe").write_bytes(b"x")  # really full: not even one more page
+    return path
+
+
+def test_a_really_full_filesystem_holds_every_task_and_resumes_when_freed(tiny_disk, daemon) -> None:
+    sp = spool.open_spool(tiny_disk)
+    write_config(sp, backend="command", command=ECHO_COMMAND, scan_interval_s=0.5)
+    queued = api.submit(sp, "submitted before the disk filled").id
+    (sp.dir("inbox") / "dropped.md").write_text("dropped before the disk filled\n")  # no daemon yet
+    filler = _fill(tiny_disk / ".filler")
+    d = daemon(sp)
+    wait_for(lambda: "cannot write to the spool" in d.log, what="the daemon to say why it holds")
+    assert "No space left on device" in d.log
+    wait_for(lambda: (sp.dir("inbox") / "dropped.md").exists() and not os.listdir(sp.dir("tmp")),
+             what="the dropped file to stay in inbox/ with nothing half-written")
+    assert spool.locate(sp, queued).state == "queued" and spool.list_running(sp) == []
+    assert terminal_files(sp, "done") == [] and terminal_files(sp, "failed") == []
+    with pytest.raises(SpoolError, match="No space left on device"):  # a submit says so in one line
+        api.submit(sp, "submitted while the disk was full")
+    assert d.proc.poll() is None and "Traceback" not in d.log
+
+    filler.unlink()
+    wait_for(lambda: len(terminal_files(sp, "done")) == 2, what="both tasks once the disk has room")
+    answers = sorted(parse_result(p.read_text()).answer for p in results(sp, "done"))
+    assert answers == ["answer: dropped before the disk filled\n", "answer: submitted before the disk filled\n"]
+    assert "writable again" in d.log and results(sp, "failed") == []
+    assert d.stop() == 0 and "Traceback" not in d.log
+    assert os.listdir(sp.dir("tmp")) == []
+
+
+def test_an_answer_that_ends_on_a_really_full_filesystem_lands_once_there_is_room(tiny_disk, daemon,
+                                                                                  tmp_path) -> None:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    sp = spool.open_spool(tiny_disk)
+    write_config(sp, backend="command", command=GATED, scan_interval_s=0.5)
+    d = daemon(sp, env={"GATE_DIR": str(gate)})
+    tid = api.submit(sp, "finish me").id
+    wait_for(lambda: _runs(gate), what="the backend to start")
+    filler = _fill(tiny_disk / ".filler")
+    (gate / "go").touch()  # the run ends while nothing can be written
+    wait_for(lambda: f"cannot record the outcome of {tid}" in d.log, what="the daemon to say it keeps the answer")
+    assert spool.locate(sp, tid).state == "running" and d.proc.poll() is None
+    filler.unlink()
+    wait_for(lambda: spool.locate(sp, tid).state == "done", what="the kept answer to land")
+    assert api.result(sp, tid)[1] == "answer: finish me\n" and _runs(gate) == [tid]  # written, not run again
+    assert d.stop() == 0 and "Traceback" not in d.log
 
 
 # ---- clock jumps and suspend ----------------------------------------------------------
