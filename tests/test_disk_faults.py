@@ -140,7 +140,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)  # lazy: never fails the test on a busy mount
 
 
 def _fill(path: Path) -> Path:
