@@ -309,7 +309,7 @@ def _count(sp: Spool, state: str) -> int:
 
 
 def clear_hold(sp: Spool) -> None:
-    """Lift a usage-limit, billing or login hold early (for example after `claude login`)."""
+    """Lift a usage-limit, billing or login hold early (for example after `claude auth login`)."""
     ledger.clear_hold(sp, load_settings(sp))
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from spoold import config, intake, ledger, queue, spool
 from spoold.backends import Outcome, ProcResult, get_backend, run_process
-from spoold.errors import SpooldError
+from spoold.errors import CliUnusable, SpooldError
 from spoold.spool import Spool
 from spoold.task import Result
 
@@ -89,7 +89,7 @@ class Daemon:
         except OSError as e:
             self._cannot_write(e)  # the loop's first turn recovers again once it can
         watcher = asyncio.ensure_future(self._watch())
-        await self._watcher_ready()
+        await asyncio.gather(self._watcher_ready(), self._check_backend())
         log.info("serving %s (backend %s, %d per %g min, concurrency %d)", self.sp.root, self.settings.backend,
                  self.settings.max_requests, self.settings.window_minutes, self.settings.concurrency)
         try:
@@ -105,6 +105,14 @@ class Daemon:
                 await watcher
             owner_lock.release()
         return 0
+
+    async def _check_backend(self) -> None:
+        """Say what will stop tasks before the first one meets it; the tasks themselves wait, never fail, for it."""
+        try:
+            for problem in await asyncio.to_thread(get_backend(self.settings).check, self.settings):
+                log.warning("%s", problem)
+        except CliUnusable as e:
+            log.error("tasks cannot run yet: %s", e)
 
     def request_stop(self) -> None:
         if not self.stopping.is_set():
@@ -340,12 +348,13 @@ class Daemon:
         settings = self.settings
         backend = get_backend(settings)
         try:
-            inv = backend.invocation(task, settings, self.workdir)
             try:
+                inv = await asyncio.to_thread(backend.invocation, task, settings, self.workdir)
                 proc = await run_process(inv, task.timeout or settings.timeout_s)
+            except CliUnusable as e:  # missing, broken, or unable to isolate the task
+                outcome, proc = self._cli_hold(str(e)), ProcResult(None, b"", b"")
             except OSError as e:  # the CLI itself is missing or not executable
-                outcome = Outcome("hold", error=f"cannot start {inv.argv[0]!r}: {e.strerror}; install it or set claude_bin",
-                                  hold_until=datetime.now(UTC) + timedelta(seconds=EXEC_HOLD_S))
+                outcome = self._cli_hold(f"cannot start {settings.claude_bin!r}: {e.strerror}; install it or set claude_bin")
                 proc = ProcResult(None, b"", b"")
             else:
                 outcome = backend.classify(task, proc)
@@ -368,6 +377,10 @@ class Daemon:
             self._finishing.discard(task.id)
             self.slot_freed.set()
             self.wake.set()
+
+    @staticmethod
+    def _cli_hold(message: str) -> Outcome:
+        return Outcome("hold", error=message, hold_until=datetime.now(UTC) + timedelta(seconds=EXEC_HOLD_S))
 
     async def _settle_when_writable(self, claimed: queue.Claimed, outcome: Outcome, proc: ProcResult) -> None:
         """Settle a finished run; while the spool cannot be written, keep its answer here and try again."""

@@ -39,3 +39,9 @@ class InvalidState(SpooldError):
     """The task is not in a state that allows the asked transition."""
 
     exit_code = 4
+
+
+class CliUnusable(SpooldError):
+    """The backend's CLI cannot run tasks as spoold must run them: missing, broken, or too old to isolate them."""
+
+    exit_code = 5

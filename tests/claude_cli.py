@@ -14,10 +14,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-CLAUDE_CODE_VERSION = "2.1.197"
+NEWEST = "2.1.332"  # the newest release when the runner last changed; what npm gives users today
+OLDER = "2.1.197"  # the release the suite was first written against; its output differs in places
+# One variable picks the CLI the whole suite runs; CI runs the runner's end-to-end tests with both.
+CLAUDE_CODE_VERSION = os.environ.get("SPOOLD_TEST_CLI") or NEWEST
 PACKAGE = "@anthropic-ai/claude-code"
 
-__all__ = ["CLAUDE_CODE_VERSION", "cache_dir", "claude_env", "ensure_claude"]
+__all__ = ["CLAUDE_CODE_VERSION", "NEWEST", "OLDER", "cache_dir", "claude_env", "ensure_claude"]
 
 
 def cache_dir() -> Path:

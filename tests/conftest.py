@@ -72,6 +72,21 @@ def executable(path: Path, text: str) -> Path:
     return path
 
 
+# What a fake `claude` script answers to the daemon's probe (version, flags, login), before its own body.
+FAKE_CLAUDE_PROLOGUE = """#!/bin/sh
+case "$1" in
+  --version) echo "2.1.332 (Claude Code)"; exit 0;;
+  --help) echo "  --strict-mcp-config --setting-sources --safe-mode --disable-slash-commands"; exit 0;;
+  auth) if [ "$2" = status ]; then echo '{"loggedIn": true}'; else echo "  login [options]"; fi; exit 0;;
+esac
+"""
+
+
+def fake_claude_script(path: Path, body: str) -> Path:
+    """A shell script that passes for the claude CLI at daemon start, then runs `body` for each task."""
+    return executable(path, FAKE_CLAUDE_PROLOGUE + body + "\n")
+
+
 def terminal_files(sp: Spool, state: str) -> list[Path]:
     """Task files (not results) in a terminal state, across date partitions."""
     out = []
@@ -162,12 +177,14 @@ def claude_daemon(sp: Spool, daemon: Callable[..., DaemonProc], fake_api: object
     """Start `spoold run` with the real CLI pointed at the fake API, logged in as a subscription user."""
     from claude_cli import claude_env
 
-    def start(subscription: bool = True, **settings: object) -> DaemonProc:
-        home = tmp_path / "home"
+    def start(subscription: bool = True, unset: tuple[str, ...] = (), **settings: object) -> DaemonProc:
+        home = tmp_path / "home"  # a test may fill it (a user's ~/.claude) before it starts the daemon
         home.mkdir(exist_ok=True)
         write_config(sp, claude_bin=str(claude_bin), **settings)
         env = claude_env(fake_api.url, home, subscription=subscription)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        for name in unset:  # what spoold itself must set for its tasks
+            env.pop(name, None)
         return daemon(sp, env={**env, "PYTHONPATH": str(ROOT)})
 
     return start

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for, write_config
+from conftest import fake_claude_script, wait_for, write_config
 
 from spoold import api, spool
 
@@ -28,10 +28,7 @@ SCRIPTS = {
 
 
 def fake_claude(tmp_path: Path, body: str) -> Path:
-    exe = tmp_path / "claude"
-    exe.write_text(f"#!/bin/sh\ncat > /dev/null\necho $$ >> {tmp_path}/pids\n{body}\n")
-    exe.chmod(0o700)
-    return exe
+    return fake_claude_script(tmp_path / "claude", f"cat > /dev/null\necho $$ >> {tmp_path}/pids\n{body}")
 
 
 def _pids(tmp_path: Path) -> list[int]:
@@ -94,7 +91,7 @@ def test_missing_cli_holds_the_queue_and_keeps_the_task(sp, daemon, tmp_path) ->
     d = daemon(sp)
     tid = api.submit(sp, "q").id
     wait_for(lambda: "holding the queue" in d.log, what="the hold")
-    assert "cannot start" in d.log and "install it or set claude_bin" in d.log
+    assert "tasks cannot run yet: claude CLI not found" in d.log and "set claude_bin" in d.log
     wait_for(lambda: spool.locate(sp, tid).state == "queued", what="the task back in the queue")
     info = api.info(sp, tid)
     assert info.attempts == 0  # not the task's fault

@@ -16,9 +16,13 @@ from spoold.backends.claude import (
     parse_result_json,
     usage_limit_reset,
 )
+from spoold.backends.claude_probe import ISOLATION, probe
 from spoold.backends.command import CommandBackend
 from spoold.config import Settings
+from spoold.errors import CliUnusable
 from spoold.task import Task
+
+from conftest import executable, fake_claude_script
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cli_results"
 TASK = Task(id="20261124T160000000Z-abcdef", prompt="hi\n")
@@ -60,7 +64,9 @@ def test_classification_of_real_cli_results(name: str) -> None:
 
 def test_auth_hold_says_to_log_in() -> None:
     out = classify(TASK, captured("auth_401_oauth_x_api_key")[0])
-    assert "claude login" in out.error
+    assert "run `claude auth login`" in out.error  # what 2.1.x calls it; the probe reads it from `claude auth --help`
+    older = classify(TASK, captured("auth_401_oauth_x_api_key")[0], login_command="claude login")
+    assert "run `claude login`" in older.error
 
 
 @pytest.mark.parametrize("name", ["usage_limit_session_oauth", "usage_limit_weekly_oauth"])
@@ -114,15 +120,59 @@ def test_claude_argv_cannot_be_smuggled(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-secret")
     monkeypatch.setenv("CLAUDECODE", "1")
     monkeypatch.setenv("CLAUDE_CODE_ENTRYPOINT", "cli")
+    exe = str(fake_claude_script(tmp_path / "claude", "exit 0"))
     task = Task(id=TASK.id, prompt="--help\n", model="opus", system="--dangerously-skip-permissions",
                 extra={"allowedTools": "Bash"})
-    inv = ClaudeBackend().invocation(task, Settings(), tmp_path)
-    assert inv.argv == ["claude", "-p", "--output-format", "json", "--model=opus", "--tools=",
+    inv = ClaudeBackend().invocation(task, Settings(claude_bin=exe), tmp_path)
+    assert inv.argv == [exe, "-p", "--output-format", "json", *ISOLATED, "--model=opus", "--tools=",
                         "--append-system-prompt=--dangerously-skip-permissions"]
     assert inv.stdin == b"--help\n" and inv.cwd == tmp_path
     assert not {"ANTHROPIC_API_KEY", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT"} & set(inv.env)
-    kept = ClaudeBackend().invocation(task, Settings(keep_api_key=True, allowed_tools=["WebSearch"]), tmp_path)
+    assert inv.env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"  # no title request: one model call
+    kept = ClaudeBackend().invocation(task, Settings(claude_bin=exe, keep_api_key=True, allowed_tools=["WebSearch"]),
+                                      tmp_path)
     assert kept.env["ANTHROPIC_API_KEY"] == "sk-secret" and "--tools=WebSearch" in kept.argv
+
+
+ISOLATED = ["--strict-mcp-config", "--setting-sources=", "--safe-mode", "--disable-slash-commands"]
+
+
+def _cli(tmp_path: Path, help_text: str, auth_help: str = "  login [options]") -> Path:
+    """A fake CLI with the given --help, counting how often it is asked."""
+    return executable(tmp_path / "claude", f"""#!/bin/sh
+echo "$@" >> {tmp_path}/calls
+case "$1" in
+  --version) echo "2.1.500 (Claude Code)";;
+  --help) echo "{help_text}";;
+  auth) echo "{auth_help}";;
+esac
+""")
+
+
+def test_isolation_uses_every_flag_the_cli_has_and_asks_it_once(tmp_path: Path) -> None:
+    every = " ".join(flag.split("=")[0] for flag, _, _ in ISOLATION)
+    exe = _cli(tmp_path, f"  -p, --print  {every}  --tools <tools...>")
+    info = probe(str(exe))
+    assert info.version == "2.1.500" and info.isolation_args() == [flag for flag, _, _ in ISOLATION]
+    assert "--restricted" in info.isolation_args() and "--permission-prompts=none" in info.isolation_args()
+    for _ in range(3):
+        assert probe(str(exe)) is info
+    assert (tmp_path / "calls").read_text().splitlines() == ["--version", "--help", "auth --help"]  # once per binary
+    exe.write_text(exe.read_text().replace("2.1.500", "2.1.501"))  # an upgrade: a different file
+    assert probe(str(exe)).version == "2.1.501"
+
+
+def test_a_cli_that_cannot_isolate_runs_no_task(tmp_path: Path) -> None:
+    exe = _cli(tmp_path, "  -p, --print  --safe-mode  --tools <tools...>", auth_help="")
+    info = probe(str(exe))
+    assert info.login_command == "claude login"  # this release has no `claude auth login`
+    with pytest.raises(CliUnusable, match=r"no --strict-mcp-config or --setting-sources.*upgrade"):
+        ClaudeBackend().invocation(TASK, Settings(claude_bin=str(exe)), tmp_path)
+
+
+def test_a_missing_cli_says_how_to_install_it(tmp_path: Path) -> None:
+    with pytest.raises(CliUnusable, match="not found.*npm install -g @anthropic-ai/claude-code"):
+        probe(str(tmp_path / "nope"))
 
 
 def test_command_backend_fills_the_template(tmp_path: Path) -> None:

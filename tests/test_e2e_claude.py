@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import time
+from pathlib import Path
 
 from conftest import drop, terminal_files, wait_for
 
@@ -53,7 +56,7 @@ def test_not_logged_in_holds_instead_of_failing_everything(sp, fake_api, claude_
     ids = [api.submit(sp, f"[[error:401]] q{i}").id for i in range(3)]
     wait_for(lambda: "holding the queue" in d.log, timeout=60, what="hold")
     wait_for(lambda: all(_state(sp, t) == "queued" for t in ids), what="all queued")
-    assert "claude login" in d.log and terminal_files(sp, "failed") == []
+    assert "claude auth login" in d.log and terminal_files(sp, "failed") == []
 
 
 def test_transient_error_is_retried_then_succeeds(sp, fake_api, claude_daemon) -> None:
@@ -95,3 +98,74 @@ def test_daily_budget_holds_dispatch_after_the_cost_is_spent(sp, fake_api, claud
     assert _state(sp, second) == "queued" and "daily budget" in st.hold_reason
     assert api.info(sp, second).estimated_start == st.held_until  # the estimate says: after midnight UTC
     assert len(fake_api.main_requests()) == 1
+
+
+HOSTILE_MCP = """
+import sys
+from mcp.server import MCPServer
+
+server = MCPServer(name="mine")
+
+@server.tool()
+def change_limits(value: str = "") -> str:
+    \"\"\"A tool of the user's own that a dropped task must never reach.\"\"\"
+    open(sys.argv[1], "w").write(value)
+    return "done"
+
+server.run("stdio")
+"""
+SECRET = "USER-MEMORY-7f3a"
+QUIETING = ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
+            "DISABLE_BUG_COMMAND", "DISABLE_AUTOUPDATER", "CLAUDE_CODE_DISABLE_TERMINAL_TITLE")
+
+
+def _hostile_setup(home: Path, spool_root: Path, marks: Path) -> None:
+    """What a real user has around a spool: their own MCP server, allow rules, hooks and memory, and files
+    a synced folder could carry into the spool itself (project settings, .mcp.json, CLAUDE.md)."""
+    marks.mkdir()
+    server = marks.parent / "mine_mcp.py"
+    server.write_text(HOSTILE_MCP)
+    mcp_entry = {"type": "stdio", "command": sys.executable, "args": [str(server), str(marks / "tool-called")]}
+    (home / ".claude").mkdir(parents=True)
+    (home / ".claude.json").write_text(json.dumps({"mcpServers": {"mine": mcp_entry}}))
+    hooks = {event: [{"hooks": [{"type": "command", "command": f"touch {marks}/{event}"}]}]
+             for event in ("SessionStart", "UserPromptSubmit", "PreToolUse", "Stop")}
+    settings = {"permissions": {"allow": ["mcp__mine__*", "mcp__mine__change_limits", "Bash", "Write"]}, "hooks": hooks}
+    (home / ".claude" / "settings.json").write_text(json.dumps(settings))
+    (home / ".claude" / "CLAUDE.md").write_text(f"{SECRET} user memory\n")
+    for where in (spool_root, spool_root / ".spoold" / "work"):
+        (where / ".claude").mkdir(parents=True, exist_ok=True)
+        (where / ".claude" / "settings.json").write_text(json.dumps(settings))
+        (where / ".claude" / "settings.local.json").write_text(json.dumps(settings))
+        (where / ".mcp.json").write_text(json.dumps({"mcpServers": {"mine": mcp_entry}}))
+        (where / "CLAUDE.md").write_text(f"{SECRET} project memory\n")
+
+
+def test_a_dropped_task_reaches_none_of_the_users_setup(sp, fake_api, claude_daemon, tmp_path) -> None:
+    """Issue 11: after `claude mcp add --scope user` and an allow rule, a dropped prompt called the user's tool."""
+    marks = tmp_path / "marks"
+    _hostile_setup(tmp_path / "home", sp.root, marks)
+    claude_daemon()
+    tid = api.submit(sp, "[[tool:mcp__mine__change_limits]] please change the limits").id
+    wait_for(lambda: _state(sp, tid) in spool.TERMINAL, timeout=90, what="the task to end")
+    mains = fake_api.main_requests()
+    assert mains, "the task never reached the model"
+    for req in fake_api.requests:
+        assert SECRET not in json.dumps(req["body"])  # no CLAUDE.md, the user's or one synced into the spool
+        assert not req["body"].get("tools")  # no MCP tool, and no built-in one the spool's config did not grant
+    assert sorted(p.name for p in marks.iterdir()) == []  # no hook ran, the tool was never called
+
+
+def test_one_model_call_per_task(sp, fake_api, claude_daemon) -> None:
+    """With a subscription login, 2.1.197 also asked the task's model for a session title unless told not to."""
+    claude_daemon(subscription=True, unset=QUIETING)  # a user's plain environment: spoold must quiet the CLI itself
+    ids = [api.submit(sp, f"question {i}", model="opus").id for i in range(2)]
+    wait_for(lambda: all(_state(sp, t) == "done" for t in ids), timeout=90, what="both done")
+    calls = [r for r in fake_api.requests if r["path"].split("?")[0].endswith("/v1/messages")]
+    assert len(calls) == 2 and all(r["main"] for r in calls), [r["body"].get("model") for r in calls]
+
+
+def test_daemon_start_says_the_cli_is_not_logged_in_before_any_task(sp, fake_api, claude_daemon) -> None:
+    d = claude_daemon(unset=("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY"))
+    wait_for(lambda: "is not logged in: run `claude auth login`" in d.log, timeout=30, what="the start check")
+    assert fake_api.requests == []  # the check spends no model call

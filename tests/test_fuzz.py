@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ECHO_COMMAND, results, terminal_files, wait_for, write_config
+from conftest import ECHO_COMMAND, fake_claude_script, results, terminal_files, wait_for, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -236,10 +236,8 @@ def test_links_and_fifos_under_a_valid_queued_name_fail_unread(sp: spool.Spool, 
 def test_smuggled_flags_reach_the_cli_only_as_values(sp: spool.Spool, daemon, tmp_path: Path) -> None:
     """Through intake, the claude backend and a real exec: the argv the CLI receives is exactly the safe one."""
     argv_log = tmp_path / "argv"
-    fake = tmp_path / "claude"
-    fake.write_text(f"#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done > {argv_log}\ncat > /dev/null\n"
-                    "echo '{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"ok\"}'\n")
-    fake.chmod(0o700)
+    fake = fake_claude_script(tmp_path / "claude", f"for a in \"$@\"; do printf '%s\\0' \"$a\"; done > {argv_log}\n"
+                              "cat > /dev/null\necho '{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"ok\"}'")
     write_config(sp, claude_bin=str(fake))
     daemon(sp)
     (sp.dir("inbox") / "smuggle.md").write_text(
@@ -248,7 +246,8 @@ def test_smuggled_flags_reach_the_cli_only_as_values(sp: spool.Spool, daemon, tm
         "---\n--print --model opus $(id)\n")
     [done] = wait_for(lambda: terminal_files(sp, "done"), what="the smuggling task to run")
     argv = argv_log.read_bytes().split(b"\0")[:-1]
-    assert argv == [b"-p", b"--output-format", b"json", b"--model=claude-x", b"--tools=",
+    assert argv == [b"-p", b"--output-format", b"json", b"--strict-mcp-config", b"--setting-sources=", b"--safe-mode",
+                    b"--disable-slash-commands", b"--model=claude-x", b"--tools=",
                     b"--append-system-prompt=--dangerously-skip-permissions; rm -rf ~ $(id) `id`"]
     task = parse_task(done.read_text(), task_id=done.name[:-3])
     assert {"allowedTools", "tools", "permission-mode", "dangerously-skip-permissions"} <= set(task.extra)

@@ -63,6 +63,10 @@ class ProcResult:
 class Backend(Protocol):
     name: str
 
+    def check(self, settings: Settings) -> list[str]:
+        """Problems worth saying at daemon start (raises CliUnusable for one that stops every task)."""
+        ...
+
     def invocation(self, task: Task, settings: Settings, cwd: Path) -> Invocation: ...
 
     def classify(self, task: Task, proc: ProcResult) -> Outcome: ...

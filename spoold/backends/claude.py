@@ -11,6 +11,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from spoold.backends import Invocation, Outcome, ProcResult
+from spoold.backends.claude_probe import CliInfo, logged_in, probe
 from spoold.backends.command import stderr_tail, timeout_message
 from spoold.config import Settings
 from spoold.task import Task
@@ -31,26 +32,52 @@ AUTH_HOLD = timedelta(minutes=10)
 TRANSIENT_RE = re.compile(r"overloaded|timed? ?out|connection error|econnreset|socket hang up|internal server error|rate.?limit", re.I)
 MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
 USAGE_LIMIT_FALLBACK = timedelta(minutes=30)
+LOGIN_COMMAND = "claude auth login"
 
 
 class ClaudeBackend:
     name = "claude"
 
+    def __init__(self) -> None:
+        self.info: CliInfo | None = None
+
+    def check(self, settings: Settings) -> list[str]:
+        """What stops tasks from running (or will), said at daemon start instead of at the first task."""
+        env = task_env(settings)
+        self.info = probe(settings.claude_bin, env)
+        self.info.isolation_args()
+        if logged_in(settings.claude_bin, env) is False:
+            return [f"claude {self.info.version} is not logged in: run `{self.info.login_command}`; "
+                    "tasks wait in the queue until it is"]
+        return []
+
     def invocation(self, task: Task, settings: Settings, cwd: Path) -> Invocation:
-        """argv as a list (never a shell); `--flag=value` so a value can never be read as a flag."""
-        argv = [settings.claude_bin, "-p", "--output-format", "json", f"--model={task.model}"]
-        argv.append(f"--tools={','.join(settings.allowed_tools)}")
+        """argv as a list (never a shell); `--flag=value` so a value can never be read as a flag.
+
+        Isolated: the task sees none of the user's MCP servers, settings, hooks, plugins, skills or
+        CLAUDE.md, and only the tools the spool's own config grants.
+        """
+        env = task_env(settings)
+        self.info = probe(settings.claude_bin, env)
+        argv = [settings.claude_bin, "-p", "--output-format", "json", *self.info.isolation_args(),
+                f"--model={task.model}", f"--tools={','.join(settings.allowed_tools)}"]
         if settings.allowed_tools:
             argv.append(f"--allowedTools={','.join(settings.allowed_tools)}")
         if task.system:
             argv.append(f"--append-system-prompt={task.system}")
-        env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
-        if not settings.keep_api_key:
-            env.pop("ANTHROPIC_API_KEY", None)  # it would silently override the subscription login
         return Invocation(argv, env, task.prompt.encode(), cwd)
 
     def classify(self, task: Task, proc: ProcResult) -> Outcome:
-        return classify(task, proc)
+        return classify(task, proc, login_command=self.info.login_command if self.info else LOGIN_COMMAND)
+
+
+def task_env(settings: Settings) -> dict[str, str]:
+    """The daemon's environment, less what would break or redirect a task, plus no non-essential traffic."""
+    env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
+    if not settings.keep_api_key:
+        env.pop("ANTHROPIC_API_KEY", None)  # it would silently override the subscription login
+    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"  # no title request: one model call per task
+    return env
 
 
 def parse_result_json(stdout: bytes) -> dict[str, Any] | None:
@@ -77,7 +104,7 @@ def _last_json_line(text: str) -> Any:
     return None
 
 
-def classify(task: Task, proc: ProcResult, now: datetime | None = None) -> Outcome:
+def classify(task: Task, proc: ProcResult, now: datetime | None = None, login_command: str = LOGIN_COMMAND) -> Outcome:
     """Turn one CLI run into an Outcome, trusting the result object over the exit code."""
     if proc.timed_out:
         return Outcome("failed", error=timeout_message(task, proc))
@@ -100,7 +127,7 @@ def classify(task: Task, proc: ProcResult, now: datetime | None = None) -> Outco
     if status in (401, 403) or AUTH_RE.search(text):
         out.kind, out.hold_until = "hold", (now or datetime.now(UTC)) + AUTH_HOLD
         out.error = (f"claude is not logged in or its credentials were refused ({text.strip()[:200]}): "
-                     "run `claude login`, then `spoold config --clear-hold`")
+                     f"run `{login_command}`, then `spoold config --clear-hold`")
         return out
     if BILLING_RE.search(text):
         out.kind, out.hold_until = "hold", (now or datetime.now(UTC)) + BILLING_HOLD

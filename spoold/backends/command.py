@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from spoold.backends import Invocation, Outcome, ProcResult
 from spoold.config import Settings
+from spoold.errors import CliUnusable
 from spoold.task import Task
 
 
@@ -17,6 +19,11 @@ class CommandBackend:
 
     def __init__(self, template: list[str]) -> None:
         self.template = template
+
+    def check(self, settings: Settings) -> list[str]:
+        if shutil.which(self.template[0]) is None:
+            raise CliUnusable(f"command backend: {self.template[0]!r} not found; install it or fix `command:`")
+        return []
 
     def invocation(self, task: Task, settings: Settings, cwd: Path) -> Invocation:
         fill = {"{model}": task.model, "{id}": task.id, "{title}": task.title or ""}
