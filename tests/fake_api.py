@@ -60,6 +60,7 @@ __all__ = [
     "is_main_request",
     "prompt_text",
     "default_answer",
+    "unified_headers",
 ]
 
 DEFAULT_MODEL = "claude-sonnet-4-5-20250929"
@@ -385,7 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("stream"):
             self._stream(reply, model)
         else:
-            self._send_json(200, _message_json(reply, model))
+            self._send_json(200, _message_json(reply, model), self.fake.limit_headers)
 
     def _wait(self, seconds: float | None) -> bool:
         """Sleep up to `seconds` (None: forever); False if the client went away or the server stops."""
@@ -411,6 +412,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.send_header("request-id", "req_fake_" + uuid.uuid4().hex[:20])
+        for k, v in self.fake.limit_headers.items():
+            self.send_header(k, v)
         self.end_headers()
         self.close_connection = True
         for event, data in _stream_events(reply, model):
@@ -503,6 +506,35 @@ def _stream_events(reply: Reply, model: str) -> Iterator[tuple[str, dict[str, An
     yield "message_stop", {"type": "message_stop"}
 
 
+WINDOW_ABBREV = {"five_hour": "5h", "seven_day": "7d"}
+
+
+def unified_headers(windows: dict[str, tuple[float, int]], status: str = "allowed",
+                    threshold: float = 0.75) -> dict[str, str]:
+    """The `anthropic-ratelimit-unified-*` headers of a subscription answer: window -> (utilization 0-1, reset epoch).
+
+    A window past `threshold` is marked `surpassed-threshold`, which is when the real CLI reports its
+    utilization in a `rate_limit_event` (status `allowed_warning`).
+    """
+    worst = max(windows, key=lambda w: windows[w][0])
+    out = {
+        "anthropic-ratelimit-unified-status": status,
+        "anthropic-ratelimit-unified-reset": str(windows[worst][1]),
+        "anthropic-ratelimit-unified-representative-claim": worst,
+        "anthropic-ratelimit-unified-fallback": "unavailable",
+        "anthropic-ratelimit-unified-overage-status": "rejected",
+        "anthropic-ratelimit-unified-overage-disabled-reason": "org_level_disabled",
+    }
+    for name, (util, reset) in windows.items():
+        ab = WINDOW_ABBREV.get(name, name)
+        out[f"anthropic-ratelimit-unified-{ab}-utilization"] = str(util)
+        out[f"anthropic-ratelimit-unified-{ab}-reset"] = str(reset)
+        out[f"anthropic-ratelimit-unified-{ab}-status"] = "rejected" if util >= 1 else "allowed"
+        if util >= threshold:
+            out[f"anthropic-ratelimit-unified-{ab}-surpassed-threshold"] = str(threshold)
+    return out
+
+
 class FakeAPI:
     """A fake Anthropic API on 127.0.0.1:<ephemeral port>; see the module docstring."""
 
@@ -515,6 +547,7 @@ class FakeAPI:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
+        self.limit_headers: dict[str, str] = {}  # sent with every answer; see `unified_headers`
 
     # ---- lifecycle
     def start(self) -> "FakeAPI":

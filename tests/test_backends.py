@@ -1,4 +1,4 @@
-"""Classifying real `claude -p` results (captured from CLI 2.1.197) and the command backend's argv."""
+"""Classifying real `claude -p` stream-json runs (captured from both CLI releases) and the backends' argv."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from spoold.backends import ProcResult
 from spoold.backends.claude import (
     ClaudeBackend,
     classify,
-    parse_result_json,
+    WINDOW_WORDS,
     usage_limit_reset,
 )
+from spoold.backends.claude_stream import parse
 from spoold.backends.claude_probe import ISOLATION, probe
 from spoold.backends.command import CommandBackend
 from spoold.config import Settings
@@ -27,54 +28,91 @@ from conftest import executable, fake_claude_script
 FIXTURES = Path(__file__).parent / "fixtures" / "cli_results"
 TASK = Task(id="20261124T160000000Z-abcdef", prompt="hi\n")
 
+VERSIONS = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
 EXPECTED = {
-    "success": "done", "success_oauth": "done",
+    "success": "done", "success_oauth": "done", "usage_warning_oauth": "done", "schema_output": "done",
     "error_500": "retry", "overloaded_529": "retry", "rate_limit_429_api_key": "retry",
     "usage_limit_api_key": "retry", "timeout_api_timeout_ms": "retry", "hang_sigterm": "retry",
     "auth_401_api_key": "hold", "auth_401_oauth": "hold", "auth_401_oauth_expired": "hold",
     "auth_403_oauth_revoked": "hold", "auth_401_oauth_x_api_key": "hold", "credit_balance_400": "hold",
-    "usage_limit_session_oauth": "hold", "usage_limit_weekly_oauth": "hold",
+    "usage_limit_session_oauth": "hold", "usage_limit_weekly_oauth": "hold", "usage_limit_opus_weekly_oauth": "hold",
     "invalid_request_400": "failed", "model_not_found_404": "failed", "model_with_flag": "failed",
-    "prompt_too_long_400": "failed",
+    "prompt_too_long_400": "failed", "max_turns": "failed", "budget_exceeded": "failed",
 }
+USAGE_LIMITS = {"usage_limit_session_oauth": "five_hour", "usage_limit_weekly_oauth": "seven_day",
+                "usage_limit_opus_weekly_oauth": "seven_day_opus"}
 
 
-def captured(name: str) -> tuple[ProcResult, dict]:
-    meta = json.loads((FIXTURES / f"{name}.meta.json").read_text())
+def captured(name: str, version: str = "2.1.332") -> tuple[ProcResult, dict]:
+    meta = json.loads((FIXTURES / version / f"{name}.meta.json").read_text())
     code = meta["exit_code"]
     rc = -15 if code == 143 else code
-    return ProcResult(rc, (FIXTURES / f"{name}.stdout").read_bytes(), meta["stderr"].encode()), meta
+    return ProcResult(rc, (FIXTURES / version / f"{name}.stdout").read_bytes(), meta["stderr"].encode()), meta
 
 
-def test_every_captured_scenario_is_covered() -> None:
-    assert {p.name.removesuffix(".stdout") for p in FIXTURES.glob("*.stdout")} == set(EXPECTED)
+def test_both_releases_are_captured_and_every_scenario_is_covered() -> None:
+    assert len(VERSIONS) >= 2
+    for version in VERSIONS:
+        assert {p.name.removesuffix(".stdout") for p in (FIXTURES / version).glob("*.stdout")} == set(EXPECTED)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_classification_of_real_cli_results(name: str) -> None:
-    proc, meta = captured(name)
+def test_classification_of_real_cli_results(name: str, version: str) -> None:
+    proc, meta = captured(name, version)
     out = classify(TASK, proc, now=datetime.fromtimestamp(meta["captured_at"], UTC))
     assert out.kind == EXPECTED[name], out.error
     if out.kind == "done":
-        assert out.answer == "4" and out.cost_usd and out.model_resolved and out.session_id
+        assert out.answer in ("4", '{"n":4}') and out.model_resolved and out.session_id
         assert out.input_tokens is not None and out.output_tokens is not None
     else:
         assert out.error  # always words a user can act on
+        assert "\n" not in out.error
 
 
-def test_auth_hold_says_to_log_in() -> None:
-    out = classify(TASK, captured("auth_401_oauth_x_api_key")[0])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_auth_hold_says_to_log_in(version: str) -> None:
+    out = classify(TASK, captured("auth_401_oauth_x_api_key", version)[0])
     assert "run `claude auth login`" in out.error  # what 2.1.x calls it; the probe reads it from `claude auth --help`
-    older = classify(TASK, captured("auth_401_oauth_x_api_key")[0], login_command="claude login")
+    older = classify(TASK, captured("auth_401_oauth_x_api_key", version)[0], login_command="claude login")
     assert "run `claude login`" in older.error
 
 
-@pytest.mark.parametrize("name", ["usage_limit_session_oauth", "usage_limit_weekly_oauth"])
-def test_usage_limit_reset_time_is_parsed(name: str) -> None:
-    proc, meta = captured(name)
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", sorted(USAGE_LIMITS))
+def test_usage_limit_holds_until_the_reset_the_cli_reported(name: str, version: str) -> None:
+    proc, meta = captured(name, version)
     resets_at = int(re.search(r"resets_at=(\d+)", meta["fake_replies_served"][0]).group(1))
     out = classify(TASK, proc, now=datetime.fromtimestamp(meta["captured_at"], UTC))
-    assert abs(out.hold_until.timestamp() - resets_at) < 60  # the message has minute precision
+    assert out.kind == "hold" and out.hold_until.timestamp() == resets_at  # the event's resetsAt, to the second
+    assert WINDOW_WORDS[USAGE_LIMITS[name]] in out.error
+    assert out.windows and {w.name for w in out.windows} >= {USAGE_LIMITS[name]}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", sorted(USAGE_LIMITS))
+def test_usage_limit_text_alone_still_holds(name: str, version: str) -> None:
+    """Without its rate_limit_event (an older or different CLI), the words and their time still hold the queue."""
+    proc, meta = captured(name, version)
+    lines = [ln for ln in proc.stdout.splitlines() if b'"rate_limit_event"' not in ln]
+    stripped = b"\n".join(ln.replace(b'"api_error":"usage_limit_reached"', b'"api_error":null') for ln in lines)
+    resets_at = int(re.search(r"resets_at=(\d+)", meta["fake_replies_served"][0]).group(1))
+    out = classify(TASK, ProcResult(1, stripped, b""), now=datetime.fromtimestamp(meta["captured_at"], UTC))
+    assert out.kind == "hold" and abs(out.hold_until.timestamp() - resets_at) < 60  # the words have minute precision
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_warning_reports_the_windows_utilization(version: str) -> None:
+    out = classify(TASK, captured("usage_warning_oauth", version)[0])
+    five = next(w for w in out.windows if w.name == "five_hour")
+    assert out.kind == "done" and five.status == "allowed_warning" and five.utilization == 0.85
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_stream_tells_the_resolved_model_and_loaded_tools(version: str) -> None:
+    stream = parse(captured("success", version)[0].stdout)
+    assert stream.init["model"].startswith("claude-") and stream.init["mcp_servers"] == []
+    assert stream.answer_so_far == "4" and stream.result["result"] == "4"
 
 
 @pytest.mark.parametrize(
@@ -113,7 +151,7 @@ def test_timeout_fails_with_a_hint() -> None:
 
 def test_parse_picks_the_last_result_of_an_array() -> None:
     data = b'[{"type":"result","result":"first"},{"type":"x"},{"type":"result","result":"last"}]'
-    assert parse_result_json(data)["result"] == "last"
+    assert parse(data).result["result"] == "last"
 
 
 def test_claude_argv_cannot_be_smuggled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -124,7 +162,7 @@ def test_claude_argv_cannot_be_smuggled(monkeypatch: pytest.MonkeyPatch, tmp_pat
     task = Task(id=TASK.id, prompt="--help\n", model="opus", system="--dangerously-skip-permissions",
                 extra={"allowedTools": "Bash"})
     inv = ClaudeBackend().invocation(task, Settings(claude_bin=exe), tmp_path)
-    assert inv.argv == [exe, "-p", "--output-format", "json", *ISOLATED, "--model=opus", "--tools=",
+    assert inv.argv == [exe, "-p", "--output-format", "stream-json", "--verbose", *ISOLATED, "--model=opus", "--tools=",
                         "--append-system-prompt=--dangerously-skip-permissions"]
     assert inv.stdin == b"--help\n" and inv.cwd == tmp_path
     assert not {"ANTHROPIC_API_KEY", "CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT"} & set(inv.env)

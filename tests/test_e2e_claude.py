@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from conftest import drop, terminal_files, wait_for
@@ -39,14 +40,16 @@ def test_dropped_file_becomes_a_result_through_the_real_cli(sp, fake_api, claude
 
 def test_usage_limit_holds_the_queue_and_keeps_the_task(sp, fake_api, claude_daemon) -> None:
     d = claude_daemon(subscription=True)
+    t0 = time.time()
     first = api.submit(sp, "[[usage-limit]] big question").id
     wait_for(lambda: "holding the queue" in d.log, timeout=60, what="hold")
     second = api.submit(sp, "another question").id
     wait_for(lambda: _state(sp, first) == "queued", what="requeued")
     info = api.info(sp, first)
-    assert info.attempts == 0 and "session limit" in info.error  # not failed, no attempt lost
+    assert info.attempts == 0 and "5-hour (session) limit" in info.error  # not failed, no attempt lost
     st = api.status(sp)
-    assert st.held_until and "session limit" in st.hold_reason
+    assert st.held_until and "5-hour (session) limit" in st.hold_reason
+    assert abs(datetime.fromisoformat(st.held_until).timestamp() - (t0 + 3 * 3600)) < 10  # the reset the CLI reported
     assert info.estimated_wait_seconds > 3600  # the estimate reflects the reset (about 3 h away)
     assert _state(sp, second) == "queued" and len(fake_api.main_requests()) == 1
 

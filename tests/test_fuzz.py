@@ -246,7 +246,7 @@ def test_smuggled_flags_reach_the_cli_only_as_values(sp: spool.Spool, daemon, tm
         "---\n--print --model opus $(id)\n")
     [done] = wait_for(lambda: terminal_files(sp, "done"), what="the smuggling task to run")
     argv = argv_log.read_bytes().split(b"\0")[:-1]
-    assert argv == [b"-p", b"--output-format", b"json", b"--strict-mcp-config", b"--setting-sources=", b"--safe-mode",
+    assert argv == [b"-p", b"--output-format", b"stream-json", b"--verbose", b"--strict-mcp-config", b"--setting-sources=", b"--safe-mode",
                     b"--disable-slash-commands", b"--model=claude-x", b"--tools=",
                     b"--append-system-prompt=--dangerously-skip-permissions; rm -rf ~ $(id) `id`"]
     task = parse_task(done.read_text(), task_id=done.name[:-3])

@@ -10,6 +10,7 @@ from claude_cli import claude_env
 from fake_api import Text, ToolUse
 
 from spoold import api, spool
+from spoold.backends.claude_stream import parse
 
 
 def test_claude_code_loads_the_adapter_and_submits_through_it(sp, fake_api, claude_bin, tmp_path) -> None:
@@ -28,16 +29,17 @@ def test_claude_code_loads_the_adapter_and_submits_through_it(sp, fake_api, clau
     # The CLI waits 5 s for MCP servers by default; a loaded CI machine can need more to import the SDK.
     env["MCP_CONNECT_TIMEOUT_MS"] = "60000"
     out = subprocess.run(
-        [str(claude_bin), "-p", "--output-format", "json", "--model", "sonnet", "--mcp-config", str(mcp_config),
+        [str(claude_bin), "-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet", "--mcp-config", str(mcp_config),
          "--strict-mcp-config", "--allowedTools", "mcp__spoold__async_submit"],
         input="Please queue a tea history summary.", capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )
-    result = json.loads(out.stdout)
-    assert result["result"] == "Queued it for you.", out.stdout + out.stderr
+    stream = parse(out.stdout.encode())
+    assert stream.result and stream.result["result"] == "Queued it for you.", out.stdout + out.stderr
+    assert [(m["name"], m["status"]) for m in stream.init["mcp_servers"]] == [("spoold", "connected")]
+    # 2.1.197 offers MCP tools in the first request; 2.1.332 defers them behind ToolSearch: the init event says both
+    assert {"mcp__spoold__async_submit", "mcp__spoold__async_wait", "mcp__spoold__async_result"} <= set(stream.init["tools"])
     mains = fake_api.main_requests()
     first, second = mains[:2]
-    offered = {t["name"] for t in first["body"].get("tools", [])}
-    assert {"mcp__spoold__async_submit", "mcp__spoold__async_wait", "mcp__spoold__async_result"} <= offered
     tool_result = json.dumps(second["body"]["messages"])
     assert "task_id" in tool_result and "queue_position" in tool_result
     [task] = api.list_tasks(sp, "queued")

@@ -26,6 +26,16 @@ EXIT_POLL_S = 0.05
 
 
 @dataclass
+class Window:
+    """What the provider said of one usage window (five_hour, seven_day, seven_day_opus, ...)."""
+
+    name: str
+    status: str  # allowed, allowed_warning, rejected
+    resets_at: float | None = None  # epoch seconds
+    utilization: float | None = None  # 0-1, once the provider reports it
+
+
+@dataclass
 class Outcome:
     """What became of one run: done, failed (permanent), retry (transient), or hold (the account can't run now)."""
 
@@ -40,6 +50,7 @@ class Outcome:
     cache_creation_tokens: int | None = None
     session_id: str | None = None
     hold_until: datetime | None = None
+    windows: list[Window] = field(default_factory=list)
 
 
 @dataclass

@@ -1,8 +1,7 @@
-"""The Claude Code CLI backend: `claude -p --output-format json`, classified from the result object."""
+"""The Claude Code CLI backend: `claude -p --output-format stream-json`, classified from its structured fields."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from datetime import UTC, datetime, timedelta
@@ -12,27 +11,49 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from spoold.backends import Invocation, Outcome, ProcResult
 from spoold.backends.claude_probe import CliInfo, logged_in, probe
+from spoold.backends.claude_stream import Stream, parse
 from spoold.backends.command import stderr_tail, timeout_message
 from spoold.config import Settings
 from spoold.task import Task
 
 # The CLI refuses to start inside another Claude Code session; MCP servers launched by Claude Code inherit these.
 DROP_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT")
-USAGE_LIMIT_RE = re.compile(r"hit your (?:\w+ )?limit|usage limit reached|out of extra usage", re.I)
+BILLING_HOLD = timedelta(hours=1)
+AUTH_HOLD = timedelta(minutes=10)
+USAGE_LIMIT_FALLBACK = timedelta(minutes=30)
+LOGIN_COMMAND = "claude auth login"
+
+# The structured fields, in the order they are trusted. `assistant.error` codes were seen in
+# 2.1.197 and 2.1.332 alike; `api_error` ("usage_limit_reached") and `api_error_type` in 2.1.332.
+AUTH_ERRORS = {"authentication_failed", "oauth_org_not_allowed"}
+BILLING_ERRORS = {"billing_error"}
+TRANSIENT_ERRORS = {"server_error", "rate_limit", "overloaded"}
+TRANSIENT_TYPES = {"overloaded_error", "api_error", "rate_limit_error", "timeout_error"}
+STOPPED_SUBTYPES = {
+    "error_max_turns": "claude stopped at its maximum number of turns; raise `max_turns:` if it needs more",
+    "error_max_budget_usd": "claude stopped at the task's spending cap; raise `max_budget_usd:` if it needs more",
+    "error_max_structured_output_retries": "claude could not produce output that matches the task's `schema:`",
+}
+
+# Text patterns: the last resort, for a CLI that gives no structured field. One table; each row says
+# the releases its wording was seen in, so a new wording is one more row, not a new code path.
+TEXT_PATTERNS: tuple[tuple[str, str, str], ...] = (
+    ("usage_limit", r"hit your (?:[\w-]+ )?limit", "2.1.197 `session limit`, `weekly limit`, `Opus limit`; 2.1.332 `5-hour limit`"),
+    ("usage_limit", r"usage limit reached|out of extra usage", "1.x `Claude AI usage limit reached|<epoch>`"),
+    ("auth", r"invalid api key|/login|log ?in again|not logged in|oauth token|failed to authenticate|invalid x-api-key",
+     "2.1.197, 2.1.332"),
+    ("billing", r"credit balance|out of credits|billing", "2.1.197, 2.1.332 `Credit balance is too low`"),
+    ("transient", r"overloaded|timed? ?out|connection error|econnreset|socket hang up|internal server error|rate.?limit",
+     "2.1.197, 2.1.332"),
+)
+_TEXT = [(kind, re.compile(rx, re.I)) for kind, rx, _ in TEXT_PATTERNS]
 EPOCH_RE = re.compile(r"usage limit reached\|(\d{9,11})", re.I)
 RESET_RE = re.compile(
     r"resets\s+(?:at\s+)?(?:(?P<mon>[A-Z][a-z]{2})\s+(?P<day>\d{1,2}),?\s+(?:at\s+)?)?"
     r"(?P<h>\d{1,2})(?::(?P<m>\d{2}))?\s*(?P<ampm>am|pm)?\s*(?:\((?P<tz>[^)]+)\))?",
     re.I,
 )
-AUTH_RE = re.compile(r"invalid api key|/login|login again|not logged in|oauth token|failed to authenticate|invalid x-api-key", re.I)
-BILLING_RE = re.compile(r"credit balance|out of credits|billing", re.I)
-BILLING_HOLD = timedelta(hours=1)
-AUTH_HOLD = timedelta(minutes=10)
-TRANSIENT_RE = re.compile(r"overloaded|timed? ?out|connection error|econnreset|socket hang up|internal server error|rate.?limit", re.I)
 MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
-USAGE_LIMIT_FALLBACK = timedelta(minutes=30)
-LOGIN_COMMAND = "claude auth login"
 
 
 class ClaudeBackend:
@@ -59,7 +80,7 @@ class ClaudeBackend:
         """
         env = task_env(settings)
         self.info = probe(settings.claude_bin, env)
-        argv = [settings.claude_bin, "-p", "--output-format", "json", *self.info.isolation_args(),
+        argv = [settings.claude_bin, "-p", "--output-format", "stream-json", "--verbose", *self.info.isolation_args(),
                 f"--model={task.model}", f"--tools={','.join(settings.allowed_tools)}"]
         if settings.allowed_tools:
             argv.append(f"--allowedTools={','.join(settings.allowed_tools)}")
@@ -80,76 +101,85 @@ def task_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def parse_result_json(stdout: bytes) -> dict[str, Any] | None:
-    """The result object: one JSON object, or the last `type == "result"` element of an array."""
-    text = stdout.decode("utf-8", "replace").strip()
-    if not text:
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = _last_json_line(text)
-    if isinstance(data, list):
-        results = [d for d in data if isinstance(d, dict) and d.get("type") == "result"]
-        data = results[-1] if results else None
-    return data if isinstance(data, dict) and ("result" in data or "is_error" in data) else None
-
-
-def _last_json_line(text: str) -> Any:
-    for line in reversed(text.splitlines()):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return None
+def text_kind(text: str) -> str | None:
+    """The first TEXT_PATTERNS kind whose pattern the text matches."""
+    return next((kind for kind, rx in _TEXT if rx.search(text)), None)
 
 
 def classify(task: Task, proc: ProcResult, now: datetime | None = None, login_command: str = LOGIN_COMMAND) -> Outcome:
-    """Turn one CLI run into an Outcome, trusting the result object over the exit code."""
+    """Turn one CLI run into an Outcome: the result's structured fields first, the stream's events next, text last."""
+    now = now or datetime.now(UTC)
     if proc.timed_out:
         return Outcome("failed", error=timeout_message(task, proc))
-    res = parse_result_json(proc.stdout)
+    stream = parse(proc.stdout)
+    res = stream.result
     if res is None:
+        if _limit_rejected(stream):
+            return _usage_hold(Outcome("hold"), stream, "", now)
         if proc.returncode is not None and proc.returncode < 0:
             return Outcome("retry", error=f"claude was killed by signal {-proc.returncode}")
         return Outcome("retry", error=f"claude printed no result (exit {proc.returncode}): {stderr_tail(proc)}")
-    out = _metrics(res)
-    text = str(res.get("result") or res.get("error") or "")
+    out = _metrics(res, stream)
+    text = str(res.get("result") or res.get("error") or "").strip()
     subtype = str(res.get("subtype") or "")
     status = res.get("api_error_status")
+    errors = set(stream.errors)
     if not res.get("is_error") and subtype in ("success", ""):
-        out.kind, out.answer = "done", text
+        out.kind, out.answer = "done", str(res.get("result") or "")
         return out
-    if USAGE_LIMIT_RE.search(text):
-        out.kind, out.hold_until = "hold", usage_limit_reset(text, now)
-        out.error = f"subscription usage limit: {text.strip()}"
-        return out
-    if status in (401, 403) or AUTH_RE.search(text):
-        out.kind, out.hold_until = "hold", (now or datetime.now(UTC)) + AUTH_HOLD
-        out.error = (f"claude is not logged in or its credentials were refused ({text.strip()[:200]}): "
+    kind = text_kind(text)
+    if res.get("api_error") == "usage_limit_reached" or _limit_rejected(stream) or kind == "usage_limit":
+        return _usage_hold(out, stream, text, now)
+    if errors & AUTH_ERRORS or status in (401, 403) or kind == "auth":
+        out.kind, out.hold_until = "hold", now + AUTH_HOLD
+        out.error = (f"claude is not logged in or its credentials were refused ({text[:200]}): "
                      f"run `{login_command}`, then `spoold config --clear-hold`")
         return out
-    if BILLING_RE.search(text):
-        out.kind, out.hold_until = "hold", (now or datetime.now(UTC)) + BILLING_HOLD
-        out.error = f"the account cannot pay for requests ({text.strip()[:200]}); add credit, then `spoold config --clear-hold`"
+    if errors & BILLING_ERRORS or kind == "billing":
+        out.kind, out.hold_until = "hold", now + BILLING_HOLD
+        out.error = f"the account cannot pay for requests ({text[:200]}); add credit, then `spoold config --clear-hold`"
         return out
-    if subtype == "error_max_turns":
-        out.kind, out.error = "failed", "claude stopped at its maximum number of turns"
+    if subtype in STOPPED_SUBTYPES:
+        out.kind, out.error = "failed", STOPPED_SUBTYPES[subtype]
         return out
-    if status in (408, 409, 429) or (isinstance(status, int) and status >= 500) or TRANSIENT_RE.search(text):
-        out.kind, out.error = "retry", f"temporary API error: {text.strip()[:300]}"
+    if (errors & TRANSIENT_ERRORS or res.get("api_error_type") in TRANSIENT_TYPES or status in (408, 409, 429)
+            or (isinstance(status, int) and status >= 500) or kind == "transient"):
+        out.kind, out.error = "retry", f"temporary API error: {text[:300]}"
         return out
     out.kind = "failed"
-    out.error = f"claude refused the task: {text.strip()[:500] or subtype or 'unknown error'}"
+    out.error = f"claude refused the task: {text[:500] or subtype or 'unknown error'}"
     return out
 
 
-def _metrics(res: dict[str, Any]) -> Outcome:
+def _limit_rejected(stream: Stream) -> bool:
+    return stream.limit is not None and stream.limit.status == "rejected"
+
+
+def _usage_hold(out: Outcome, stream: Stream, text: str, now: datetime) -> Outcome:
+    """Hold the queue until the reset the CLI reported: its event's `resetsAt`, else the time in its words."""
+    limit = stream.limit if _limit_rejected(stream) else None
+    if limit and limit.resets_at and limit.resets_at > now.timestamp():
+        until = datetime.fromtimestamp(limit.resets_at, UTC)
+    else:
+        until = usage_limit_reset(text, now)
+    what = WINDOW_WORDS.get(limit.name, limit.name) if limit and limit.name else "usage"
+    out.kind, out.hold_until = "hold", until
+    out.error = f"subscription {what} limit reached: {text or 'rejected'}"
+    return out
+
+
+WINDOW_WORDS = {"five_hour": "5-hour (session)", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
+                "seven_day_sonnet": "weekly Sonnet", "overage": "extra usage"}
+
+
+def _metrics(res: dict[str, Any], stream: Stream) -> Outcome:
     usage = res.get("usage") if isinstance(res.get("usage"), dict) else {}
     model_usage = res.get("modelUsage") if isinstance(res.get("modelUsage"), dict) else {}
     resolved = None
     if model_usage:
         resolved = max(model_usage, key=lambda m: _num((model_usage[m] or {}).get("outputTokens")) or 0)
+    elif stream.init.get("model"):
+        resolved = str(stream.init["model"])
     return Outcome(
         "failed",
         model_resolved=resolved,
@@ -159,6 +189,7 @@ def _metrics(res: dict[str, Any]) -> Outcome:
         cache_read_tokens=_int(usage.get("cache_read_input_tokens")),
         cache_creation_tokens=_int(usage.get("cache_creation_input_tokens")),
         session_id=str(res["session_id"]) if res.get("session_id") else None,
+        windows=list(stream.windows.values()),
     )
 
 
