@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
@@ -136,11 +137,27 @@ class TaskResult(BaseModel):
     status: TaskDetail
 
 
+class SubscriptionWindow(BaseModel):
+    """What the user's Claude subscription last reported of one usage window."""
+
+    name: str = Field(description="five_hour, seven_day, seven_day_opus, seven_day_sonnet, ...")
+    status: str = Field(description="allowed, allowed_warning or rejected")
+    utilization: float | None = Field(None, description="share used, 0-1 (reported once past a warning threshold)")
+    resets_at: str | None = None
+    seen_at: str | None = None
+    task_id: str | None = Field(None, description="the task whose run reported it")
+
+    @classmethod
+    def of(cls, w: api.WindowInfo) -> "SubscriptionWindow":
+        return cls(**asdict(w))
+
+
 class TaskList(BaseModel):
     tasks: list[TaskStatus] = Field(description="running first, then queued in start order, then newest finished")
     counts: dict[str, int] = Field(description="number of tasks in each state")
     queue_held_until: str | None = None
     queue_hold_reason: str | None = None
+    subscription_windows: list[SubscriptionWindow] = Field(default_factory=list)
 
 
 class CancelResult(BaseModel):
@@ -163,6 +180,7 @@ class QueueSummary(BaseModel):
     queue_hold_reason: str | None
     next_start: str | None
     tasks: list[TaskStatus]
+    subscription_windows: list[SubscriptionWindow] = Field(default_factory=list)
 
 
 # ---- errors --------------------------------------------------------------------
@@ -331,7 +349,8 @@ def build_server(spool_root: Path | str) -> MCPServer:
             items = api.list_tasks(sp, state, limit)
             st = api.status(sp)
         return TaskList(tasks=[TaskStatus.of(ti) for ti in items], counts=st.counts,
-                        queue_held_until=st.held_until, queue_hold_reason=st.hold_reason)
+                        queue_held_until=st.held_until, queue_hold_reason=st.hold_reason,
+                        subscription_windows=[SubscriptionWindow.of(w) for w in st.windows])
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, idempotent_hint=False,
                                              open_world_hint=False))
@@ -390,6 +409,7 @@ def build_server(spool_root: Path | str) -> MCPServer:
         return QueueSummary(
             spool=st.spool, counts=st.counts, queue_held_until=st.held_until, queue_hold_reason=st.hold_reason,
             next_start=st.next_start, tasks=[TaskStatus.of(ti) for ti in items],
+            subscription_windows=[SubscriptionWindow.of(w) for w in st.windows],
         ).model_dump_json(indent=2)
 
     return server

@@ -60,10 +60,28 @@ class QueueStatus:
     next_start: str | None
     settings: dict[str, Any]
     ignored_inbox_files: list[str]
+    windows: list[WindowInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return d
+
+
+@dataclass
+class WindowInfo:
+    """What spoold last heard of one subscription window, and from which task."""
+
+    name: str  # five_hour, seven_day, seven_day_opus, ...
+    status: str  # allowed, allowed_warning, rejected
+    utilization: float | None  # 0-1, when the CLI reported it
+    resets_at: str | None
+    seen_at: str | None
+    task_id: str | None
+
+
+def windows(usage: ledger.Usage) -> list[WindowInfo]:
+    return [WindowInfo(name, w.status, w.utilization, iso(w.resets_at), iso(w.seen_at), w.task_id)
+            for name, w in sorted(usage.windows.items())]
 
 
 def iso(ts: float | datetime | None) -> str | None:
@@ -289,7 +307,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
         running=[_summary(sp.dir("running") / e.name, e.task_id, "running") for e in spool.list_running(sp)],
         held_until=iso(g.wait_until) if g.wait_until and g.wait_until != float("inf") else None,
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
-        settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp),
+        settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(usage),
     )
 
 

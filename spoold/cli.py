@@ -94,6 +94,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from spoold import api
+    from spoold.units import window_words
 
     st = api.status(_spool(args))
     if args.json:
@@ -103,11 +104,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"spool {st.spool}")
     print("  " + "  ".join(f"{k} {v}" for k, v in c.items()))
     s = st.settings
-    print(f"  limit {s['max_requests']} per {s['window_minutes']:g} min, concurrency {s['concurrency']}")
+    print(f"  limit {s['max_requests']} per {s['window_minutes']:g} min, concurrency {s['concurrency']}"
+          + (f", reserve {s['reserve']:.0%} of each subscription window" if s.get("reserve") is not None else ""))
     if st.held_until:
         print(f"  next start not before {st.held_until}: {st.hold_reason}")
     elif st.next_start:
         print(f"  next start ~{st.next_start}")
+    for w in st.windows:
+        used = f"{w.utilization:.0%} used" if w.utilization is not None else w.status.replace("_", " ")
+        print(f"  subscription {window_words(w.name)} window: {used}, resets {w.resets_at} (seen by {w.task_id})")
     for ti in st.running:
         print(f"  running {ti.id} {ti.title[:50]} (since {ti.started_at})")
     if st.ignored_inbox_files:

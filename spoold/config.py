@@ -23,6 +23,7 @@ class Settings:
     concurrency: int = 1
     budget_day_usd: float | None = None
     budget_month_usd: float | None = None
+    reserve: float | None = None  # share of each subscription window kept for the user's own use (0.2 = 20%)
     strategy: str = "priority"
     max_attempts: int = 3
     retry_backoff_s: float = 15.0
@@ -97,6 +98,8 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("backend must be claude or command")
     if s.backend == "command" and not s.command:
         raise ConfigError("backend `command` needs `command:` (an argv list such as [llm, -m, '{model}'])")
+    if s.reserve is not None and not 0 <= s.reserve < 1:
+        raise ConfigError("reserve must be a share from 0 up to (not including) 1, such as 0.2 for 20%")
     for name in ("budget_day_usd", "budget_month_usd"):
         v = getattr(s, name)
         if v is not None and v < 0:

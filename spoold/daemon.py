@@ -298,7 +298,7 @@ class Daemon:
         while True:
             if self.stopping.is_set():
                 return None, started
-            free = settings.concurrency - (len(self.running) - len(self._finishing))
+            free = settings.concurrency - self._busy()
             if free <= 0:
                 if not await self._slot_freed():
                     return float("inf"), started
@@ -323,6 +323,13 @@ class Daemon:
         later = [e.not_before.timestamp() for e in listing.timed() if e.not_before and e.not_before.timestamp() > now]
         return (min(later) if later else None), started
 
+    def _busy(self) -> int:
+        """Slots in use. A finished run frees its slot while its outcome is written, except under a budget:
+        its cost must be counted before the next admission, or one more task runs past the budget."""
+        if self.settings.budget_day_usd is not None or self.settings.budget_month_usd is not None:
+            return len(self.running)
+        return len(self.running) - len(self._finishing)
+
     async def _slot_freed(self) -> bool:
         """Wait, keeping this turn's listing, until one of our tasks frees a slot (True) or until anything
         else may change what to start: news from the watcher, a stop, the next periodic scan (False).
@@ -330,7 +337,7 @@ class Daemon:
         So a deep queue is listed once for many starts, not once per start.
         """
         timeout = self.settings.scan_interval_s - (time.monotonic() - self._last_scan)
-        while len(self.running) - len(self._finishing) >= self.settings.concurrency:
+        while self._busy() >= self.settings.concurrency:
             if self.news.is_set() or self.stopping.is_set() or timeout <= 0 or self._more_intake:
                 return False  # (more dropped files to take in: back to intake, then list again)
             self.slot_freed.clear()
@@ -401,13 +408,17 @@ class Daemon:
     def _settle(self, claimed: queue.Claimed, outcome: Outcome, proc: ProcResult) -> None:
         """Move the task where its outcome puts it, and tell the ledger."""
         task, settings = claimed.task, self.settings
+        seen = {w.name: ledger.WindowSeen(w.status, w.resets_at, w.utilization, time.time(), task.id)
+                for w in outcome.windows}
         if outcome.kind == "hold":
             until = outcome.hold_until or datetime.now(UTC) + timedelta(minutes=30)
-            ledger.set_hold(self.sp, settings, until.timestamp(), outcome.error or "held")
+            ledger.set_hold(self.sp, settings, until.timestamp(), outcome.error or "held", seen)
             log.warning("holding the queue until %s: %s", _fmt(until.timestamp()), outcome.error)
             queue.requeue(self.sp, claimed, outcome.error or "held", count_attempt=False)
             return
         if outcome.kind == "retry" and task.attempts < settings.max_attempts:
+            if seen or outcome.cost_usd:  # a failed try may still have cost something
+                ledger.record_finish(self.sp, settings, outcome.cost_usd, None, seen)
             backoff = min(MAX_BACKOFF_S, settings.retry_backoff_s * 2 ** (task.attempts - 1))
             task.not_before = datetime.now(UTC) + timedelta(seconds=backoff)
             queue.requeue(self.sp, claimed, f"{outcome.error}; retry {task.attempts + 1} in {backoff:.0f} s")
@@ -425,7 +436,7 @@ class Daemon:
             attempts=task.attempts, error=error,
         )
         queue.finish(self.sp, claimed, result)
-        ledger.record_finish(self.sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None)
+        ledger.record_finish(self.sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None, seen)
 
 
 def _watch_children_by_pidfd() -> None:

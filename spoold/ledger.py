@@ -24,6 +24,7 @@ from typing import TypeVar
 from spoold import spool
 from spoold.config import Settings
 from spoold.spool import QueuedEntry, Spool
+from spoold.units import usd, window_words
 
 log = logging.getLogger("spoold")
 T = TypeVar("T")
@@ -37,6 +38,21 @@ _UNSAVED = threading.Lock()  # guards _unsaved alone: a finishing task must not 
 
 
 @dataclass
+class WindowSeen:
+    """The latest a task's run heard of one subscription window (from the CLI's rate_limit_event)."""
+
+    status: str  # allowed, allowed_warning, rejected
+    resets_at: float | None
+    utilization: float | None  # 0-1; reported once a warning threshold is passed
+    seen_at: float
+    task_id: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {"status": self.status, "resets_at": self.resets_at, "utilization": self.utilization,
+                "seen_at": self.seen_at, "task_id": self.task_id}
+
+
+@dataclass
 class HostLedger:
     """One host's own account: what it started, spent, and any hold it learned of."""
 
@@ -47,6 +63,7 @@ class HostLedger:
     hold_reason: str | None = None
     hold_set_at: float | None = None
     holds_cleared_at: float | None = None  # lifts every host's hold set before it, without writing their files
+    windows: dict[str, WindowSeen] = field(default_factory=dict)  # what the subscription said, per window
 
 
 @dataclass
@@ -58,6 +75,7 @@ class Usage:
     durations: list[float]
     hold_until: float | None
     hold_reason: str | None
+    windows: dict[str, WindowSeen] = field(default_factory=dict)  # the newest word on each, from any host
 
 
 def ledger_dir(sp: Spool) -> Path:
@@ -96,7 +114,14 @@ def _load_host(path: Path) -> HostLedger:
         hold_reason=raw.get("hold_reason"),
         hold_set_at=float(raw["hold_set_at"]) if raw.get("hold_set_at") else None,
         holds_cleared_at=float(raw["holds_cleared_at"]) if raw.get("holds_cleared_at") else None,
+        windows={str(k): _window(v) for k, v in (raw.get("windows") or {}).items()},
     )
+
+
+def _window(v: dict[str, object]) -> WindowSeen:
+    num = lambda x: float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None  # noqa: E731
+    return WindowSeen(str(v.get("status") or ""), num(v.get("resets_at")), num(v.get("utilization")),
+                      num(v.get("seen_at")) or 0.0, str(v["task_id"]) if v.get("task_id") else None)
 
 
 def _read_hosts(sp: Spool) -> dict[str, HostLedger]:
@@ -121,6 +146,7 @@ def read_usage(sp: Spool, now: float | None = None, hosts: dict[str, HostLedger]
     spend: dict[str, float] = {}
     durations: list[float] = []
     hold_until, hold_reason = None, None
+    windows: dict[str, WindowSeen] = {}
     cleared = max((h.holds_cleared_at or 0.0 for h in hosts_), default=0.0)
     for h in hosts_:
         starts += h.starts
@@ -130,7 +156,10 @@ def read_usage(sp: Spool, now: float | None = None, hosts: dict[str, HostLedger]
         live = h.hold_until and h.hold_until > now and (h.hold_set_at or 0.0) > cleared
         if live and (hold_until is None or h.hold_until > hold_until):
             hold_until, hold_reason = h.hold_until, h.hold_reason
-    return Usage(sorted(starts), spend, durations[-KEEP_DURATIONS:], hold_until, hold_reason)
+        for name, w in h.windows.items():
+            if (w.resets_at is None or w.resets_at > now) and (name not in windows or w.seen_at > windows[name].seen_at):
+                windows[name] = w
+    return Usage(sorted(starts), spend, durations[-KEEP_DURATIONS:], hold_until, hold_reason, windows)
 
 
 def _rebuild(sp: Spool, path: Path, err: Exception) -> HostLedger:
@@ -169,7 +198,8 @@ def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
 
 def _write_host(sp: Spool, path: Path, h: HostLedger) -> None:
     data = {"starts": h.starts, "spend": h.spend, "durations": h.durations, "hold_until": h.hold_until,
-            "hold_reason": h.hold_reason, "hold_set_at": h.hold_set_at, "holds_cleared_at": h.holds_cleared_at}
+            "hold_reason": h.hold_reason, "hold_set_at": h.hold_set_at, "holds_cleared_at": h.holds_cleared_at,
+            "windows": {k: w.as_json() for k, w in h.windows.items()}}
     spool.rewrite(sp, path, json.dumps(data, separators=(",", ":")).encode())  # no indent: C encoder, 10x faster
 
 
@@ -198,6 +228,7 @@ def _update_own(
     h.durations = h.durations[-KEEP_DURATIONS:]
     if h.hold_until and h.hold_until <= now:
         h.hold_until, h.hold_reason, h.hold_set_at = None, None, None
+    h.windows = {k: w for k, w in h.windows.items() if w.resets_at is None or w.resets_at > now}
     _write_host(sp, path, h)
 
 
@@ -227,9 +258,9 @@ def gate(usage: Usage, settings: Settings, running: int, now: float) -> Gate:
     waits: list[tuple[float, str]] = []
     if usage.hold_until and usage.hold_until > now:
         waits.append((usage.hold_until, usage.hold_reason or "held"))
-    budget = budget_hold(usage, settings, now)
-    if budget:
-        waits.append(budget)
+    for hold in (budget_hold(usage, settings, now), reserve_hold(usage, settings, now)):
+        if hold:
+            waits.append(hold)
     win = in_window(usage.starts, settings, now)
     if len(win) >= settings.max_requests:
         t = win[-settings.max_requests] + settings.window_minutes * 60
@@ -252,14 +283,32 @@ def budget_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, st
         spent = usage.spend.get(today.strftime("%Y-%m-%d"), 0.0)
         if spent >= settings.budget_day_usd:
             end = (today + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-            return end.timestamp(), f"daily budget ${settings.budget_day_usd:g} spent (${spent:.2f})"
+            return end.timestamp(), f"daily budget of {usd(settings.budget_day_usd)} reached ({usd(spent)} spent today)"
     if settings.budget_month_usd is not None:
         ms = _month_start(now)
         spent = sum(v for d, v in usage.spend.items() if d >= ms.strftime("%Y-%m-%d"))
         if spent >= settings.budget_month_usd:
             end = (ms + timedelta(days=32)).replace(day=1)
-            return end.timestamp(), f"monthly budget ${settings.budget_month_usd:g} spent (${spent:.2f})"
+            return end.timestamp(), (f"monthly budget of {usd(settings.budget_month_usd)} reached "
+                                     f"({usd(spent)} spent this month)")
     return None
+
+
+def reserve_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, str] | None:
+    """The subscription window whose reported use has eaten into the reserve: no start until it resets.
+
+    So a queue never takes the share of the user's limits kept for their own interactive use.
+    """
+    if settings.reserve is None:
+        return None
+    worst: tuple[float, str] | None = None
+    for name, w in usage.windows.items():
+        if w.utilization is None or w.resets_at is None or w.resets_at <= now:
+            continue
+        if w.utilization >= 1 - settings.reserve and (worst is None or w.resets_at > worst[0]):
+            worst = (w.resets_at, f"reserve: the {window_words(name)} window is {w.utilization:.0%} used "
+                                  f"(starts stop at {1 - settings.reserve:.0%}, keeping {settings.reserve:.0%} for you)")
+    return worst
 
 
 def try_start(
@@ -326,10 +375,12 @@ def _locked_update(sp: Spool, settings: Settings, change: Callable[[HostLedger, 
         _update_own(sp, lambda h: change(h, t), settings, t)
 
 
-def record_finish(sp: Spool, settings: Settings, cost_usd: float | None, duration_s: float | None) -> None:
-    """Count a finished run. Spend is written at once (budgets must hold across a crash); a run time
-    alone only feeds estimates, so it rides along with this host's next ledger write (or `flush`)."""
-    if not cost_usd:
+def record_finish(sp: Spool, settings: Settings, cost_usd: float | None, duration_s: float | None,
+                  windows: dict[str, WindowSeen] | None = None) -> None:
+    """Count a finished run. Spend and what the subscription said are written at once (budgets and the
+    reserve must hold across a crash and for every daemon); a run time alone only feeds estimates, so it
+    rides along with this host's next ledger write (or `flush`)."""
+    if not cost_usd and not windows:
         if duration_s is not None:
             with _UNSAVED:
                 _unsaved.setdefault(ledger_dir(sp), []).append(round(duration_s, 3))
@@ -341,6 +392,7 @@ def record_finish(sp: Spool, settings: Settings, cost_usd: float | None, duratio
             h.spend[day] = h.spend.get(day, 0.0) + cost_usd
         if duration_s is not None:
             h.durations.append(round(duration_s, 3))
+        h.windows.update(windows or {})
 
     _locked_update(sp, settings, change)
 
@@ -351,11 +403,13 @@ def flush(sp: Spool, settings: Settings) -> None:
         _locked_update(sp, settings, lambda h, t: None)
 
 
-def set_hold(sp: Spool, settings: Settings, until: float, reason: str) -> None:
+def set_hold(sp: Spool, settings: Settings, until: float, reason: str,
+             windows: dict[str, WindowSeen] | None = None) -> None:
     """Hold all dispatch (every process reads it) until `until`."""
 
     def change(h: HostLedger, t: float) -> None:
         h.hold_until, h.hold_reason, h.hold_set_at = until, reason, t
+        h.windows.update(windows or {})
 
     _locked_update(sp, settings, change)
 
@@ -423,9 +477,9 @@ def estimate(
     floor = now
     if usage.hold_until and usage.hold_until > now:
         floor = usage.hold_until
-    budget = budget_hold(usage, settings, now)
-    if budget:
-        floor = max(floor, budget[0])
+    for hold in (budget_hold(usage, settings, now), reserve_hold(usage, settings, now)):
+        if hold:
+            floor = max(floor, hold[0])
     n, w = settings.max_requests, settings.window_minutes * 60
     heapq.heapify(workers)  # the earliest free worker is workers[0]
     if ids is not None:  # no not_before among them: the schedule alone, a few floats a task

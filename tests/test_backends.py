@@ -13,7 +13,6 @@ from spoold.backends import ProcResult
 from spoold.backends.claude import (
     ClaudeBackend,
     classify,
-    WINDOW_WORDS,
     usage_limit_reset,
 )
 from spoold.backends.claude_stream import parse
@@ -21,6 +20,7 @@ from spoold.backends.claude_probe import ISOLATION, probe
 from spoold.backends.command import CommandBackend
 from spoold.config import Settings
 from spoold.errors import CliUnusable
+from spoold.units import window_words
 from spoold.task import Task
 
 from conftest import executable, fake_claude_script
@@ -85,7 +85,7 @@ def test_usage_limit_holds_until_the_reset_the_cli_reported(name: str, version: 
     resets_at = int(re.search(r"resets_at=(\d+)", meta["fake_replies_served"][0]).group(1))
     out = classify(TASK, proc, now=datetime.fromtimestamp(meta["captured_at"], UTC))
     assert out.kind == "hold" and out.hold_until.timestamp() == resets_at  # the event's resetsAt, to the second
-    assert WINDOW_WORDS[USAGE_LIMITS[name]] in out.error
+    assert f"{window_words(USAGE_LIMITS[name])} limit" in out.error
     assert out.windows and {w.name for w in out.windows} >= {USAGE_LIMITS[name]}
 
 

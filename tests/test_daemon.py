@@ -169,3 +169,20 @@ def test_a_cancel_reaches_a_running_task_while_dispatch_waits_for_a_slot(sp, dae
     wait_for(lambda: spool.locate(sp, first).state == "running", what="first running")
     assert api.cancel(sp, first) == "cancelling"
     wait_for(lambda: spool.locate(sp, first).state == "cancelled", timeout=10, what="cancelled")
+
+
+def test_a_budget_below_one_tasks_cost_lets_exactly_one_task_run(sp, daemon, tmp_path) -> None:
+    """The finished task's cost is counted before the next admission (two ran at concurrency 1 before)."""
+    from conftest import fake_claude_script
+
+    runs = tmp_path / "runs"
+    exe = fake_claude_script(tmp_path / "claude", f"cat > /dev/null\necho run >> {runs}\n"
+                             "echo '{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,"
+                             "\"result\":\"ok\",\"total_cost_usd\":0.00055}'")
+    write_config(sp, claude_bin=str(exe), budget_day_usd=0.0001)
+    d = daemon(sp)
+    ids = [api.submit(sp, f"q{i}").id for i in range(3)]
+    wait_for(lambda: "daily budget" in d.log, what="the budget hold")
+    assert runs.read_text().count("run") == 1
+    assert [spool.locate(sp, t).state for t in ids].count("queued") == 2
+    assert "daily budget of $0.0001 reached ($0.00055 spent today)" in api.status(sp).hold_reason

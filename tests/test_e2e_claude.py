@@ -46,9 +46,9 @@ def test_usage_limit_holds_the_queue_and_keeps_the_task(sp, fake_api, claude_dae
     second = api.submit(sp, "another question").id
     wait_for(lambda: _state(sp, first) == "queued", what="requeued")
     info = api.info(sp, first)
-    assert info.attempts == 0 and "5-hour (session) limit" in info.error  # not failed, no attempt lost
+    assert info.attempts == 0 and "5-hour limit" in info.error  # not failed, no attempt lost
     st = api.status(sp)
-    assert st.held_until and "5-hour (session) limit" in st.hold_reason
+    assert st.held_until and "5-hour limit" in st.hold_reason
     assert abs(datetime.fromisoformat(st.held_until).timestamp() - (t0 + 3 * 3600)) < 10  # the reset the CLI reported
     assert info.estimated_wait_seconds > 3600  # the estimate reflects the reset (about 3 h away)
     assert _state(sp, second) == "queued" and len(fake_api.main_requests()) == 1
@@ -172,3 +172,25 @@ def test_daemon_start_says_the_cli_is_not_logged_in_before_any_task(sp, fake_api
     d = claude_daemon(unset=("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY"))
     wait_for(lambda: "is not logged in: run `claude auth login`" in d.log, timeout=30, what="the start check")
     assert fake_api.requests == []  # the check spends no model call
+
+
+def test_reserve_holds_starts_at_the_threshold_and_resumes_after_the_window(sp, fake_api, claude_daemon) -> None:
+    """The real CLI turns the API's unified rate-limit headers into a rate_limit_event with the window's use."""
+    from fake_api import unified_headers
+
+    reset = int(time.time()) + 8
+    fake_api.limit_headers = unified_headers({"five_hour": (0.85, reset), "seven_day": (0.3, reset + 86400)})
+    d = claude_daemon(reserve=0.2)
+    first = api.submit(sp, "first").id
+    wait_for(lambda: _state(sp, first) == "done", timeout=60, what="first done")
+    second = api.submit(sp, "second").id
+    wait_for(lambda: "reserve: the 5-hour window is 85% used" in d.log, timeout=30, what="the reserve hold")
+    st = api.status(sp)
+    assert _state(sp, second) == "queued" and len(fake_api.main_requests()) == 1
+    assert st.hold_reason.startswith("reserve") and abs(datetime.fromisoformat(st.held_until).timestamp() - reset) < 1
+    [five] = [w for w in st.windows if w.name == "five_hour"]
+    assert five.utilization == 0.85 and five.task_id == first
+    assert api.info(sp, second).estimated_start == st.held_until  # the estimate waits for the window too
+    fake_api.limit_headers = {}
+    wait_for(lambda: _state(sp, second) == "done", timeout=60, what="second done once the window reset")
+    assert len(fake_api.main_requests()) == 2

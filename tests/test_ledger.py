@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import pytest
@@ -270,3 +271,50 @@ def test_lowering_and_raising_the_limit_within_a_window_forgets_no_start(sp: spo
     ledger.set_hold(sp, settings(max_requests=5), 0.0, "a ledger write under the lowered limit")
     _, g = ledger.start_many(sp, settings(max_requests=10), iter([0]), lambda c, t: c, 1, now=lambda: t0 + 1)
     assert g.wait_until == t0 + W  # still ten starts in the window
+
+
+def _seen(util: float | None, resets_at: float, seen_at: float, status: str = "allowed_warning") -> ledger.WindowSeen:
+    return ledger.WindowSeen(status, resets_at, util, seen_at, "task-x")
+
+
+def test_reserve_stops_starts_at_the_threshold_until_the_window_resets() -> None:
+    now = 1_700_000_000.0
+    s = settings(reserve=0.2)
+    below = usage([])
+    below.windows = {"five_hour": _seen(0.79, now + 600, now - 1)}
+    assert ledger.gate(below, s, 0, now).wait_until is None
+    at = usage([])
+    at.windows = {"five_hour": _seen(0.85, now + 600, now - 1), "seven_day": _seen(0.5, now + 86400, now - 1)}
+    g = ledger.gate(at, s, 0, now)
+    assert g.wait_until == now + 600
+    assert g.reason == "reserve: the 5-hour window is 85% used (starts stop at 80%, keeping 20% for you)"
+    assert ledger.gate(at, s, 0, now + 601).wait_until is None  # the window reset: starts go on
+    assert ledger.gate(at, settings(), 0, now).wait_until is None  # no reserve set: only the subscription's own limit
+
+
+def test_reserve_hold_moves_the_estimates(sp: spool.Spool) -> None:
+    now = 1_700_000_000.0
+    _queue(sp, 2)
+    u = usage([])
+    u.windows = {"seven_day": _seen(0.95, now + 7200, now)}
+    est = ledger.estimate(sp, settings(reserve=0.1), now=now, usage=u)
+    assert [e.start for e in est] == [now + 7200, now + 7200]
+
+
+def test_windows_newest_word_wins_across_hosts_and_a_reset_window_is_forgotten(sp: spool.Spool) -> None:
+    now = 1_700_000_000.0
+    d = ledger.ledger_dir(sp)
+    d.mkdir(parents=True, exist_ok=True)
+    for host, util, seen in (("laptop", 0.9, now - 50), ("desktop", 0.4, now - 10)):
+        (d / f"{host}.json").write_text(json.dumps({"windows": {
+            "five_hour": _seen(util, now + 100, seen).as_json(),
+            "seven_day": _seen(util, now - 1, seen).as_json()}}))
+    u = ledger.read_usage(sp, now)
+    assert set(u.windows) == {"five_hour"} and u.windows["five_hour"].utilization == 0.4
+
+
+def test_a_finished_run_records_what_the_subscription_said(sp: spool.Spool) -> None:
+    now = time.time()
+    ledger.record_finish(sp, settings(), None, 1.5, {"five_hour": _seen(0.81, now + 999, now)})
+    u = ledger.read_usage(sp)
+    assert u.windows["five_hour"].utilization == 0.81 and u.windows["five_hour"].task_id == "task-x"

@@ -15,6 +15,7 @@ from spoold.backends.claude_stream import Stream, parse
 from spoold.backends.command import stderr_tail, timeout_message
 from spoold.config import Settings
 from spoold.task import Task
+from spoold.units import window_words
 
 # The CLI refuses to start inside another Claude Code session; MCP servers launched by Claude Code inherit these.
 DROP_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT")
@@ -162,14 +163,10 @@ def _usage_hold(out: Outcome, stream: Stream, text: str, now: datetime) -> Outco
         until = datetime.fromtimestamp(limit.resets_at, UTC)
     else:
         until = usage_limit_reset(text, now)
-    what = WINDOW_WORDS.get(limit.name, limit.name) if limit and limit.name else "usage"
+    what = window_words(limit.name) if limit and limit.name else "usage"
     out.kind, out.hold_until = "hold", until
     out.error = f"subscription {what} limit reached: {text or 'rejected'}"
     return out
-
-
-WINDOW_WORDS = {"five_hour": "5-hour (session)", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
-                "seven_day_sonnet": "weekly Sonnet", "overage": "extra usage"}
 
 
 def _metrics(res: dict[str, Any], stream: Stream) -> Outcome:

@@ -1,0 +1,28 @@
+"""Amounts and names as a person reads them: dollars without exponents, windows in words."""
+
+from __future__ import annotations
+
+import math
+
+
+def usd(amount: float | None) -> str:
+    """$1,234.50, $0.42, $0.00055: cents for sums, enough digits that a small cost never reads $0.00."""
+    if amount is None:
+        return "-"
+    if amount == 0:
+        return "$0.00"
+    if abs(amount) >= 0.995:
+        return f"${amount:,.2f}"
+    decimals = max(2, 1 - math.floor(math.log10(abs(amount))))
+    text = f"{amount:.{decimals}f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
+
+
+WINDOWS = {"five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "weekly Opus",
+           "seven_day_sonnet": "weekly Sonnet", "seven_day_overage_included": "weekly", "overage": "extra-usage"}
+
+
+def window_words(name: str) -> str:
+    """A subscription window's name as the CLI's own messages say it (five_hour -> 5-hour)."""
+    return WINDOWS.get(name, name.replace("_", " "))
