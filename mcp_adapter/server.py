@@ -64,6 +64,9 @@ Tasks wait in the queue even when the spoold daemon is not running; async_status
 # ---- output models -------------------------------------------------------------
 
 
+PARTIAL_TAIL = 8_000
+
+
 class TaskStatus(BaseModel):
     """Where a task is and what is known about it."""
 
@@ -101,6 +104,8 @@ class TaskDetail(TaskStatus):
 
     queue_held_until: str | None = Field(None, description="no task starts before this time")
     queue_hold_reason: str | None = None
+    answer_so_far: str | None = Field(None, description=f"while it runs: the end of the answer written so far "
+                                      f"(at most {PARTIAL_TAIL:,} characters, a few seconds behind)")
 
 
 class SubmitResult(BaseModel):
@@ -219,7 +224,8 @@ def resource_errors() -> Iterator[None]:
 def task_detail(sp: spool.Spool, task_id: str, ti: TaskInfo | None = None) -> TaskDetail:
     ti = ti or api.info(sp, task_id)
     until, why = api.hold(sp) if ti.state in ("queued", "running") else (None, None)
-    return TaskDetail.of(ti, queue_held_until=until, queue_hold_reason=why)
+    tail = ti.partial_answer[-PARTIAL_TAIL:] if ti.partial_answer else None
+    return TaskDetail.of(ti, queue_held_until=until, queue_hold_reason=why, answer_so_far=tail)
 
 
 def task_result(sp: spool.Spool, task_id: str, offset: int = 0, max_chars: int | None = None) -> TaskResult:

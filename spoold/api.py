@@ -45,6 +45,7 @@ class TaskInfo:
     duration_s: float | None = None
     path: str = ""
     result_path: str | None = None
+    partial_answer: str | None = None  # while it runs: the answer so far (a few seconds behind)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,9 +185,20 @@ def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_esti
             out.finished_at = out.finished_at or iso(res.finished_at)
     if loc.state in ("done", "failed", "cancelled", "running"):
         out.error = out.error if loc.state != "running" else None
+    if loc.state == "running":
+        out.partial_answer = partial_answer(sp, task_id)
     if loc.state == "queued" and with_estimate:
         _estimate_into(sp, out, settings or load_settings(sp))
     return out
+
+
+def partial_answer(sp: Spool, task_id: str) -> str | None:
+    """A running task's answer so far, as its owner last wrote it (None before the first words)."""
+    path = spool.find_partial(sp, task_id)
+    try:
+        return spool.read_bytes(path).decode("utf-8", "replace") if path else None
+    except FileNotFoundError:
+        return None  # it just finished
 
 
 def _apply_estimate(out: TaskInfo, est: ledger.Estimate) -> None:

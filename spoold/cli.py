@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         _print_json(ti.to_dict())
         return 0
     for k, v in ti.to_dict().items():
-        if v not in (None, [], ""):
+        if v not in (None, [], "") and k != "partial_answer":
             print(f"{k:>22}: {v}")
+    if ti.partial_answer:
+        print(f"\nanswer so far:\n{ti.partial_answer}")
     return 0
 
 
@@ -149,12 +152,34 @@ def cmd_result(args: argparse.Namespace) -> int:
     from spoold import api
 
     sp = _spool(args)
+    if args.follow:
+        _follow(sp, args.id)
     ti, answer = api.result(sp, args.id)
     if args.json:
         _print_json({"info": ti.to_dict(), "meta": api.result_meta(sp, args.id), "answer": answer})
     else:
         sys.stdout.write(answer)
     return 0 if ti.state == "done" else EXIT_FAILED_TASK
+
+
+def _follow(sp: Any, task_id: str, poll_s: float = 0.25) -> None:
+    """Print a running task's answer as it grows, until the task ends; the final answer's rest is then printed
+    by the caller (only the part not yet shown, when the partial one was its start)."""
+    from spoold import api, spool
+
+    shown = ""
+    while (ti := api.info(sp, task_id, with_estimate=False)).state not in spool.TERMINAL:
+        text = ti.partial_answer or ""
+        if text.startswith(shown) and len(text) > len(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+        time.sleep(poll_s)
+    _, answer = api.result(sp, task_id)
+    if shown and answer.startswith(shown):
+        sys.stdout.write(answer[len(shown):])
+        sys.stdout.flush()
+        raise SystemExit(0 if ti.state == "done" else EXIT_FAILED_TASK)
 
 
 def _finish_wait(sp: Any, task_id: str, args: argparse.Namespace, timeout: float | None) -> int:
@@ -264,10 +289,15 @@ def parser() -> argparse.ArgumentParser:
     ls = add("ls", cmd_ls, "list tasks")
     ls.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
     ls.add_argument("-n", "--limit", type=int, default=20)
-    for name, fn, h in (("show", cmd_show, "everything about one task"), ("result", cmd_result, "print a task's answer"),
+    for name, fn, h in (("show", cmd_show, "everything about one task, with its answer so far while it runs"),
+                        ("result", cmd_result, "print a task's answer"),
                         ("cancel", cmd_cancel, "cancel a queued or running task"),
                         ("retry", cmd_retry, "queue a failed or cancelled task again")):
-        add(name, fn, h).add_argument("id")
+        cmd = add(name, fn, h)
+        cmd.add_argument("id")
+        if name == "result":
+            cmd.add_argument("-f", "--follow", action="store_true",
+                             help="print the answer as it is written, until the task ends")
     w = add("wait", cmd_wait, "wait for a task; exit 0 done, 1 failed/cancelled, 124 timeout")
     w.add_argument("id")
     w.add_argument("--timeout", type=float)

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("spoold")
 PENDING_RECHECK_S = 0.05
 EXEC_HOLD_S = 60.0
+PARTIAL_EVERY_S = 2.0  # how often a running task's answer so far is written
 MAX_BACKOFF_S = 900.0
 WRITE_RETRY_S = 0.2
 INTAKE_BATCH = 256  # files taken in per turn: a dropped corpus starts running while it is still taken in
@@ -357,7 +358,11 @@ class Daemon:
         try:
             try:
                 inv = await asyncio.to_thread(backend.invocation, task, settings, self.workdir)
-                proc = await run_process(inv, task.timeout or settings.timeout_s)
+                feed, drain = self._partial_writer(claimed, backend.progress())
+                try:
+                    proc = await run_process(inv, task.timeout or settings.timeout_s, on_stdout=feed)
+                finally:
+                    await drain()
             except CliUnusable as e:  # missing, broken, or unable to isolate the task
                 outcome, proc = self._cli_hold(str(e)), ProcResult(None, b"", b"")
             except OSError as e:  # the CLI itself is missing or not executable
@@ -384,6 +389,44 @@ class Daemon:
             self._finishing.discard(task.id)
             self.slot_freed.set()
             self.wake.set()
+
+    def _partial_writer(self, claimed: queue.Claimed, progress: Callable[[bytes], str | None]
+                        ) -> tuple[Callable[[bytes], None], Callable[[], Awaitable[None]]]:
+        """Keep `running/ID@OWNER.partial` up to date: written whole (tmp, fsync, rename) at most every
+        PARTIAL_EVERY_S, in a worker thread, never two writes at once: an fsync per few seconds, not per token.
+        `drain` waits for a write in flight and stops new ones, so none lands after the task has moved on."""
+        path = spool.partial_path(claimed.path)
+        state: dict[str, object] = {"last": 0.0, "busy": False, "text": None, "closed": False}
+        jobs: list[asyncio.Future[None]] = []
+
+        def write() -> None:
+            try:
+                while (text := state["text"]) is not None:
+                    state["text"] = None
+                    spool.rewrite(self.sp, path, str(text).encode(), sync_dir=False)
+            except OSError as e:
+                log.warning("answer so far of %s not written (%s)", claimed.task.id, e.strerror or e)
+            finally:
+                state["busy"] = False
+
+        def feed(chunk: bytes) -> None:
+            text = progress(chunk)
+            if text is None:
+                return
+            state["text"] = text
+            now = time.monotonic()
+            if state["busy"] or state["closed"] or now - float(state["last"]) < PARTIAL_EVERY_S:  # type: ignore[arg-type]
+                return
+            state["last"], state["busy"] = now, True
+            jobs[:] = [asyncio.get_running_loop().run_in_executor(None, write)]
+
+        async def drain() -> None:
+            state["closed"] = True
+            if jobs:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(jobs[0])
+
+        return feed, drain
 
     @staticmethod
     def _cli_hold(message: str) -> Outcome:

@@ -239,8 +239,14 @@ def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
     _write_result(sp, dest_dir, result)
     spool.fault("finish:result-written")
     dest = spool.move(claimed.path, spool.task_path_for(dest_dir, task.id), sync="dest")
+    _drop_partial(claimed.path)
     log.info("%s %s%s", result.status, task.id, f": {result.error}" if result.error else "")
     return dest
+
+
+def _drop_partial(running: Path) -> None:
+    """The answer so far is the owner's scratch: once the task has left running/, its result says it all."""
+    spool.partial_path(running).unlink(missing_ok=True)
 
 
 def _write_result(sp: Spool, dest_dir: Path, result: Result) -> None:
@@ -259,6 +265,7 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
     task.status, task.error, task.started_at = "queued", reason, None
     spool.rewrite(sp, claimed.path, render_task(task))
     dest = spool.move(claimed.path, sp.dir("queued") / spool.queued_name(task.id, task.priority, task.not_before))
+    _drop_partial(claimed.path)
     log.info("requeued %s: %s", task.id, reason)
     return dest
 
@@ -272,6 +279,7 @@ def cancel_running(sp: Spool, claimed: Claimed, reason: str, answer: str = "") -
                     model=task.model, submitted_at=task.submitted_at, started_at=task.started_at, attempts=task.attempts)
     _write_result(sp, sp.dir("cancelled"), result)
     dest = spool.move(claimed.path, spool.task_path_for(sp.dir("cancelled"), task.id))
+    _drop_partial(claimed.path)
     cancel_marker(sp, task.id).unlink(missing_ok=True)
     log.info("cancelled %s", task.id)
     return dest
@@ -351,6 +359,8 @@ def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = Non
     for name in os.listdir(sp.dir("tmp")):
         actions.extend(_recover_tmp(sp, name, ours_stray=running_here is not None))
     for name in os.listdir(sp.dir("running")):
+        if name.endswith(spool.PARTIAL_SUFFIX) and not (sp.dir("running") / name).with_suffix(".md").exists():
+            (sp.dir("running") / name).unlink(missing_ok=True)  # its task left running/ (a crash between the two)
         if name.endswith(".cancel"):
             tid = name[: -len(".cancel")]
             if not any(e.task_id == tid for e in spool.list_running(sp)):

@@ -501,6 +501,22 @@ def running_path(sp: Spool, task_id: str, owner: str | None = None) -> Path:
     return sp.dir("running") / f"{task_id}@{owner or owner_tag()}.md"
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(running: Path) -> Path:
+    """`running/ID@OWNER.partial`: a running task's answer so far, written only by the task's owner."""
+    return running.with_suffix(PARTIAL_SUFFIX)
+
+
+def find_partial(sp: Spool, task_id: str) -> Path | None:
+    for e in list_running(sp):
+        if e.task_id == task_id:
+            p = partial_path(sp.dir("running") / e.name)
+            return p if p.exists() else None
+    return None
+
+
 def locate(sp: Spool, task_id: str) -> Located:
     """Find a task by id in whichever state directory holds it.
 

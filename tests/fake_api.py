@@ -77,6 +77,7 @@ class Text:
     input_tokens: int = 25
     output_tokens: int | None = None  # default: ~len(text)/4, at least 1
     chunk_size: int = 16
+    chunk_delay_s: float = 0.0  # a pause between streamed chunks: an answer that takes a while to write
 
 
 @dataclass
@@ -416,9 +417,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.close_connection = True
+        delay = reply.chunk_delay_s if isinstance(reply, Text) else 0.0
         for event, data in _stream_events(reply, model):
             self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
             self.wfile.flush()
+            if delay and event == "content_block_delta" and not self._wait(delay):
+                return
 
 
 def _side_reply(body: dict[str, Any]) -> Reply:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -194,3 +196,26 @@ def test_reserve_holds_starts_at_the_threshold_and_resumes_after_the_window(sp, 
     fake_api.limit_headers = {}
     wait_for(lambda: _state(sp, second) == "done", timeout=60, what="second done once the window reset")
     assert len(fake_api.main_requests()) == 2
+
+
+def test_a_running_tasks_answer_so_far_is_visible_and_followed(sp, fake_api, claude_daemon) -> None:
+    from fake_api import Text
+
+    answer = "".join(f"Sentence number {i} of a long answer. " for i in range(40))
+    fake_api.script(Text(answer, chunk_size=20, chunk_delay_s=0.06))  # ~4 s of writing
+    claude_daemon()
+    tid = api.submit(sp, "write at length").id
+    follow = subprocess.Popen([sys.executable, "-m", "spoold.cli", "result", "--follow", tid, "--spool", str(sp.root)],
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    try:
+        seen = wait_for(lambda: _state(sp, tid) == "running" and api.info(sp, tid).partial_answer, timeout=60,
+                        what="an answer so far")
+        assert answer.startswith(seen) and len(seen) < len(answer)
+        assert spool.find_partial(sp, tid).name.endswith(".partial")  # running/ID@OWNER.partial
+        wait_for(lambda: _state(sp, tid) == "done", timeout=60, what="done")
+        out, _ = follow.communicate(timeout=30)
+    finally:
+        follow.kill()
+    assert api.result(sp, tid)[1] == answer + "\n"
+    assert out.decode() == answer + "\n"  # the followed answer, each part once
+    assert [p.name for p in sp.dir("running").iterdir() if not p.name.startswith(".")] == []

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 from spoold.config import Settings
@@ -82,6 +83,10 @@ class Backend(Protocol):
 
     def classify(self, task: Task, proc: ProcResult) -> Outcome: ...
 
+    def progress(self) -> Callable[[bytes], str | None]:
+        """A reader of one run's stdout as it comes: each chunk in, the answer so far out when it grew."""
+        ...
+
 
 def get_backend(settings: Settings) -> Backend:
     if settings.backend == "command":
@@ -93,9 +98,12 @@ def get_backend(settings: Settings) -> Backend:
     return ClaudeBackend()
 
 
-async def _read_into(stream: asyncio.StreamReader, buf: bytearray, keep: int | None = None) -> None:
+async def _read_into(stream: asyncio.StreamReader, buf: bytearray, keep: int | None = None,
+                     on_chunk: Callable[[bytes], None] | None = None) -> None:
     """Read a stream to its end into buf, keeping only its tail when asked (a chatty child can't eat our memory)."""
     while chunk := await stream.read(65536):
+        if on_chunk is not None:
+            on_chunk(chunk)
         buf += chunk
         if keep is not None and len(buf) > 2 * keep:
             del buf[:-keep]
@@ -122,7 +130,8 @@ async def _pipes_closed(proc: asyncio.subprocess.Process, readers: list[asyncio.
             t.cancel()
 
 
-async def run_process(inv: Invocation, timeout_s: float, on_start: object = None) -> ProcResult:
+async def run_process(inv: Invocation, timeout_s: float, on_start: object = None,
+                      on_stdout: Callable[[bytes], None] | None = None) -> ProcResult:
     """Run one invocation in its own process group; on timeout or cancel the group is terminated, then killed."""
     t0 = time.monotonic()
     started = time.time()
@@ -149,7 +158,7 @@ async def run_process(inv: Invocation, timeout_s: float, on_start: object = None
             proc.stdin.close()
 
     out, err = bytearray(), bytearray()
-    out_task = asyncio.ensure_future(_read_into(proc.stdout, out))
+    out_task = asyncio.ensure_future(_read_into(proc.stdout, out, on_chunk=on_stdout))
     err_task = asyncio.ensure_future(_read_into(proc.stderr, err, STDERR_KEEP))
     feed_task = asyncio.ensure_future(feed())
     timed_out = False

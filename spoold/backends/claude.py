@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -83,11 +84,17 @@ class ClaudeBackend:
         self.info = probe(settings.claude_bin, env)
         argv = [settings.claude_bin, "-p", "--output-format", "stream-json", "--verbose", *self.info.isolation_args(),
                 f"--model={task.model}", f"--tools={','.join(settings.allowed_tools)}"]
+        if self.info.supports("--include-partial-messages"):
+            argv.append("--include-partial-messages")  # the answer as it is written, not only per turn
         if settings.allowed_tools:
             argv.append(f"--allowedTools={','.join(settings.allowed_tools)}")
         if task.system:
             argv.append(f"--append-system-prompt={task.system}")
         return Invocation(argv, env, task.prompt.encode(), cwd)
+
+    def progress(self) -> Callable[[bytes], str | None]:
+        stream = Stream()
+        return lambda chunk: stream.answer_so_far if stream.feed(chunk) else None
 
     def classify(self, task: Task, proc: ProcResult) -> Outcome:
         return classify(task, proc, login_command=self.info.login_command if self.info else LOGIN_COMMAND)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from spoold.backends import Invocation, Outcome, ProcResult
@@ -34,6 +35,16 @@ class CommandBackend:
             argv.append(arg)
         env = dict(os.environ, SPOOLD_TASK_ID=task.id, SPOOLD_MODEL=task.model)
         return Invocation(argv, env, task.prompt.encode(), cwd)
+
+    def progress(self) -> Callable[[bytes], str | None]:
+        """The answer is stdout itself (decoded whole each time: a split UTF-8 character must not show as junk)."""
+        out = bytearray()
+
+        def feed(chunk: bytes) -> str | None:
+            out.extend(chunk)
+            return out.decode("utf-8", "ignore") if chunk else None
+
+        return feed
 
     def classify(self, task: Task, proc: ProcResult) -> Outcome:
         answer = proc.stdout.decode("utf-8", "replace")
