@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from spoold import config, ledger, queue, spool
+from spoold import config, ledger, options, queue, spool
 from spoold.config import Settings
 from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.spool import Spool
@@ -120,6 +120,7 @@ def submit(
     meta.update({k: v for k, v in flags.items() if v is not None})
     task_id = spool.new_id(slug_hint or title or str(meta.get("title") or "") or body[:60])
     task = from_meta(meta, body, task_id=task_id, default_model=settings.default_model)
+    options.resolve(sp, settings, task)
     task.submitted_at = spool.id_time(task_id)
     task.source = source
     try:
@@ -230,6 +231,19 @@ def result_meta(sp: Spool, task_id: str) -> dict[str, Any]:
         return {}
     meta, _ = parse_text(Path(ti.result_path).read_text(encoding="utf-8"))
     return meta
+
+
+def structured(answer: str) -> Any:
+    """The JSON a task's `schema:` asked for: the answer's fenced ```json block, parsed (None if it has none)."""
+    import json
+
+    text = answer.strip()
+    if not (text.startswith("```json\n") and text.endswith("```")):
+        return None
+    try:
+        return json.loads(text[len("```json\n"):-3])
+    except ValueError:
+        return None
 
 
 def wait(sp: Spool, task_id: str, timeout_s: float | None = None, poll_s: float = 0.1) -> TaskInfo:

@@ -156,7 +156,11 @@ def cmd_result(args: argparse.Namespace) -> int:
         _follow(sp, args.id)
     ti, answer = api.result(sp, args.id)
     if args.json:
-        _print_json({"info": ti.to_dict(), "meta": api.result_meta(sp, args.id), "answer": answer})
+        meta = api.result_meta(sp, args.id)
+        data = {"info": ti.to_dict(), "meta": meta, "answer": answer}
+        if meta.get("structured"):
+            data["structured"] = api.structured(answer)
+        _print_json(data)
     else:
         sys.stdout.write(answer)
     return 0 if ti.state == "done" else EXIT_FAILED_TASK

@@ -13,6 +13,20 @@ from spoold.errors import ConfigError
 DEFAULT_SPOOL = "~/async"
 
 
+@dataclass(frozen=True)
+class Profile:
+    """What the spool's owner lets a task that names this profile use; a dropped file can only choose one."""
+
+    cwd: str | None = None  # the working directory (default: spoold's own neutral one)
+    tools: list[str] | None = None  # built-in tools granted (default: the spool's allowed_tools)
+    add_dirs: list[str] = field(default_factory=list)  # more directories the file tools may read
+    mcp_config: str | None = None  # an MCP config file: only its servers, never the user's own
+    system: str | None = None  # appended to the system prompt
+
+
+PROFILE_KEYS = {f.name for f in fields(Profile)}
+
+
 @dataclass
 class Settings:
     """Everything a daemon, the CLI or the adapter may tune."""
@@ -37,6 +51,8 @@ class Settings:
     allowed_tools: list[str] = field(default_factory=list)
     keep_api_key: bool = False
     scan_interval_s: float = 5.0
+    system_prompt: str | None = None  # appended to every claude task's system prompt (a profile's comes after)
+    profiles: dict[str, Profile] = field(default_factory=dict)
 
 
 # Environment names, kept from the original design where they existed.
@@ -63,6 +79,8 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn a raw value (text from env or YAML) into the field's type, or say what is wrong."""
     default = getattr(Settings(), name)
     kind = {f.name: f.type for f in fields(Settings)}[name]
+    if name == "profiles":
+        return _profiles(value)
     try:
         if value is None:
             if "None" in str(kind):
@@ -83,6 +101,27 @@ def _coerce(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"setting {name}={value!r} has the wrong type; expected {kind}") from None
+
+
+def _profiles(value: Any) -> dict[str, Profile]:
+    """`profiles:` in config.yaml: name -> {cwd, tools, add_dirs, mcp_config, system}."""
+    if value is None:
+        return {}
+    if isinstance(value, dict) and all(isinstance(p, Profile) for p in value.values()):
+        return dict(value)
+    if not isinstance(value, dict):
+        raise ConfigError("profiles must be a mapping of name -> {cwd, tools, add_dirs, mcp_config, system}")
+    out = {}
+    for name, spec in value.items():
+        spec = spec or {}
+        if not isinstance(spec, dict) or set(map(str, spec)) - PROFILE_KEYS:
+            bad = sorted(set(map(str, spec)) - PROFILE_KEYS) if isinstance(spec, dict) else spec
+            raise ConfigError(f"profile {name!r}: unknown key(s) {bad}; known: {', '.join(sorted(PROFILE_KEYS))}")
+        lists = {k: [str(v) for v in (spec[k] if isinstance(spec[k], list) else str(spec[k]).replace(",", " ").split())]
+                 for k in ("tools", "add_dirs") if spec.get(k) is not None}
+        texts = {k: str(spec[k]) for k in ("cwd", "mcp_config", "system") if spec.get(k) is not None}
+        out[str(name)] = Profile(**lists, **texts)  # type: ignore[arg-type]
+    return out
 
 
 def validate(s: Settings) -> Settings:
@@ -160,7 +199,9 @@ def update_file(spool_write: Any, config_path: Path, changes: dict[str, Any]) ->
     validate(Settings(**current))
     import yaml
 
-    data = yaml.safe_dump(current, sort_keys=True).encode()
+    plain = {k: ({n: {f: v for f, v in asdict(p).items() if v not in (None, [])} for n, p in v.items()}
+                 if k == "profiles" else v) for k, v in current.items()}
+    data = yaml.safe_dump(plain, sort_keys=True).encode()
     spool_write(config_path, data)
     return current
 

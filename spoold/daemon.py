@@ -15,13 +15,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spoold import config, intake, ledger, queue, spool
+from spoold import config, intake, ledger, options, queue, spool
 from spoold.backends import Outcome, ProcResult, get_backend, run_process
-from spoold.errors import CliUnusable, SpooldError
+from spoold.errors import BadInput, CliUnusable, SpooldError
 from spoold.spool import Spool
 from spoold.task import Result
 
@@ -259,7 +260,7 @@ class Daemon:
 
         def work() -> intake.IntakeReport:
             report = intake.scan(self.sp, default_model=settings.default_model, max_bytes=settings.max_bytes,
-                                 include_queued=full, limit=INTAKE_BATCH)
+                                 include_queued=full, limit=INTAKE_BATCH, settings=settings)
             if full:
                 for action in queue.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here):
                     log.info("recovery: %s", action)
@@ -357,7 +358,9 @@ class Daemon:
         backend = get_backend(settings)
         try:
             try:
-                inv = await asyncio.to_thread(backend.invocation, task, settings, self.workdir)
+                ctx = options.context(self.sp, settings, task, self.workdir)
+                inv = await asyncio.to_thread(partial(backend.invocation, task, settings, ctx.cwd,
+                                                      profile=ctx.profile, session=ctx.session))
                 feed, drain = self._partial_writer(claimed, backend.progress())
                 try:
                     proc = await run_process(inv, task.timeout or settings.timeout_s, on_stdout=feed)
@@ -365,6 +368,11 @@ class Daemon:
                     await drain()
             except CliUnusable as e:  # missing, broken, or unable to isolate the task
                 outcome, proc = self._cli_hold(str(e)), ProcResult(None, b"", b"")
+            except options.NotYet as e:  # a follow-up whose earlier task is still to finish
+                outcome = Outcome("wait", error=str(e), hold_until=datetime.now(UTC) + timedelta(seconds=options.RESUME_WAIT_S))
+                proc = ProcResult(None, b"", b"")
+            except BadInput as e:  # its profile or the task it continues is gone: say so, don't guess
+                outcome, proc = Outcome("failed", error=str(e)), ProcResult(None, b"", b"")
             except OSError as e:  # the CLI itself is missing or not executable
                 outcome = self._cli_hold(f"cannot start {settings.claude_bin!r}: {e.strerror}; install it or set claude_bin")
                 proc = ProcResult(None, b"", b"")
@@ -459,6 +467,10 @@ class Daemon:
             log.warning("holding the queue until %s: %s", _fmt(until.timestamp()), outcome.error)
             queue.requeue(self.sp, claimed, outcome.error or "held", count_attempt=False)
             return
+        if outcome.kind == "wait":
+            task.not_before = outcome.hold_until
+            queue.requeue(self.sp, claimed, outcome.error or "waiting", count_attempt=False)
+            return
         if outcome.kind == "retry" and task.attempts < settings.max_attempts:
             if seen or outcome.cost_usd:  # a failed try may still have cost something
                 ledger.record_finish(self.sp, settings, outcome.cost_usd, None, seen)
@@ -476,7 +488,8 @@ class Daemon:
             duration_s=round(proc.duration_s, 3), cost_usd=outcome.cost_usd, input_tokens=outcome.input_tokens,
             output_tokens=outcome.output_tokens, cache_read_tokens=outcome.cache_read_tokens,
             cache_creation_tokens=outcome.cache_creation_tokens, session_id=outcome.session_id,
-            attempts=task.attempts, error=error,
+            attempts=task.attempts, error=error, continues=task.resume,
+            structured=True if outcome.structured is not None else None,
         )
         queue.finish(self.sp, claimed, result)
         ledger.record_finish(self.sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None, seen)

@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spoold import queue, spool
+from spoold import options, queue, spool
+from spoold.config import Settings
 from spoold.errors import BadInput
 from spoold.spool import Spool
 from spoold.task import Task, parse_task
@@ -84,11 +85,12 @@ class IntakeReport:
 
 
 def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool = True,
-         limit: int | None = None) -> IntakeReport:
+         limit: int | None = None, settings: Settings | None = None) -> IntakeReport:
     """Take complete files from inbox/ (and, when asked, foreign files from queued/) into the queue.
 
     At most `limit` a call: a corpus of 100,000 dropped files is taken in batches, and the
-    daemon starts tasks between them instead of after the last one.
+    daemon starts tasks between them instead of after the last one. With `settings`, the names a
+    task uses (profile, schema file, the task it continues) are checked too.
     """
     report = IntakeReport([], [], [])
     for state in ("inbox", "queued") if include_queued else ("inbox",):
@@ -103,7 +105,7 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
             if t:
                 taken.append(t)
         if taken:
-            _queue_taken(sp, base, taken, report, default_model=default_model, max_bytes=max_bytes)
+            _queue_taken(sp, base, taken, report, default_model=default_model, max_bytes=max_bytes, settings=settings)
         if report.more:
             break
     return report
@@ -144,7 +146,7 @@ def take_one(sp: Spool, path: Path, report: IntakeReport) -> Taken | None:
 
 
 def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport, *, default_model: str,
-                 max_bytes: int) -> None:
+                 max_bytes: int, settings: Settings | None = None) -> None:
     """Queue a scan's claimed entries with one fsync per directory for all of them, not per entry.
 
     Order: the claims are made durable, then every queued copy is written, then queued/ is
@@ -157,7 +159,7 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
     try:
         for i, t in enumerate(taken):
             try:
-                if _settle_intake(sp, t, report, default_model=default_model, max_bytes=max_bytes):
+                if _settle_intake(sp, t, report, default_model=default_model, max_bytes=max_bytes, settings=settings):
                     accepted.append(t.claimed)
             except OSError:  # the spool cannot be written: leave the files where the user put them
                 for rest in taken[i:]:
@@ -170,7 +172,8 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
                 queue.drop_intake_copy(claimed)
 
 
-def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: str, max_bytes: int) -> bool:
+def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: str, max_bytes: int,
+                   settings: Settings | None = None) -> bool:
     """Queue (True: its claimed copy can go once queued/ is synced) or reject one taken entry."""
     if not stat.S_ISREG(t.mode):
         kind = _kind(t.mode)
@@ -186,6 +189,8 @@ def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: 
     try:
         task = read_dropped(t.claimed, task_id=t.task_id, source=t.name, default_model=default_model,
                             max_bytes=max_bytes)
+        if settings is not None:
+            options.resolve(sp, settings, task)
     except BadInput as e:
         queue.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name}: {e}")
         report.failed.append(t.task_id)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
 from spoold.errors import BadTaskId, SpoolError, TaskNotFound
@@ -501,6 +501,15 @@ def running_path(sp: Spool, task_id: str, owner: str | None = None) -> Path:
     return sp.dir("running") / f"{task_id}@{owner or owner_tag()}.md"
 
 
+SCHEMAS_DIR = "schemas"  # the owner's JSON Schemas, named by tasks' `schema: NAME.json`
+
+
+def schema_path(sp: Spool, name: str) -> Path:
+    if "/" in name or name.startswith(".") or "\0" in name:
+        raise BadTaskId(f"not a schema file name: {name[:80]!r}")
+    return sp.root / SCHEMAS_DIR / name
+
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -546,6 +555,34 @@ def _locate_once(sp: Spool, task_id: str) -> Located | None:
             if p.exists():
                 return Located(state, p, task_id)
     return None
+
+
+def all_ids(sp: Spool) -> Iterator[str]:
+    """Every task id in the spool, from names alone (running, queued, then the terminal states)."""
+    for e in list_running(sp):
+        yield e.task_id
+    for e in list_queued(sp):
+        yield e.task_id
+    for state in TERMINAL:
+        for d in terminal_dirs(sp, state):
+            for name in os.listdir(d) if d.is_dir() else []:
+                if name.endswith(".md") and not name.endswith(".result.md") and ID_RE.match(name[:-3]):
+                    yield name[:-3]
+
+
+def resolve_id(sp: Spool, text: str) -> str:
+    """A full id, a prefix of one, or its short random part (`o5e4gy`), when exactly one task has it."""
+    text = text.strip()
+    if ID_RE.fullmatch(text):
+        return locate(sp, text).task_id
+    if not re.fullmatch(r"[A-Za-z0-9-]{4,80}", text):
+        raise BadTaskId(f"not a task id or a prefix of one: {text[:80]!r}")
+    found = sorted({i for i in all_ids(sp) if i.startswith(text) or i.split("-", 2)[1].startswith(text)})
+    if not found:
+        raise TaskNotFound(f"no task with an id starting {text!r} in {sp.root}")
+    if len(found) > 1:
+        raise BadTaskId(f"{text!r} matches {len(found)} tasks ({', '.join(found[:3])}...); give more of the id")
+    return found[0]
 
 
 def find_result(sp: Spool, task_id: str) -> Path | None:

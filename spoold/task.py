@@ -12,7 +12,10 @@ from typing import Any
 from spoold.errors import BadInput
 from spoold.spool import PRIORITIES
 
-USER_KEYS = ("model", "priority", "system", "title", "tags", "timeout", "not_before")
+USER_KEYS = ("model", "priority", "system", "title", "tags", "timeout", "not_before", "resume", "follow_up",
+             "schema", "max_budget_usd", "fallback_model", "effort", "max_turns", "profile")
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a profile name, a schema file name
 SPOOLD_KEYS = ("id", "status", "submitted_at", "source", "attempts", "started_at", "finished_at", "error", "warnings")
 MAX_FRONTMATTER = 64 * 1024
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]@-]{0,199}$")
@@ -42,6 +45,14 @@ class Task:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # options mapped to the CLI's own flags (see spoold/options.py)
+    resume: str | None = None  # the task whose conversation this one continues
+    schema: dict[str, Any] | str | None = None  # a JSON Schema, or the name of one in the spool's schemas/
+    max_budget_usd: float | None = None
+    fallback_model: str | None = None
+    effort: str | None = None
+    max_turns: int | None = None
+    profile: str | None = None
 
 
 @functools.cache
@@ -178,10 +189,55 @@ def from_meta(meta: dict[str, Any], body: str, *, task_id: str, default_model: s
         extra=extra,
         warnings=warnings,
     )
+    _options(task, meta)
     _stored_fields(task, meta)
     if task.extra or len(task.system or "") + len(task.title or "") > MAX_FRONTMATTER // 8:
         _check_storable(task)  # only user-shaped values can grow past the limit when written out
     return task
+
+
+def _options(task: Task, meta: dict[str, Any]) -> None:
+    """The per-task options, each checked here so a bad one is a clear message at intake."""
+    resume = meta.get("resume") if meta.get("resume") is not None else meta.get("follow_up")
+    if resume is not None:
+        if not isinstance(resume, str) or not re.fullmatch(r"[A-Za-z0-9-]{4,80}", resume.strip()):
+            raise BadInput("`resume` must be the id of an earlier task (or its first characters, such as o5e4gy)")
+        task.resume = resume.strip()
+    schema = meta.get("schema")
+    if isinstance(schema, str) and schema.strip().startswith("{"):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise BadInput(f"`schema` is not valid JSON ({e.msg}); write it as YAML or JSON") from None
+    if schema is not None:
+        if isinstance(schema, str) and NAME_RE.match(schema) and schema.endswith(".json"):
+            task.schema = schema
+        elif isinstance(schema, dict) and schema:
+            task.schema = json.loads(json.dumps(schema, default=str))
+        else:
+            raise BadInput("`schema` must be a JSON Schema (a mapping such as {type: object, ...}) "
+                           "or the name of a .json file in the spool's schemas/ folder")
+    if meta.get("max_budget_usd") is not None:
+        v = meta["max_budget_usd"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise BadInput(f"`max_budget_usd: {str(v)[:30]}` must be a positive amount of dollars, such as 0.50")
+        task.max_budget_usd = float(v)
+    if meta.get("fallback_model") is not None:
+        task.fallback_model = check_model(meta["fallback_model"])
+    if meta.get("effort") is not None:
+        effort = str(meta["effort"]).strip().lower()
+        if effort not in EFFORTS:
+            raise BadInput(f"`effort: {effort[:20]}` must be one of {', '.join(EFFORTS)}")
+        task.effort = effort
+    if meta.get("max_turns") is not None:
+        v = meta["max_turns"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BadInput(f"`max_turns: {str(v)[:20]}` must be a whole number of turns, 1 or more")
+        task.max_turns = v
+    if meta.get("profile") is not None:
+        if not isinstance(meta["profile"], str) or not NAME_RE.match(meta["profile"]):
+            raise BadInput("`profile` must be the name of a profile in the spool's config.yaml")
+        task.profile = meta["profile"]
 
 
 def _check_storable(task: Task) -> None:
@@ -231,6 +287,13 @@ def task_meta(task: Task) -> dict[str, Any]:
         "timeout": task.timeout,
         "system": task.system,
         "tags": task.tags or None,
+        "profile": task.profile,
+        "resume": task.resume,
+        "schema": task.schema,
+        "max_budget_usd": task.max_budget_usd,
+        "fallback_model": task.fallback_model,
+        "effort": task.effort,
+        "max_turns": task.max_turns,
         "error": task.error,
         "warnings": task.warnings or None,
     }
@@ -362,6 +425,8 @@ class Result:
     session_id: str | None = None
     attempts: int | None = None
     error: str | None = None
+    continues: str | None = None  # the task whose conversation this one resumed
+    structured: bool | None = None  # the answer is JSON matching the task's schema, in a fenced block
 
 
 def render_result(result: Result) -> bytes:

@@ -18,7 +18,7 @@ from spoold.backends.claude import (
 from spoold.backends.claude_stream import parse
 from spoold.backends.claude_probe import ISOLATION, probe
 from spoold.backends.command import CommandBackend
-from spoold.config import Settings
+from spoold.config import Profile, Settings
 from spoold.errors import CliUnusable
 from spoold.units import window_words
 from spoold.task import Task
@@ -63,7 +63,8 @@ def test_classification_of_real_cli_results(name: str, version: str) -> None:
     out = classify(TASK, proc, now=datetime.fromtimestamp(meta["captured_at"], UTC))
     assert out.kind == EXPECTED[name], out.error
     if out.kind == "done":
-        assert out.answer in ("4", '{"n":4}') and out.model_resolved and out.session_id
+        assert out.answer in ("4", '```json\n{\n  "n": 4\n}\n```\n') and out.model_resolved and out.session_id
+        assert out.structured == ({"n": 4} if name == "schema_output" else None)
         assert out.input_tokens is not None and out.output_tokens is not None
     else:
         assert out.error  # always words a user can act on
@@ -217,3 +218,27 @@ def test_command_backend_fills_the_template(tmp_path: Path) -> None:
     inv = CommandBackend(["llm", "-m", "{model}", "--title={title}"]).invocation(
         Task(id=TASK.id, prompt="p", model="haiku", title="T"), Settings(), tmp_path)
     assert inv.argv == ["llm", "-m", "haiku", "--title=T"] and inv.stdin == b"p"
+
+
+def test_each_task_option_maps_to_the_clis_own_flag(tmp_path: Path) -> None:
+    exe = str(fake_claude_script(tmp_path / "claude", "exit 0"))
+    task = Task(id=TASK.id, prompt="p", model="opus", max_budget_usd=0.5, fallback_model="sonnet", effort="high",
+                max_turns=3, schema={"type": "object"}, system="task line")
+    s = Settings(claude_bin=exe, system_prompt="spool line")
+    argv = ClaudeBackend().invocation(task, s, tmp_path, session="sess-1").argv
+    assert argv[-7:] == ["--append-system-prompt=spool line\n\ntask line", "--max-budget-usd=0.5",
+                         "--fallback-model=sonnet", "--effort=high", "--max-turns=3", "--resume=sess-1",
+                         '--json-schema={"type":"object"}']
+
+
+def test_a_profile_grants_its_tools_dirs_and_mcp_config_only(tmp_path: Path) -> None:
+    exe = str(fake_claude_script(tmp_path / "claude", "exit 0"))
+    profile = Profile(cwd=str(tmp_path), tools=["Read", "mcp__docs__search"], add_dirs=["/srv/docs"],
+                      mcp_config=str(tmp_path / "mcp.json"), system="profile line")
+    argv = ClaudeBackend().invocation(TASK, Settings(claude_bin=exe, allowed_tools=["Bash"]), tmp_path,
+                                      profile=profile).argv
+    assert "--tools=Read" in argv and "--allowedTools=Read,mcp__docs__search" in argv and "Bash" not in str(argv)
+    assert "--add-dir=/srv/docs" in argv and f"--mcp-config={tmp_path / 'mcp.json'}" in argv
+    assert "--strict-mcp-config" in argv and "--setting-sources=" in argv  # only the profile's servers load
+    assert "--safe-mode" not in argv  # it would switch the profile's own MCP servers off too
+    assert "--append-system-prompt=profile line" in argv

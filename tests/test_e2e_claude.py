@@ -10,6 +10,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from conftest import drop, terminal_files, wait_for
 
 from spoold import api, spool
@@ -219,3 +220,63 @@ def test_a_running_tasks_answer_so_far_is_visible_and_followed(sp, fake_api, cla
     assert api.result(sp, tid)[1] == answer + "\n"
     assert out.decode() == answer + "\n"  # the followed answer, each part once
     assert [p.name for p in sp.dir("running").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_a_follow_up_continues_the_earlier_conversation(sp, fake_api, claude_daemon) -> None:
+    claude_daemon()
+    first = api.submit(sp, "Remember the word PINEAPPLE.").id
+    wait_for(lambda: _state(sp, first) == "done", timeout=60, what="first done")
+    short = first.split("-")[1]  # the id's random part is enough
+    second = api.submit(sp, f"---\nresume: {short}\n---\nAnd now make it shorter.").id
+    wait_for(lambda: _state(sp, second) == "done", timeout=60, what="the follow-up done")
+    last = fake_api.main_requests()[-1]["body"]
+    assert "Remember the word PINEAPPLE." in json.dumps(last["messages"])  # the CLI resumed the session
+    res = parse_result(spool.find_result(sp, second).read_text())
+    first_res = parse_result(spool.find_result(sp, first).read_text())
+    assert res.continues == first and res.session_id == first_res.session_id
+
+
+def test_a_follow_up_waits_for_the_task_it_continues(sp, fake_api, claude_daemon) -> None:
+    from fake_api import Text
+
+    fake_api.script(Text("slowly, the first answer", chunk_size=4, chunk_delay_s=0.1))
+    claude_daemon(concurrency=2)
+    first = api.submit(sp, "first question").id
+    second = api.submit(sp, f"---\nfollow_up: {first}\n---\nmore, please").id
+    wait_for(lambda: _state(sp, second) == "done", timeout=90, what="the follow-up done")
+    assert "first question" in json.dumps(fake_api.main_requests()[-1]["body"]["messages"])
+    assert api.info(sp, second).attempts == 1  # waiting cost no attempt
+
+
+def test_schema_output_is_fenced_json_and_parsed_by_result_json(sp, fake_api, claude_daemon) -> None:
+    from fake_api import ToolUse
+
+    fake_api.script(ToolUse("StructuredOutput", {"n": 4, "why": "two and two"}))
+    claude_daemon()
+    tid = api.submit(sp, "---\nschema:\n  type: object\n  properties: {n: {type: integer}, why: {type: string}}\n"
+                     "  required: [n]\n---\nWhat is 2+2?").id
+    wait_for(lambda: _state(sp, tid) == "done", timeout=60, what="done")
+    [main] = fake_api.main_requests()[:1]
+    assert any(t["name"] == "StructuredOutput" for t in main["body"]["tools"])  # the CLI's own schema tool
+    out = subprocess.run([sys.executable, "-m", "spoold.cli", "result", "--json", tid, "--spool", str(sp.root)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    data = json.loads(out.stdout)
+    assert data["structured"] == {"n": 4, "why": "two and two"} and data["answer"].startswith("```json\n")
+
+
+def test_a_profile_gives_its_cwd_tools_and_system_prompt_and_nothing_more(sp, fake_api, claude_daemon, tmp_path) -> None:
+    repo = tmp_path / "app"
+    repo.mkdir()
+    (repo / "README").write_text("the app\n")
+    claude_daemon(profiles={"repo-review": {"cwd": str(repo), "tools": ["Read", "Grep", "Glob"],
+                                            "system": "PROFILE-SYSTEM-LINE"}}, system_prompt="SPOOL-WIDE-LINE")
+    tid = api.submit(sp, "---\nprofile: repo-review\ntools: [Bash]\n---\nReview it.").id
+    wait_for(lambda: _state(sp, tid) == "done", timeout=60, what="done")
+    body = fake_api.main_requests()[-1]["body"]
+    offered = sorted(t["name"] for t in body["tools"] if not t.get("defer_loading"))  # 2.1.332 adds a placeholder
+    assert offered == ["Glob", "Grep", "Read"]  # `tools:` in the file is ignored
+    system = json.dumps(body["system"])
+    assert "PROFILE-SYSTEM-LINE" in system and "SPOOL-WIDE-LINE" in system and str(repo) in json.dumps(body)
+    bad = api.submit  # a profile the owner never defined is refused at once, with the names there are
+    with pytest.raises(Exception, match="repo-review"):
+        bad(sp, "---\nprofile: root-shell\n---\nhi")

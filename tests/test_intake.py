@@ -150,3 +150,24 @@ def test_a_big_drop_is_taken_in_batches(sp: spool.Spool) -> None:
     assert sorted(os.listdir(sp.dir("inbox"))) == [f"q{i:02d}.md" for i in range(4, 10)]
     report = intake.scan(sp, default_model="sonnet", max_bytes=1 << 20, limit=100)
     assert len(report.queued) == 6 and not report.more and not os.listdir(sp.dir("inbox"))
+
+
+def test_names_a_task_uses_are_checked_at_intake(sp: spool.Spool) -> None:
+    from spoold.config import Profile, Settings
+
+    settings = Settings(profiles={"repo-review": Profile(tools=["Read"])})
+    (sp.root / "schemas").mkdir()
+    (sp.root / "schemas" / "answer.json").write_text('{"type": "object", "required": ["n"]}')
+    for name, front in (("ok", "profile: repo-review\nschema: answer.json"), ("noprofile", "profile: shell"),
+                        ("noschema", "schema: missing.json"), ("noresume", "resume: zzzzzz")):
+        (sp.dir("inbox") / f"{name}.md").write_text(f"---\n{front}\n---\nq\n")
+        os.utime(sp.dir("inbox") / f"{name}.md", (0, 0))
+    report = intake.scan(sp, default_model="sonnet", max_bytes=10_000, settings=settings)
+    assert len(report.queued) == 1 and len(report.failed) == 3
+    [queued] = spool.list_queued(sp)
+    task = parse_task((sp.dir("queued") / queued.name).read_text(), task_id=queued.task_id)
+    assert task.schema == {"type": "object", "required": ["n"]}  # read once, stored with the task
+    reasons = " ".join(parse_result(p.read_text()).error for p in sp.dir("failed").glob("*.result.md"))
+    assert "`profile: shell` is not a profile of this spool's config.yaml (repo-review)" in reasons
+    assert "`schema: missing.json` names no file in" in reasons
+    assert "`resume: zzzzzz`: no task with an id starting 'zzzzzz'" in reasons

@@ -167,3 +167,34 @@ def test_plain_submit_needs_no_yaml() -> None:
             "render_task(Task(id='20261124T160000000Z-abcdef', prompt='hi', title='T', tags=['a'])); "
             "parse_text('plain prompt'); print('yaml' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_task_options_are_read_and_kept() -> None:
+    t = parse_task("---\nresume: o5e4gy\nschema: {type: object, properties: {n: {type: integer}}}\nmax_budget_usd: 0.5\n"
+                   "fallback_model: haiku\neffort: HIGH\nmax_turns: 4\nprofile: repo-review\n---\nq\n", task_id=TID)
+    assert (t.resume, t.max_budget_usd, t.fallback_model, t.effort, t.max_turns, t.profile) == (
+        "o5e4gy", 0.5, "haiku", "high", 4, "repo-review")
+    assert t.schema == {"type": "object", "properties": {"n": {"type": "integer"}}} and not t.warnings
+    again = parse_task(render_task(t).decode(), task_id=TID)
+    assert (again.schema, again.max_turns, again.resume) == (t.schema, 4, "o5e4gy")
+    assert parse_task('---\nschema: \'{"type": "object"}\'\n---\nq\n', task_id=TID).schema == {"type": "object"}
+    assert parse_task("---\nschema: answer.json\n---\nq\n", task_id=TID).schema == "answer.json"
+    assert parse_task("---\nfollow_up: o5e4gy\n---\nq\n", task_id=TID).resume == "o5e4gy"
+
+
+@pytest.mark.parametrize(("front", "message"), [
+    ("effort: extreme", "must be one of low, medium, high, xhigh, max"),
+    ("max_turns: 0", "whole number of turns"),
+    ("max_turns: two", "whole number of turns"),
+    ("max_budget_usd: -1", "positive amount of dollars"),
+    ("max_budget_usd: lots", "positive amount of dollars"),
+    ("fallback_model: 'sonnet --x'", "is not a model name"),
+    ("schema: [1, 2]", "must be a JSON Schema"),
+    ("schema: ../../etc/passwd", "must be a JSON Schema"),
+    ("schema: '{not json'", "is not valid JSON"),
+    ("resume: ../x", "must be the id of an earlier task"),
+    ("profile: ../../root", "must be the name of a profile"),
+])
+def test_bad_task_options_say_what_to_fix(front: str, message: str) -> None:
+    with pytest.raises(BadInput, match=message):
+        parse_task(f"---\n{front}\n---\nq\n", task_id=TID)

@@ -17,10 +17,10 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Literal, Protocol
 
-from spoold.config import Settings
+from spoold.config import Profile, Settings
 from spoold.task import Task
 
-OutcomeKind = Literal["done", "failed", "retry", "hold"]
+OutcomeKind = Literal["done", "failed", "retry", "hold", "wait"]
 STDERR_KEEP = 64 * 1024
 PIPE_GRACE_S = 2.0  # how long output may trail the CLI's exit
 EXIT_POLL_S = 0.05
@@ -38,7 +38,8 @@ class Window:
 
 @dataclass
 class Outcome:
-    """What became of one run: done, failed (permanent), retry (transient), or hold (the account can't run now)."""
+    """What became of one run: done, failed (permanent), retry (transient), hold (the account can't run now),
+    or wait (this task alone must wait until hold_until: a follow-up whose earlier task has not finished)."""
 
     kind: OutcomeKind
     answer: str = ""
@@ -52,6 +53,7 @@ class Outcome:
     session_id: str | None = None
     hold_until: datetime | None = None
     windows: list[Window] = field(default_factory=list)
+    structured: object = None  # the JSON a task's `schema:` asked for, when it produced it
 
 
 @dataclass
@@ -79,7 +81,8 @@ class Backend(Protocol):
         """Problems worth saying at daemon start (raises CliUnusable for one that stops every task)."""
         ...
 
-    def invocation(self, task: Task, settings: Settings, cwd: Path) -> Invocation: ...
+    def invocation(self, task: Task, settings: Settings, cwd: Path, *, profile: Profile | None = None,
+                   session: str | None = None) -> Invocation: ...
 
     def classify(self, task: Task, proc: ProcResult) -> Outcome: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from spoold.backends import Invocation, Outcome, ProcResult
 from spoold.backends.claude_probe import CliInfo, logged_in, probe
 from spoold.backends.claude_stream import Stream, parse
 from spoold.backends.command import stderr_tail, timeout_message
-from spoold.config import Settings
+from spoold.config import Profile, Settings
 from spoold.task import Task
 from spoold.units import window_words
 
@@ -74,22 +75,37 @@ class ClaudeBackend:
                     "tasks wait in the queue until it is"]
         return []
 
-    def invocation(self, task: Task, settings: Settings, cwd: Path) -> Invocation:
+    def invocation(self, task: Task, settings: Settings, cwd: Path, *, profile: Profile | None = None,
+                   session: str | None = None) -> Invocation:
         """argv as a list (never a shell); `--flag=value` so a value can never be read as a flag.
 
         Isolated: the task sees none of the user's MCP servers, settings, hooks, plugins, skills or
-        CLAUDE.md, and only the tools the spool's own config grants.
+        CLAUDE.md, and only the tools the spool's own config grants (its profile's, if it names one).
         """
         env = task_env(settings)
         self.info = probe(settings.claude_bin, env)
-        argv = [settings.claude_bin, "-p", "--output-format", "stream-json", "--verbose", *self.info.isolation_args(),
-                f"--model={task.model}", f"--tools={','.join(settings.allowed_tools)}"]
+        tools = profile.tools if profile and profile.tools is not None else settings.allowed_tools
+        builtin = [t for t in tools if not t.startswith("mcp__")]  # --tools names built-in tools only
+        owner_mcp = bool(profile and profile.mcp_config)
+        argv = [settings.claude_bin, "-p", "--output-format", "stream-json", "--verbose",
+                *self.info.isolation_args(owner_mcp), f"--model={task.model}", f"--tools={','.join(builtin)}"]
         if self.info.supports("--include-partial-messages"):
             argv.append("--include-partial-messages")  # the answer as it is written, not only per turn
-        if settings.allowed_tools:
-            argv.append(f"--allowedTools={','.join(settings.allowed_tools)}")
-        if task.system:
-            argv.append(f"--append-system-prompt={task.system}")
+        if tools:
+            argv.append(f"--allowedTools={','.join(tools)}")
+        for d in profile.add_dirs if profile else []:
+            argv.append(f"--add-dir={Path(d).expanduser()}")
+        if profile and profile.mcp_config:
+            argv.append(f"--mcp-config={Path(profile.mcp_config).expanduser()}")
+        system = "\n\n".join(t for t in (settings.system_prompt, profile.system if profile else None, task.system) if t)
+        if system:
+            argv.append(f"--append-system-prompt={system}")
+        for flag, value in (("--max-budget-usd", task.max_budget_usd), ("--fallback-model", task.fallback_model),
+                            ("--effort", task.effort), ("--max-turns", task.max_turns), ("--resume", session)):
+            if value is not None:
+                argv.append(f"{flag}={value}")
+        if task.schema is not None:
+            argv.append(f"--json-schema={json.dumps(task.schema, separators=(',', ':'))}")
         return Invocation(argv, env, task.prompt.encode(), cwd)
 
     def progress(self) -> Callable[[bytes], str | None]:
@@ -134,6 +150,9 @@ def classify(task: Task, proc: ProcResult, now: datetime | None = None, login_co
     errors = set(stream.errors)
     if not res.get("is_error") and subtype in ("success", ""):
         out.kind, out.answer = "done", str(res.get("result") or "")
+        if res.get("structured_output") is not None:
+            out.structured = res["structured_output"]
+            out.answer = "```json\n" + json.dumps(res["structured_output"], indent=2, ensure_ascii=False) + "\n```\n"
         return out
     kind = text_kind(text)
     if res.get("api_error") == "usage_limit_reached" or _limit_rejected(stream) or kind == "usage_limit":

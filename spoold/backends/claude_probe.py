@@ -45,8 +45,12 @@ class CliInfo:
     def supports(self, flag: str) -> bool:
         return flag.split("=", 1)[0] in self.flags
 
-    def isolation_args(self) -> list[str]:
-        """The strongest isolation this CLI offers; CliUnusable if it lacks what is required."""
+    def isolation_args(self, owner_mcp: bool = False) -> list[str]:
+        """The strongest isolation this CLI offers; CliUnusable if it lacks what is required.
+
+        `owner_mcp`: a profile of the spool's owner brings its own --mcp-config, which --safe-mode would
+        switch off too; --setting-sources= alone keeps CLAUDE.md, hooks and the user's settings out then.
+        """
         missing = [flag for flag, _, required in ISOLATION if required and not self.supports(flag)]
         if missing:
             raise CliUnusable(
@@ -54,7 +58,7 @@ class CliInfo:
                 "so a dropped task could reach your MCP servers and hooks; upgrade it "
                 "(npm install -g @anthropic-ai/claude-code) and restart spoold"
             )
-        return [flag for flag, _, _ in ISOLATION if self.supports(flag)]
+        return [flag for flag, _, _ in ISOLATION if self.supports(flag) and not (owner_mcp and flag == "--safe-mode")]
 
 
 _cache: dict[tuple[str, int, int], CliInfo] = {}

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spoold.backends import Invocation, Outcome, ProcResult
-from spoold.config import Settings
+from spoold.config import Profile, Settings
 from spoold.errors import CliUnusable
 from spoold.task import Task
 
@@ -26,7 +26,8 @@ class CommandBackend:
             raise CliUnusable(f"command backend: {self.template[0]!r} not found; install it or fix `command:`")
         return []
 
-    def invocation(self, task: Task, settings: Settings, cwd: Path) -> Invocation:
+    def invocation(self, task: Task, settings: Settings, cwd: Path, *, profile: Profile | None = None,
+                   session: str | None = None) -> Invocation:
         fill = {"{model}": task.model, "{id}": task.id, "{title}": task.title or ""}
         argv = []
         for arg in self.template:
