@@ -80,7 +80,9 @@ class WindowInfo:
     task_id: str | None
 
 
-def windows(usage: ledger.Usage) -> list[WindowInfo]:
+def windows(sp: Spool, usage: ledger.Usage | None = None) -> list[WindowInfo]:
+    """What spoold last heard of each subscription window (from the ledger alone: no listing)."""
+    usage = usage or ledger.read_usage(sp)
     return [WindowInfo(name, w.status, w.utilization, iso(w.resets_at), iso(w.seen_at), w.task_id)
             for name, w in sorted(usage.windows.items())]
 
@@ -333,7 +335,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
         running=[_summary(sp.dir("running") / e.name, e.task_id, "running") for e in spool.list_running(sp)],
         held_until=iso(g.wait_until) if g.wait_until and g.wait_until != float("inf") else None,
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
-        settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(usage),
+        settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),
     )
 
 

@@ -95,7 +95,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from spoold import api
-    from spoold.units import window_words
 
     st = api.status(_spool(args))
     if args.json:
@@ -111,9 +110,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  next start not before {st.held_until}: {st.hold_reason}")
     elif st.next_start:
         print(f"  next start ~{st.next_start}")
-    for w in st.windows:
-        used = f"{w.utilization:.0%} used" if w.utilization is not None else w.status.replace("_", " ")
-        print(f"  subscription {window_words(w.name)} window: {used}, resets {w.resets_at} (seen by {w.task_id})")
+    for line in _window_lines(st.windows):
+        print(line)
     for ti in st.running:
         print(f"  running {ti.id} {ti.title[:50]} (since {ti.started_at})")
     if st.ignored_inbox_files:
@@ -124,13 +122,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     from spoold import api
 
-    items = api.list_tasks(_spool(args), args.state, args.limit)
+    sp = _spool(args)
+    items = api.list_tasks(sp, args.state, args.limit)
     if args.json:
         _print_json([t.to_dict() for t in items])
-    else:
-        for ti in items:
-            print(_line(ti))
+        return 0
+    for ti in items:
+        print(_line(ti))
+    for line in _window_lines(api.windows(sp)):
+        print(line)
     return 0
+
+
+def _window_lines(windows: list[Any]) -> list[str]:
+    """What the subscription last said of each window, in words: `status` and `ls` both show it."""
+    from spoold.units import window_words
+
+    out = []
+    for w in windows:
+        used = f"{w.utilization:.0%} used" if w.utilization is not None else w.status.replace("_", " ")
+        out.append(f"  subscription {window_words(w.name)} window: {used}, resets {w.resets_at} (seen by {w.task_id})")
+    return out
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -306,8 +306,7 @@ class Daemon:
                     return float("inf"), started
                 continue
             claimed, gate = await asyncio.to_thread(
-                ledger.start_many, self.sp, settings, candidates,
-                lambda e, t: queue.claim(self.sp, e, settings.default_model, started=t), free,
+                ledger.start_many, self.sp, settings, candidates, self._claimer(settings), free,
                 finishing=frozenset(self._finishing),
             )
             for c in claimed:
@@ -324,6 +323,26 @@ class Daemon:
         now = time.time()
         later = [e.not_before.timestamp() for e in listing.timed() if e.not_before and e.not_before.timestamp() > now]
         return (min(later) if later else None), started
+
+    def _claimer(self, settings: config.Settings) -> Callable[[spool.QueuedEntry, float], queue.Claimed | None]:
+        """queue.claim, except that a task of a model family whose own window is past the reserve (weekly Opus)
+        goes back to the queue until that window resets: other families' tasks still start meanwhile."""
+        families: dict[str | None, tuple[float, str]] = {}
+        if settings.reserve is not None:
+            families = ledger.reserve_holds(ledger.read_usage(self.sp), settings, time.time())
+            families.pop(None, None)
+
+        def claim(entry: spool.QueuedEntry, t: float) -> queue.Claimed | None:
+            c = queue.claim(self.sp, entry, settings.default_model, started=t)
+            family = ledger.family_of(c.task.model) if c and families else None
+            if c is None or family not in families:
+                return c
+            until, why = families[family]
+            c.task.not_before = datetime.fromtimestamp(until, UTC)
+            queue.requeue(self.sp, c, why, count_attempt=False)
+            return None  # not a start: the ledger does not count it
+
+        return claim
 
     def _busy(self) -> int:
         """Slots in use. A finished run frees its slot while its outcome is written, except under a budget:

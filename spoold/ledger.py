@@ -294,21 +294,39 @@ def budget_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, st
     return None
 
 
-def reserve_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, str] | None:
-    """The subscription window whose reported use has eaten into the reserve: no start until it resets.
+FAMILY_WINDOWS = {"seven_day_opus": "opus", "seven_day_sonnet": "sonnet"}  # windows that bind one model family
 
-    So a queue never takes the share of the user's limits kept for their own interactive use.
+
+def reserve_holds(usage: Usage, settings: Settings, now: float) -> dict[str | None, tuple[float, str]]:
+    """Windows whose reported use has eaten into the reserve: no start until each resets, so a queue never
+    takes the share of the user's limits kept for their own interactive use.
+
+    Keyed by the model family a window binds (`seven_day_opus` holds opus tasks only), None for the
+    windows that bind every task (5-hour, weekly).
     """
+    holds: dict[str | None, tuple[float, str]] = {}
     if settings.reserve is None:
-        return None
-    worst: tuple[float, str] | None = None
+        return holds
     for name, w in usage.windows.items():
-        if w.utilization is None or w.resets_at is None or w.resets_at <= now:
+        if w.utilization is None or w.resets_at is None or w.resets_at <= now or w.utilization < 1 - settings.reserve:
             continue
-        if w.utilization >= 1 - settings.reserve and (worst is None or w.resets_at > worst[0]):
-            worst = (w.resets_at, f"reserve: the {window_words(name)} window is {w.utilization:.0%} used "
-                                  f"(starts stop at {1 - settings.reserve:.0%}, keeping {settings.reserve:.0%} for you)")
-    return worst
+        family = FAMILY_WINDOWS.get(name)
+        if family not in holds or w.resets_at > holds[family][0]:
+            holds[family] = (w.resets_at, f"reserve: the {window_words(name)} window is {w.utilization:.0%} used "
+                                          f"(starts stop at {1 - settings.reserve:.0%}, keeping {settings.reserve:.0%} "
+                                          "for you)")
+    return holds
+
+
+def reserve_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, str] | None:
+    """The reserve hold on every task (a family's own window holds only that family: see reserve_holds)."""
+    return reserve_holds(usage, settings, now).get(None)
+
+
+def family_of(model: str) -> str | None:
+    """The model family a model name or alias belongs to, for the windows that bind one family."""
+    m = model.lower()
+    return next((f for f in FAMILY_WINDOWS.values() if f in m), None)
 
 
 def try_start(

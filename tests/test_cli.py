@@ -98,3 +98,21 @@ def test_mcp_config_prints_desktop_json(sp: spool.Spool) -> None:
     out = json.loads(run(sp, "mcp-config").stdout)
     entry = out["mcpServers"]["spoold"]
     assert entry["command"].endswith("spoold-mcp") and entry["env"]["SPOOLD_DIR"] == str(sp.root)
+
+
+def test_status_and_ls_show_what_the_subscription_said(sp: spool.Spool) -> None:
+    import time
+
+    from spoold import ledger
+    from spoold.config import Settings
+
+    seen = ledger.WindowSeen("allowed_warning", time.time() + 3600, 0.85, time.time(), "20261124T160000000Z-abcdef")
+    ledger.record_finish(sp, Settings(), None, None, {"five_hour": seen})
+    write_config(sp, reserve=0.2)
+    status = run(sp, "status")
+    assert "reserve 20% of each subscription window" in status.stdout
+    assert "subscription 5-hour window: 85% used, resets " in status.stdout
+    assert "next start not before" in status.stdout and "reserve: the 5-hour window is 85% used" in status.stdout
+    assert "subscription 5-hour window: 85% used" in run(sp, "ls").stdout
+    [w] = json.loads(run(sp, "status", "--json").stdout)["windows"]
+    assert w["name"] == "five_hour" and w["utilization"] == 0.85 and w["task_id"].endswith("abcdef")

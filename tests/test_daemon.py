@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from datetime import datetime
 
 from conftest import ECHO_COMMAND, drop, results, terminal_files, wait_for, write_config
 
@@ -186,3 +187,28 @@ def test_a_budget_below_one_tasks_cost_lets_exactly_one_task_run(sp, daemon, tmp
     assert runs.read_text().count("run") == 1
     assert [spool.locate(sp, t).state for t in ids].count("queued") == 2
     assert "daily budget of $0.0001 reached ($0.00055 spent today)" in api.status(sp).hold_reason
+
+
+def test_a_family_window_past_the_reserve_holds_only_that_family(sp, daemon, tmp_path) -> None:
+    """A run reports the weekly Opus window 90% used: opus tasks wait for its reset, sonnet tasks go on."""
+    import json as _json
+    import time as _time
+
+    from conftest import fake_claude_script
+
+    reset = int(_time.time()) + 3600
+    event = _json.dumps({"type": "rate_limit_event", "rate_limit_info": {
+        "status": "allowed_warning", "rateLimitType": "seven_day_opus", "utilization": 0.9, "resetsAt": reset}})
+    result = '{"type":"result","subtype":"success","is_error":false,"result":"ok"}'
+    exe = fake_claude_script(tmp_path / "claude", f"cat > /dev/null\necho \"$@\" >> {tmp_path}/argv\n"
+                             f"echo '{event}'\necho '{result}'")
+    write_config(sp, claude_bin=str(exe), reserve=0.2)
+    daemon(sp)
+    first = api.submit(sp, "first", model="opus").id
+    wait_for(lambda: spool.locate(sp, first).state == "done", what="the first opus task")
+    opus, sonnet = api.submit(sp, "more opus", model="opus").id, api.submit(sp, "a sonnet one", model="sonnet").id
+    wait_for(lambda: spool.locate(sp, sonnet).state == "done", what="the sonnet task")
+    info = api.info(sp, opus)
+    assert info.state == "queued" and info.attempts == 0 and "weekly Opus window is 90% used" in info.error
+    assert abs(datetime.fromisoformat(info.not_before).timestamp() - reset) < 1
+    assert (tmp_path / "argv").read_text().count("--model=opus") == 1  # the held one never ran

@@ -318,3 +318,13 @@ def test_a_finished_run_records_what_the_subscription_said(sp: spool.Spool) -> N
     ledger.record_finish(sp, settings(), None, 1.5, {"five_hour": _seen(0.81, now + 999, now)})
     u = ledger.read_usage(sp)
     assert u.windows["five_hour"].utilization == 0.81 and u.windows["five_hour"].task_id == "task-x"
+
+
+def test_a_family_window_holds_only_that_familys_tasks() -> None:
+    now = 1_700_000_000.0
+    u = usage([])
+    u.windows = {"seven_day_opus": _seen(0.9, now + 3600, now), "five_hour": _seen(0.3, now + 600, now)}
+    holds = ledger.reserve_holds(u, settings(reserve=0.2), now)
+    assert set(holds) == {"opus"} and holds["opus"][0] == now + 3600 and "weekly Opus window is 90% used" in holds["opus"][1]
+    assert ledger.gate(u, settings(reserve=0.2), 0, now).wait_until is None  # sonnet and haiku tasks still start
+    assert [ledger.family_of(m) for m in ("opus", "claude-opus-4-5", "sonnet", "haiku")] == ["opus", "opus", "sonnet", None]
