@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cli_overhead, latency, limit, scale, startup, throughput  # noqa: E402
-from bench.common import CORES  # noqa: E402
+from bench import cli_overhead, latency, limit, scale, startup, throughput
+from bench.common import CORES
 
 PARTS = {"startup": startup, "latency": latency, "throughput": throughput, "scale": scale, "limit": limit,
          "cli": cli_overhead}
@@ -30,7 +30,7 @@ def main() -> int:
         t = time.monotonic()
         try:
             text = PARTS[name].run(args.quick)
-        except Exception as e:  # noqa: BLE001 - one broken part must not hide the others
+        except Exception as e:
             text = f"### {name}\n\n(failed: {type(e).__name__}: {e})"
         print(f"{text}\n\n<sub>{name}: {time.monotonic() - t:.0f} s</sub>\n", flush=True)
     return 0

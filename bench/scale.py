@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -130,11 +130,11 @@ def _growth(small: float, big: float, ratio: float) -> str:
 Row = tuple[str, str, Callable[[float], str], float | None]  # key, label, format, target at the largest size
 
 
-def SECONDS(v: float) -> str:  # noqa: N802 - used as a constant in the row tables
+def SECONDS(v: float) -> str:
     return f"{v:.2f} s"
 
 
-def MB(v: float) -> str:  # noqa: N802
+def MB(v: float) -> str:
     return f"{v:.0f} MB"
 
 

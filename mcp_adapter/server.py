@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 import anyio
 import anyio.to_thread
@@ -89,7 +89,7 @@ class TaskStatus(BaseModel):
     duration_s: float | None = None
 
     @classmethod
-    def of(cls, ti: TaskInfo, **extra: object) -> TaskStatus:
+    def of(cls, ti: TaskInfo, **extra: object) -> Self:
         return cls(
             task_id=ti.id, state=ti.state, title=ti.title, model=ti.model, priority=ti.priority,
             submitted_at=ti.submitted_at, started_at=ti.started_at, finished_at=ti.finished_at,
@@ -153,7 +153,7 @@ class SubscriptionWindow(BaseModel):
     task_id: str | None = Field(None, description="the task whose run reported it")
 
     @classmethod
-    def of(cls, w: api.WindowInfo) -> "SubscriptionWindow":
+    def of(cls, w: api.WindowInfo) -> SubscriptionWindow:
         return cls(**asdict(w))
 
 

@@ -210,7 +210,7 @@ def _apply_estimate(out: TaskInfo, est: ledger.Estimate) -> None:
     out.estimated_wait_seconds = round(max(0.0, est.start - time.time()), 1)
 
 
-def _read_result(path: Path):  # noqa: ANN202 - Result | None
+def _read_result(path: Path):
     try:
         return parse_result(spool.read_bytes(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, BadInput):

@@ -19,7 +19,7 @@ EXIT_FAILED_TASK = 1
 EXIT_TIMEOUT = 124
 
 
-def _spool(args: argparse.Namespace, create: bool = False):  # noqa: ANN202 - Spool
+def _spool(args: argparse.Namespace, create: bool = False):
     from spoold import config, spool
 
     return spool.open_spool(config.spool_root(args.spool), create=create)

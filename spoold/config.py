@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
 
 from spoold.errors import ConfigError
 
@@ -171,13 +171,13 @@ def read_file(path: Path) -> dict[str, Any]:
     return {k: _coerce(k, v) for k, v in raw.items()}
 
 
-def load(config_path: Path, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
+def load(config_path: Path, overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Defaults, then the config file, then the environment, then flags (non-None overrides)."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = read_file(config_path)
     for name, var in ENV.items():
-        if env.get(var):
-            values[name] = _coerce(name, env[var])
+        if environ.get(var):
+            values[name] = _coerce(name, environ[var])
     for name, v in (overrides or {}).items():
         if v is not None:
             values[name] = _coerce(name, v)

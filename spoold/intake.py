@@ -134,7 +134,7 @@ def take_one(sp: Spool, path: Path, report: IntakeReport) -> Taken | None:
     regular = stat.S_ISREG(st.st_mode)
     if regular and not name.lower().endswith(TASK_SUFFIXES):
         return None  # not a task (a PDF, an image): left where the user put it; `status` lists it
-    if regular and (not is_settled(path, st) or st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S):
+    if regular and (not is_settled(path, st) or (st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S)):
         report.pending.append(name)  # still being written, or a writer's link-then-unlink is under way
         return None
     task_id = spool.new_id(Path(name).stem)

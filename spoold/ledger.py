@@ -119,7 +119,7 @@ def _load_host(path: Path) -> HostLedger:
 
 
 def _window(v: dict[str, object]) -> WindowSeen:
-    num = lambda x: float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None  # noqa: E731
+    num = lambda x: float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
     return WindowSeen(str(v.get("status") or ""), num(v.get("resets_at")), num(v.get("utilization")),
                       num(v.get("seen_at")) or 0.0, str(v["task_id"]) if v.get("task_id") else None)
 
@@ -150,11 +150,11 @@ def read_usage(sp: Spool, now: float | None = None, hosts: dict[str, HostLedger]
     cleared = max((h.holds_cleared_at or 0.0 for h in hosts_), default=0.0)
     for h in hosts_:
         starts += h.starts
-        for day, usd in h.spend.items():
-            spend[day] = spend.get(day, 0.0) + usd
+        for day, amount in h.spend.items():
+            spend[day] = spend.get(day, 0.0) + amount
         durations += h.durations
-        live = h.hold_until and h.hold_until > now and (h.hold_set_at or 0.0) > cleared
-        if live and (hold_until is None or h.hold_until > hold_until):
+        live = h.hold_until is not None and h.hold_until > now and (h.hold_set_at or 0.0) > cleared
+        if live and h.hold_until is not None and (hold_until is None or h.hold_until > hold_until):
             hold_until, hold_reason = h.hold_until, h.hold_reason
         for name, w in h.windows.items():
             if (w.resets_at is None or w.resets_at > now) and (name not in windows or w.seen_at > windows[name].seen_at):
@@ -191,7 +191,7 @@ def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
             meta, _ = parse_text(spool.read_bytes(p).decode("utf-8"))
             if meta.get("started_at"):
                 out.append(parse_time(meta["started_at"], "started_at").timestamp())
-        except Exception:  # noqa: BLE001 - a bad task file must not stop the rebuild
+        except Exception:
             continue
     return sorted(out)
 
@@ -337,7 +337,10 @@ def try_start(
 
     `claim(t)` gets the admission time, so the task's `started_at` is the very stamp the ledger counts.
     """
-    out, g = start_many(sp, settings, [None], lambda _, t: claim(t), 1, now=now, finishing=finishing)
+    def claim_one(_: None, t: float) -> T | None:
+        return claim(t)
+
+    out, g = start_many(sp, settings, [None], claim_one, 1, now=now, finishing=finishing)
     return (out[0] if out else None), g
 
 
@@ -502,7 +505,7 @@ def estimate(
     heapq.heapify(workers)  # the earliest free worker is workers[0]
     if ids is not None:  # no not_before among them: the schedule alone, a few floats a task
         return [Estimate(i, pos, t) for pos, (i, t) in enumerate(zip(ids, _schedule(
-            len(ids), floor, workers, starts, n, w, settings.min_interval_s, dur)), 1)]
+            len(ids), floor, workers, starts, n, w, settings.min_interval_s, dur), strict=True), 1)]
     out: list[Estimate] = []
     pending = deque(enumerate(full[:limit] if limit is not None else full, 1))
     while pending:

@@ -330,7 +330,7 @@ def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
     try:
         task = parse_task(spool.read_bytes(loc.path).decode("utf-8"), task_id=task_id, default_model=default_model)
     except (BadInput, UnicodeDecodeError, OSError) as e:
-        raise InvalidState(f"task {task_id} cannot be retried as it is ({e}); fix {loc.path} and drop it into inbox/")
+        raise InvalidState(f"task {task_id} cannot be retried as it is ({e}); fix {loc.path} and drop it into inbox/") from None
     task.attempts, task.started_at, task.finished_at = 0, None, None
     path = enqueue(sp, task)
     loc.result_path.unlink(missing_ok=True)

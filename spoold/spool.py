@@ -17,10 +17,10 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
 from spoold.errors import BadTaskId, SpoolError, TaskNotFound
@@ -405,7 +405,7 @@ class QueuedListing(Sequence[QueuedEntry]):
     parsing every name cost ~0.35 s, sorting the names costs ~0.03 s.
     """
 
-    __slots__ = ("names", "_entries")
+    __slots__ = ("_entries", "names")
 
     def __init__(self, names: list[str]) -> None:
         self.names = names  # valid queued names, sorted
@@ -559,10 +559,8 @@ def _locate_once(sp: Spool, task_id: str) -> Located | None:
 
 def all_ids(sp: Spool) -> Iterator[str]:
     """Every task id in the spool, from names alone (running, queued, then the terminal states)."""
-    for e in list_running(sp):
-        yield e.task_id
-    for e in list_queued(sp):
-        yield e.task_id
+    yield from (e.task_id for e in list_running(sp))
+    yield from (q.task_id for q in list_queued(sp))
     for state in TERMINAL:
         for d in terminal_dirs(sp, state):
             for name in os.listdir(d) if d.is_dir() else []:

@@ -102,7 +102,7 @@ def parse_text(text: str) -> tuple[dict[str, Any], str]:
     import yaml
 
     try:
-        meta = yaml.load(fm, Loader=_loader())  # noqa: S506 - safe loader subclass
+        meta = yaml.load(fm, Loader=_loader())
     except yaml.MarkedYAMLError as e:
         line = (e.problem_mark.line + first_line) if e.problem_mark else None
         raise BadInput(f"frontmatter is not valid YAML: {e.problem or e}", line) from None
@@ -207,7 +207,7 @@ def _options(task: Task, meta: dict[str, Any]) -> None:
     if isinstance(schema, str) and schema.strip().startswith("{"):
         try:
             schema = json.loads(schema)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             raise BadInput(f"`schema` is not valid JSON ({e.msg}); write it as YAML or JSON") from None
     if schema is not None:
         if isinstance(schema, str) and NAME_RE.match(schema) and schema.endswith(".json"):
@@ -335,7 +335,7 @@ def _emit_simple(meta: dict[str, Any]) -> str | None:
             if not isinstance(value, list) or not value:
                 return None
             items = [_simple_scalar(v) for v in value]
-            if any(i is None or not isinstance(v, str) for i, v in zip(items, value)):
+            if any(i is None or not isinstance(v, str) for i, v in zip(items, value, strict=True)):
                 return None
             text = "[" + ", ".join(items) + "]"  # type: ignore[arg-type]
         lines.append(f"{key}: {text}\n")

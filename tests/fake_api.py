@@ -45,21 +45,21 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
-    "FakeAPI",
-    "Text",
     "Error",
-    "UsageLimit",
-    "ToolUse",
-    "Slow",
+    "FakeAPI",
     "Hang",
     "Reply",
-    "reply_for",
+    "Slow",
+    "Text",
+    "ToolUse",
+    "UsageLimit",
+    "default_answer",
     "is_main_request",
     "prompt_text",
-    "default_answer",
+    "reply_for",
     "unified_headers",
 ]
 
@@ -122,7 +122,7 @@ class Slow:
     """Wait `seconds` before responding with `then` (headers are not sent while waiting)."""
 
     seconds: float
-    then: "Reply" = field(default_factory=lambda: Text("slow answer"))
+    then: Reply = field(default_factory=lambda: Text("slow answer"))
 
 
 @dataclass
@@ -130,8 +130,8 @@ class Hang:
     """Never respond (until the client disconnects or the server stops)."""
 
 
-Reply = Union[Text, Error, UsageLimit, ToolUse, Slow, Hang]
-ReplySource = Union[Reply, Callable[[dict[str, Any]], Reply]]
+Reply = Text | Error | UsageLimit | ToolUse | Slow | Hang
+ReplySource = Reply | Callable[[dict[str, Any]], Reply]
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -251,7 +251,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server
-    fake: "FakeAPI"
+    fake: FakeAPI
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -304,7 +304,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._safe(go)
 
     def do_PUT(self) -> None:
-        self._safe(lambda: (self._read_body(), self._send_json(200, {})) and None)
+        def go() -> None:
+            self._read_body()
+            self._send_json(200, {})
+
+        self._safe(go)
 
     do_PATCH = do_PUT
     do_DELETE = do_GET
@@ -554,7 +558,7 @@ class FakeAPI:
         self.limit_headers: dict[str, str] = {}  # sent with every answer; see `unified_headers`
 
     # ---- lifecycle
-    def start(self) -> "FakeAPI":
+    def start(self) -> FakeAPI:
         """Bind an ephemeral port and serve in a daemon thread."""
         handler = type("Handler", (_Handler,), {"fake": self})
         self._stopping.clear()
@@ -572,7 +576,7 @@ class FakeAPI:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeAPI":
+    def __enter__(self) -> FakeAPI:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

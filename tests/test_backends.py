@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import executable, fake_claude_script
 
 from spoold.backends import ProcResult
 from spoold.backends.claude import (
@@ -15,15 +16,13 @@ from spoold.backends.claude import (
     classify,
     usage_limit_reset,
 )
-from spoold.backends.claude_stream import parse
 from spoold.backends.claude_probe import ISOLATION, probe
+from spoold.backends.claude_stream import parse
 from spoold.backends.command import CommandBackend
 from spoold.config import Profile, Settings
 from spoold.errors import CliUnusable
-from spoold.units import window_words
 from spoold.task import Task
-
-from conftest import executable, fake_claude_script
+from spoold.units import window_words
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cli_results"
 TASK = Task(id="20261124T160000000Z-abcdef", prompt="hi\n")

@@ -169,7 +169,7 @@ def test_kill_9_at_every_step_loses_nothing(sp: spool.Spool, tmp_path: Path, str
 
     stamps = []
     for line in (log_dir / "starts").read_text().splitlines():
-        tid, _, started = line.partition(" ")
+        _, _, started = line.partition(" ")
         stamps.append(api.datetime.fromisoformat(started.strip("'\"").replace("Z", "+00:00")).timestamp())
     assert worst_window(stamps, WINDOW_S) <= PER_WINDOW, "the rate limit was exceeded"
     total = sum(kills.values())

@@ -20,7 +20,7 @@ from spoold.task import parse_result
 def _state(sp: spool.Spool, tid: str) -> str:
     try:
         return spool.locate(sp, tid).state
-    except Exception:  # noqa: BLE001 - mid-move
+    except Exception:
         return "?"
 
 

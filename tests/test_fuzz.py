@@ -82,7 +82,7 @@ def _check(sp: spool.Spool, where: str, name: bytes, data: bytes) -> None:
     assert spool.list_running(sp) == []
     if left:  # ignored: not a task by its name, and untouched
         assert left == [name] and report.queued == report.failed == []
-        assert not intake.is_task_name(os.fsdecode(name)) or where == "inbox" and report.pending
+        assert not intake.is_task_name(os.fsdecode(name)) or (where == "inbox" and report.pending)
         with open(path, "rb") as f:
             assert f.read() == data
         return

@@ -54,7 +54,7 @@ def test_conflict_copies_become_separate_tasks(sp: spool.Spool) -> None:
 
 
 def test_same_name_dropped_again_and_again_is_never_merged(sp: spool.Spool) -> None:
-    for i in range(5):
+    for _ in range(5):
         drop(sp, "same.md", "same prompt\n")
         assert len(scan(sp).queued) == 1
     assert len(spool.list_queued(sp)) == 5

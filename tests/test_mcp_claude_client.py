@@ -39,7 +39,7 @@ def test_claude_code_loads_the_adapter_and_submits_through_it(sp, fake_api, clau
     # 2.1.197 offers MCP tools in the first request; 2.1.332 defers them behind ToolSearch: the init event says both
     assert {"mcp__spoold__async_submit", "mcp__spoold__async_wait", "mcp__spoold__async_result"} <= set(stream.init["tools"])
     mains = fake_api.main_requests()
-    first, second = mains[:2]
+    second = mains[1]
     tool_result = json.dumps(second["body"]["messages"])
     assert "task_id" in tool_result and "queue_position" in tool_result
     [task] = api.list_tasks(sp, "queued")

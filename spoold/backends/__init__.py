@@ -11,10 +11,10 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from collections.abc import Callable
 from typing import Literal, Protocol
 
 from spoold.config import Profile, Settings
@@ -150,15 +150,16 @@ async def run_process(inv: Invocation, timeout_s: float, on_start: object = None
     if callable(on_start):
         on_start(proc.pid)
     assert proc.stdin and proc.stdout and proc.stderr
+    stdin = proc.stdin
 
     async def feed() -> None:
         try:
-            proc.stdin.write(inv.stdin)
-            await proc.stdin.drain()
+            stdin.write(inv.stdin)
+            await stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the child did not read its stdin; its output says why
         finally:
-            proc.stdin.close()
+            stdin.close()
 
     out, err = bytearray(), bytearray()
     out_task = asyncio.ensure_future(_read_into(proc.stdout, out, on_chunk=on_stdout))

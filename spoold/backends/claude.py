@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from datetime import UTC, datetime, timedelta
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -56,7 +56,7 @@ RESET_RE = re.compile(
     r"(?P<h>\d{1,2})(?::(?P<m>\d{2}))?\s*(?P<ampm>am|pm)?\s*(?:\((?P<tz>[^)]+)\))?",
     re.I,
 )
-MONTHS = {m: i for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+MONTHS = {m: i for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
 
 
 class ClaudeBackend:
@@ -196,8 +196,8 @@ def _usage_hold(out: Outcome, stream: Stream, text: str, now: datetime) -> Outco
 
 
 def _metrics(res: dict[str, Any], stream: Stream) -> Outcome:
-    usage = res.get("usage") if isinstance(res.get("usage"), dict) else {}
-    model_usage = res.get("modelUsage") if isinstance(res.get("modelUsage"), dict) else {}
+    usage: dict[str, Any] = res["usage"] if isinstance(res.get("usage"), dict) else {}
+    model_usage: dict[str, Any] = res["modelUsage"] if isinstance(res.get("modelUsage"), dict) else {}
     resolved = None
     if model_usage:
         resolved = max(model_usage, key=lambda m: _num((model_usage[m] or {}).get("outputTokens")) or 0)
