@@ -1,0 +1,64 @@
+"""The library surface the CLI and the adapter share: submit, info, results, holds, windows, answers so far."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from spoold import api, ledger, queue, spool
+from spoold.config import Settings
+from spoold.errors import BadInput, TaskNotFound
+from spoold.task import Result
+
+
+def test_submit_is_never_refused_for_load_and_says_when_it_starts(sp: spool.Spool) -> None:
+    settings = Settings(max_requests=2, window_minutes=60)
+    infos = [api.submit(sp, f"q{i}", settings=settings) for i in range(4)]
+    assert [i.position for i in infos] == [1, 2, 3, 4] and all(i.state == "queued" for i in infos)
+    assert infos[3].estimated_wait_seconds is not None and infos[3].estimated_wait_seconds > 0
+
+
+def test_submit_checks_options_against_the_spool(sp: spool.Spool) -> None:
+    with pytest.raises(BadInput, match="not a profile of this spool"):
+        api.submit(sp, "---\nprofile: nope\n---\nq")
+    with pytest.raises(BadInput, match="no task with an id starting"):
+        api.submit(sp, "---\nresume: abcdef\n---\nq")
+    first = api.submit(sp, "first").id
+    follow = api.submit(sp, f"---\nresume: {first.split('-')[1]}\n---\nmore")
+    assert api.info(sp, follow.id).state == "queued"
+
+
+def test_resolve_id_takes_a_prefix_or_the_random_part(sp: spool.Spool) -> None:
+    a = api.submit(sp, "a").id
+    assert spool.resolve_id(sp, a) == a == spool.resolve_id(sp, a.split("-")[1]) == spool.resolve_id(sp, a[:20])
+    with pytest.raises(TaskNotFound):
+        spool.resolve_id(sp, "zzzzzz")
+
+
+def test_structured_reads_the_fenced_json_block() -> None:
+    assert api.structured('```json\n{"n": 4}\n```\n') == {"n": 4}
+    assert api.structured("plain answer") is None and api.structured("```json\nnot json\n```") is None
+
+
+def test_windows_and_the_reserve_hold_from_the_ledger_alone(sp: spool.Spool) -> None:
+    now = time.time()
+    seen = ledger.WindowSeen("allowed_warning", now + 600, 0.9, now, "t")
+    ledger.record_finish(sp, Settings(), None, None, {"seven_day": seen})
+    [w] = api.windows(sp)
+    assert (w.name, w.utilization, w.task_id) == ("seven_day", 0.9, "t")
+    until, why = api.hold(sp, Settings(reserve=0.2))
+    assert until and "weekly window is 90% used" in why
+    assert api.hold(sp, Settings()) == (None, None)
+
+
+def test_a_running_tasks_answer_so_far(sp: spool.Spool) -> None:
+    tid = api.submit(sp, "long one").id
+    [entry] = spool.list_queued(sp)
+    claimed = queue.claim(sp, entry, "sonnet")
+    assert api.info(sp, tid).partial_answer is None
+    spool.rewrite(sp, spool.partial_path(claimed.path), b"The first words")
+    assert api.info(sp, tid).partial_answer == "The first words"
+    queue.finish(sp, claimed, Result(id=tid, status="done", answer="The first words, then the rest.\n"))
+    assert spool.find_partial(sp, tid) is None and not spool.partial_path(claimed.path).exists()
+    assert api.result(sp, tid)[1] == "The first words, then the rest.\n"
