@@ -165,7 +165,7 @@ def cmd_result(args: argparse.Namespace) -> int:
 
     sp = _spool(args)
     if args.follow:
-        _follow(sp, args.id)
+        _follow(sp, args.id, show=not args.json)
     ti, answer = api.result(sp, args.id)
     if args.json:
         meta = api.result_meta(sp, args.id)
@@ -178,24 +178,26 @@ def cmd_result(args: argparse.Namespace) -> int:
     return 0 if ti.state == "done" else EXIT_FAILED_TASK
 
 
-def _follow(sp: Any, task_id: str, poll_s: float = 0.25) -> None:
-    """Print a running task's answer as it grows, until the task ends; the final answer's rest is then printed
-    by the caller (only the part not yet shown, when the partial one was its start)."""
+def _follow(sp: Any, task_id: str, *, show: bool = True, poll_s: float = 0.25) -> None:
+    """Print a running task's answer as it grows, until the task ends. Then the final answer's rest, when the
+    shown part is its start; when it is not (a schema task's JSON, or only the last turn), a rule and the
+    whole answer. With `show=False` (--json) it only waits, and the caller prints the JSON."""
     from spoold import api, spool
 
     shown = ""
     while (ti := api.info(sp, task_id, with_estimate=False)).state not in spool.TERMINAL:
         text = ti.partial_answer or ""
-        if text.startswith(shown) and len(text) > len(shown):
+        if show and text.startswith(shown) and len(text) > len(shown):
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
             shown = text
         time.sleep(poll_s)
+    if not shown:
+        return  # the caller prints the answer as usual
     _, answer = api.result(sp, task_id)
-    if shown and answer.startswith(shown):
-        sys.stdout.write(answer[len(shown):])
-        sys.stdout.flush()
-        raise SystemExit(0 if ti.state == "done" else EXIT_FAILED_TASK)
+    sys.stdout.write(answer[len(shown):] if answer.startswith(shown) else f"\n\n---\n{answer}")
+    sys.stdout.flush()
+    raise SystemExit(0 if ti.state == "done" else EXIT_FAILED_TASK)
 
 
 def _finish_wait(sp: Any, task_id: str, args: argparse.Namespace, timeout: float | None) -> int:

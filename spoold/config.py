@@ -117,11 +117,24 @@ def _profiles(value: Any) -> dict[str, Profile]:
         if not isinstance(spec, dict) or set(map(str, spec)) - PROFILE_KEYS:
             bad = sorted(set(map(str, spec)) - PROFILE_KEYS) if isinstance(spec, dict) else spec
             raise ConfigError(f"profile {name!r}: unknown key(s) {bad}; known: {', '.join(sorted(PROFILE_KEYS))}")
-        lists = {k: [str(v) for v in (spec[k] if isinstance(spec[k], list) else str(spec[k]).replace(",", " ").split())]
-                 for k in ("tools", "add_dirs") if spec.get(k) is not None}
-        texts = {k: str(spec[k]) for k in ("cwd", "mcp_config", "system") if spec.get(k) is not None}
+        lists = {k: _strings(name, k, spec[k]) for k in ("tools", "add_dirs") if spec.get(k) is not None}
+        texts = {k: _string(name, k, spec[k]) for k in ("cwd", "mcp_config", "system") if spec.get(k) is not None}
         out[str(name)] = Profile(**lists, **texts)  # type: ignore[arg-type]
     return out
+
+
+def _strings(profile: str, key: str, value: Any) -> list[str]:
+    """A list of text (one text is a list of one: `Bash(git log:*)` is one rule, never split)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"profile {profile!r}: {key} must be a list of names, such as [Read, Grep]")
+    return list(items)
+
+
+def _string(profile: str, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"profile {profile!r}: {key} must be text")
+    return value
 
 
 def validate(s: Settings) -> Settings:
@@ -199,7 +212,7 @@ def update_file(spool_write: Any, config_path: Path, changes: dict[str, Any]) ->
     validate(Settings(**current))
     import yaml
 
-    plain = {k: ({n: {f: v for f, v in asdict(p).items() if v not in (None, [])} for n, p in v.items()}
+    plain = {k: ({n: {f: v for f, v in asdict(p).items() if v is not None} for n, p in v.items()}
                  if k == "profiles" else v) for k, v in current.items()}
     data = yaml.safe_dump(plain, sort_keys=True).encode()
     spool_write(config_path, data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from spoold.backends import Outcome, ProcResult, get_backend, run_process
 from spoold.errors import BadInput, CliUnusable, SpooldError
 from spoold.spool import Spool
 from spoold.task import Result
+from spoold.units import family_of
 
 if TYPE_CHECKING:
     from watchfiles import Change
@@ -91,7 +93,8 @@ class Daemon:
         except OSError as e:
             self._cannot_write(e)  # the loop's first turn recovers again once it can
         watcher = asyncio.ensure_future(self._watch())
-        await asyncio.gather(self._watcher_ready(), self._check_backend())
+        checking = asyncio.ensure_future(self._check_backend())  # alongside serving: it may take seconds
+        await self._watcher_ready()
         log.info("serving %s (backend %s, %d per %g min, concurrency %d)", self.sp.root, self.settings.backend,
                  self.settings.max_requests, self.settings.window_minutes, self.settings.concurrency)
         try:
@@ -102,9 +105,10 @@ class Daemon:
                 ledger.flush(self.sp, self.settings)
             except OSError as e:
                 log.warning("recent run times not saved to the ledger (%s); only estimates use them", e.strerror or e)
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watcher
+            for background in (watcher, checking):
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await background
             owner_lock.release()
         return 0
 
@@ -325,21 +329,24 @@ class Daemon:
         return (min(later) if later else None), started
 
     def _claimer(self, settings: config.Settings) -> Callable[[spool.QueuedEntry, float], queue.Claimed | None]:
-        """queue.claim, except that a task of a model family whose own window is past the reserve (weekly Opus)
-        goes back to the queue until that window resets: other families' tasks still start meanwhile."""
-        families: dict[str | None, tuple[float, str]] = {}
-        if settings.reserve is not None:
-            families = ledger.reserve_holds(ledger.read_usage(self.sp), settings, time.time())
-            families.pop(None, None)
+        """queue.claim, except for a task that must not start yet; it goes back to the queue with a not_before
+        and counts as no start: a model family whose own window is rejected or past the reserve (weekly Opus:
+        other families' tasks still start), or a follow-up whose earlier task has not finished."""
+        families = ledger.reserve_holds(ledger.read_usage(self.sp), settings, time.time())
+        families.pop(None, None)
 
         def claim(entry: spool.QueuedEntry, t: float) -> queue.Claimed | None:
             c = queue.claim(self.sp, entry, settings.default_model, started=t)
-            family = ledger.family_of(c.task.model) if c and families else None
-            if c is None or family not in families:
+            if c is None:
+                return None
+            family = family_of(c.task.model) if families else None
+            wait = families.get(family)
+            if wait is None and c.task.resume and not options.finished(self.sp, c.task.resume):
+                wait = (time.time() + options.RESUME_WAIT_S, f"waiting for {c.task.resume}, the task it continues")
+            if wait is None:
                 return c
-            until, why = families[family]
-            c.task.not_before = datetime.fromtimestamp(until, UTC)
-            queue.requeue(self.sp, c, why, count_attempt=False)
+            c.task.not_before = datetime.fromtimestamp(wait[0], UTC)
+            queue.requeue(self.sp, c, wait[1], count_attempt=False)
             return None  # not a start: the ledger does not count it
 
         return claim
@@ -385,16 +392,10 @@ class Daemon:
                     proc = await run_process(inv, task.timeout or settings.timeout_s, on_stdout=feed)
                 finally:
                     await drain()
-            except CliUnusable as e:  # missing, broken, or unable to isolate the task
-                outcome, proc = self._cli_hold(str(e)), ProcResult(None, b"", b"")
-            except options.NotYet as e:  # a follow-up whose earlier task is still to finish
-                outcome = Outcome("wait", error=str(e), hold_until=datetime.now(UTC) + timedelta(seconds=options.RESUME_WAIT_S))
-                proc = ProcResult(None, b"", b"")
-            except BadInput as e:  # its profile or the task it continues is gone: say so, don't guess
-                outcome, proc = Outcome("failed", error=str(e)), ProcResult(None, b"", b"")
-            except OSError as e:  # the CLI itself is missing or not executable
-                outcome = self._cli_hold(f"cannot start {settings.claude_bin!r}: {e.strerror}; install it or set claude_bin")
-                proc = ProcResult(None, b"", b"")
+            except (CliUnusable, options.NotYet, BadInput, OSError) as e:  # the CLI never ran this task
+                outcome, proc = self._not_run(e, settings), ProcResult(None, b"", b"")
+                if task.started_at is not None:
+                    await asyncio.to_thread(ledger.forget_start, self.sp, settings, task.started_at.timestamp())
             else:
                 outcome = backend.classify(task, proc)
             self._finishing.add(task.id)
@@ -423,29 +424,25 @@ class Daemon:
         PARTIAL_EVERY_S, in a worker thread, never two writes at once: an fsync per few seconds, not per token.
         `drain` waits for a write in flight and stops new ones, so none lands after the task has moved on."""
         path = spool.partial_path(claimed.path)
-        state: dict[str, object] = {"last": 0.0, "busy": False, "text": None, "closed": False}
+        state: dict[str, object] = {"last": 0.0, "busy": False, "closed": False}
         jobs: list[asyncio.Future[None]] = []
 
-        def write() -> None:
+        def write(text: str) -> None:
             try:
-                while (text := state["text"]) is not None:
-                    state["text"] = None
-                    spool.rewrite(self.sp, path, str(text).encode(), sync_dir=False)
+                spool.rewrite(self.sp, path, text.encode(), sync_dir=False)
             except OSError as e:
                 log.warning("answer so far of %s not written (%s)", claimed.task.id, e.strerror or e)
-            finally:
-                state["busy"] = False
+            finally:  # the next write waits its full interval from the end of this one, however slow the disk
+                state["last"], state["busy"] = time.monotonic(), False
 
         def feed(chunk: bytes) -> None:
             text = progress(chunk)
-            if text is None:
+            if text is None or state["busy"] or state["closed"]:
                 return
-            state["text"] = text
-            now = time.monotonic()
-            if state["busy"] or state["closed"] or now - float(state["last"]) < PARTIAL_EVERY_S:  # type: ignore[arg-type]
+            if time.monotonic() - float(state["last"]) < PARTIAL_EVERY_S:  # type: ignore[arg-type]
                 return
-            state["last"], state["busy"] = now, True
-            jobs[:] = [asyncio.get_running_loop().run_in_executor(None, write)]
+            state["busy"] = True
+            jobs[:] = [asyncio.get_running_loop().run_in_executor(None, write, text)]
 
         async def drain() -> None:
             state["closed"] = True
@@ -456,8 +453,22 @@ class Daemon:
         return feed, drain
 
     @staticmethod
-    def _cli_hold(message: str) -> Outcome:
-        return Outcome("hold", error=message, hold_until=datetime.now(UTC) + timedelta(seconds=EXEC_HOLD_S))
+    def _not_run(e: Exception, settings: config.Settings) -> Outcome:
+        """Why the CLI never ran a task, as an outcome: the queue waits for a CLI that cannot run (the task
+        loses nothing), a follow-up waits for its earlier task, a task that cannot run as asked fails."""
+        later = datetime.now(UTC) + timedelta(seconds=EXEC_HOLD_S)
+        if isinstance(e, CliUnusable):  # missing, broken, or unable to isolate the task
+            return Outcome("hold", error=str(e), hold_until=later)
+        if isinstance(e, options.NotYet):
+            return Outcome("wait", error=str(e), hold_until=datetime.now(UTC) + timedelta(seconds=options.RESUME_WAIT_S))
+        if isinstance(e, BadInput):  # its profile or the task it continues is gone: say so, don't guess
+            return Outcome("failed", error=str(e))
+        assert isinstance(e, OSError)
+        if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):  # the CLI itself is missing or not executable
+            return Outcome("hold", error=f"cannot start {settings.claude_bin!r}: {e.strerror}; install it or set claude_bin",
+                           hold_until=later)
+        return Outcome("failed", error=f"the task could not be started ({e.strerror or e}): its schema or system "
+                       "prompt may be too long for one command-line argument; make it shorter")
 
     async def _settle_when_writable(self, claimed: queue.Claimed, outcome: Outcome, proc: ProcResult) -> None:
         """Settle a finished run; while the spool cannot be written, keep its answer here and try again."""
@@ -487,8 +498,12 @@ class Daemon:
             queue.requeue(self.sp, claimed, outcome.error or "held", count_attempt=False)
             return
         if outcome.kind == "wait":
+            if seen:  # a family's rejected window: the claimer holds that family's other tasks too
+                ledger.record_finish(self.sp, settings, outcome.cost_usd, None, seen)
             task.not_before = outcome.hold_until
             queue.requeue(self.sp, claimed, outcome.error or "waiting", count_attempt=False)
+            log.info("%s waits until %s: %s", task.id, _fmt(outcome.hold_until.timestamp()) if outcome.hold_until
+                     else "later", outcome.error)
             return
         if outcome.kind == "retry" and task.attempts < settings.max_attempts:
             if seen or outcome.cost_usd:  # a failed try may still have cost something

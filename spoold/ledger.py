@@ -24,7 +24,7 @@ from typing import TypeVar
 from spoold import spool
 from spoold.config import Settings
 from spoold.spool import QueuedEntry, Spool
-from spoold.units import usd, window_words
+from spoold.units import FAMILY_WINDOWS, usd, window_words
 
 log = logging.getLogger("spoold")
 T = TypeVar("T")
@@ -294,39 +294,33 @@ def budget_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, st
     return None
 
 
-FAMILY_WINDOWS = {"seven_day_opus": "opus", "seven_day_sonnet": "sonnet"}  # windows that bind one model family
-
-
 def reserve_holds(usage: Usage, settings: Settings, now: float) -> dict[str | None, tuple[float, str]]:
-    """Windows whose reported use has eaten into the reserve: no start until each resets, so a queue never
-    takes the share of the user's limits kept for their own interactive use.
+    """Windows that stop starts until they reset, keyed by the model family they bind (`seven_day_opus`
+    holds opus tasks only), None for the windows that bind every task (5-hour, weekly).
 
-    Keyed by the model family a window binds (`seven_day_opus` holds opus tasks only), None for the
-    windows that bind every task (5-hour, weekly).
+    A family's window the subscription rejected holds that family; with a reserve set, so does any window
+    whose reported use has eaten into it, so a queue never takes the share kept for the user's own use.
     """
     holds: dict[str | None, tuple[float, str]] = {}
-    if settings.reserve is None:
-        return holds
     for name, w in usage.windows.items():
-        if w.utilization is None or w.resets_at is None or w.resets_at <= now or w.utilization < 1 - settings.reserve:
+        if w.resets_at is None or w.resets_at <= now:
             continue
         family = FAMILY_WINDOWS.get(name)
+        if w.status == "rejected" and family is not None:
+            why = f"the subscription's {window_words(name)} limit is reached"
+        elif settings.reserve is not None and w.utilization is not None and w.utilization >= 1 - settings.reserve:
+            why = (f"reserve: the {window_words(name)} window is {w.utilization:.0%} used (starts stop at "
+                   f"{1 - settings.reserve:.0%}, keeping {settings.reserve:.0%} for you)")
+        else:
+            continue
         if family not in holds or w.resets_at > holds[family][0]:
-            holds[family] = (w.resets_at, f"reserve: the {window_words(name)} window is {w.utilization:.0%} used "
-                                          f"(starts stop at {1 - settings.reserve:.0%}, keeping {settings.reserve:.0%} "
-                                          "for you)")
+            holds[family] = (w.resets_at, why)
     return holds
 
 
 def reserve_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, str] | None:
     """The reserve hold on every task (a family's own window holds only that family: see reserve_holds)."""
     return reserve_holds(usage, settings, now).get(None)
-
-
-def family_of(model: str) -> str | None:
-    """The model family a model name or alias belongs to, for the windows that bind one family."""
-    m = model.lower()
-    return next((f for f in FAMILY_WINDOWS.values() if f in m), None)
 
 
 def try_start(
@@ -422,6 +416,18 @@ def flush(sp: Spool, settings: Settings) -> None:
     """Write run times still held in memory (the daemon does it when a turn starts nothing, and at exit)."""
     if _unsaved.get(ledger_dir(sp)):
         _locked_update(sp, settings, lambda h, t: None)
+
+
+def forget_start(sp: Spool, settings: Settings, started: float) -> None:
+    """Give back the start a claim took when the task never reached the CLI (it waits, or the CLI cannot run):
+    a follow-up that waits, or a missing CLI, must not use up the window's starts."""
+
+    def change(h: HostLedger, t: float) -> None:
+        near = [i for i, s in enumerate(h.starts) if abs(s - started) < 0.01]
+        if near:
+            del h.starts[near[0]]
+
+    _locked_update(sp, settings, change)
 
 
 def set_hold(sp: Spool, settings: Settings, until: float, reason: str,

@@ -15,7 +15,7 @@ from spoold import spool
 from spoold.config import Profile, Settings
 from spoold.errors import BadInput, SpooldError
 from spoold.spool import Spool
-from spoold.task import Task, parse_result, parse_task
+from spoold.task import Task, check_schema_size, check_storable, parse_result, parse_task
 
 RESUME_WAIT_S = 15.0  # how long a follow-up waits before looking again at the task it continues
 
@@ -28,6 +28,8 @@ def resolve(sp: Spool, settings: Settings, task: Task) -> None:
     """Intake's check of the names a task uses; BadInput says what to fix."""
     if isinstance(task.schema, str):
         task.schema = load_schema(sp, task.schema)
+        check_schema_size(task.schema)
+        check_storable(task)
     if task.resume is not None:
         try:
             task.resume = spool.resolve_id(sp, task.resume)
@@ -82,6 +84,14 @@ def context(sp: Spool, settings: Settings, task: Task, workdir: Path) -> Context
     if profile and profile.cwd and not cwd.is_dir():
         raise BadInput(f"profile {task.profile}: its cwd {cwd} is not a directory")
     return Context(cwd, profile, session_to_resume(sp, task) if task.resume else None)
+
+
+def finished(sp: Spool, task_id: str) -> bool:
+    """Whether a task has left the queue for good (or the spool): a follow-up of it may start."""
+    try:
+        return spool.locate(sp, task_id).state in spool.TERMINAL
+    except SpooldError:
+        return True  # gone: the follow-up starts and says so
 
 
 def session_to_resume(sp: Spool, task: Task) -> str:

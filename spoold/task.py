@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
@@ -191,8 +192,8 @@ def from_meta(meta: dict[str, Any], body: str, *, task_id: str, default_model: s
     )
     _options(task, meta)
     _stored_fields(task, meta)
-    if task.extra or len(task.system or "") + len(task.title or "") > MAX_FRONTMATTER // 8:
-        _check_storable(task)  # only user-shaped values can grow past the limit when written out
+    if task.extra or task.schema is not None or len(task.system or "") + len(task.title or "") > MAX_FRONTMATTER // 8:
+        check_storable(task)  # only user-shaped values can grow past the limit when written out
     return task
 
 
@@ -213,13 +214,15 @@ def _options(task: Task, meta: dict[str, Any]) -> None:
         if isinstance(schema, str) and NAME_RE.match(schema) and schema.endswith(".json"):
             task.schema = schema
         elif isinstance(schema, dict) and schema:
-            task.schema = json.loads(json.dumps(schema, default=str))
+            plain: dict[str, Any] = json.loads(json.dumps(schema, default=str))
+            check_schema_size(plain)
+            task.schema = plain
         else:
             raise BadInput("`schema` must be a JSON Schema (a mapping such as {type: object, ...}) "
                            "or the name of a .json file in the spool's schemas/ folder")
     if meta.get("max_budget_usd") is not None:
         v = meta["max_budget_usd"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise BadInput(f"`max_budget_usd: {str(v)[:30]}` must be a positive amount of dollars, such as 0.50")
         task.max_budget_usd = float(v)
     if meta.get("fallback_model") is not None:
@@ -240,7 +243,16 @@ def _options(task: Task, meta: dict[str, Any]) -> None:
         task.profile = meta["profile"]
 
 
-def _check_storable(task: Task) -> None:
+SCHEMA_MAX = 64 * 1024  # one command-line argument holds 128 KiB on Linux; a schema needs far less
+
+
+def check_schema_size(schema: dict[str, Any]) -> None:
+    size = len(json.dumps(schema, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > SCHEMA_MAX:
+        raise BadInput(f"`schema` is {size:,} bytes as JSON; at most {SCHEMA_MAX:,} fit: make it smaller")
+
+
+def check_storable(task: Task) -> None:
     """Refuse now what could not be read back once written out (YAML re-indents deep nesting, escapes control bytes)."""
     try:
         parse_text(render_task(task).decode())

@@ -23,6 +23,15 @@ WINDOWS = {"five_hour": "5-hour", "seven_day": "weekly", "seven_day_opus": "week
            "seven_day_sonnet": "weekly Sonnet", "seven_day_overage_included": "weekly", "overage": "extra-usage"}
 
 
+FAMILY_WINDOWS = {"seven_day_opus": "opus", "seven_day_sonnet": "sonnet"}  # windows that bind one model family
+
+
+def family_of(model: str) -> str | None:
+    """The model family a model name or alias belongs to, for the windows that bind one family."""
+    m = model.lower()
+    return next((f for f in FAMILY_WINDOWS.values() if f in m), None)
+
+
 def window_words(name: str) -> str:
     """A subscription window's name as the CLI's own messages say it (five_hour -> 5-hour)."""
     return WINDOWS.get(name, name.replace("_", " "))

@@ -76,7 +76,8 @@ def executable(path: Path, text: str) -> Path:
 FAKE_CLAUDE_PROLOGUE = """#!/bin/sh
 case "$1" in
   --version) echo "2.1.332 (Claude Code)"; exit 0;;
-  --help) echo "  --strict-mcp-config --setting-sources --safe-mode --disable-slash-commands"; exit 0;;
+  --help) echo "  --strict-mcp-config --setting-sources --safe-mode --disable-slash-commands"
+          echo "  --max-budget-usd --fallback-model --effort --json-schema --resume --add-dir --mcp-config"; exit 0;;
   auth) if [ "$2" = status ]; then echo '{"loggedIn": true}'; else echo "  login [options]"; fi; exit 0;;
 esac
 """

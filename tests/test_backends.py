@@ -20,7 +20,7 @@ from spoold.backends.claude_probe import ISOLATION, probe
 from spoold.backends.claude_stream import parse
 from spoold.backends.command import CommandBackend
 from spoold.config import Profile, Settings
-from spoold.errors import CliUnusable
+from spoold.errors import BadInput, CliUnusable
 from spoold.task import Task
 from spoold.units import window_words
 
@@ -34,7 +34,8 @@ EXPECTED = {
     "usage_limit_api_key": "retry", "timeout_api_timeout_ms": "retry", "hang_sigterm": "retry",
     "auth_401_api_key": "hold", "auth_401_oauth": "hold", "auth_401_oauth_expired": "hold",
     "auth_403_oauth_revoked": "hold", "auth_401_oauth_x_api_key": "hold", "credit_balance_400": "hold",
-    "usage_limit_session_oauth": "hold", "usage_limit_weekly_oauth": "hold", "usage_limit_opus_weekly_oauth": "hold",
+    "usage_limit_session_oauth": "hold", "usage_limit_weekly_oauth": "hold",
+    "usage_limit_opus_weekly_oauth": "wait",  # the weekly Opus limit stops opus tasks only
     "invalid_request_400": "failed", "model_not_found_404": "failed", "model_with_flag": "failed",
     "prompt_too_long_400": "failed", "max_turns": "failed", "budget_exceeded": "failed",
 }
@@ -84,7 +85,8 @@ def test_usage_limit_holds_until_the_reset_the_cli_reported(name: str, version: 
     proc, meta = captured(name, version)
     resets_at = int(re.search(r"resets_at=(\d+)", meta["fake_replies_served"][0]).group(1))
     out = classify(TASK, proc, now=datetime.fromtimestamp(meta["captured_at"], UTC))
-    assert out.kind == "hold" and out.hold_until.timestamp() == resets_at  # the event's resetsAt, to the second
+    assert out.kind == ("wait" if name == "usage_limit_opus_weekly_oauth" else "hold")
+    assert out.hold_until.timestamp() == resets_at  # the event's resetsAt, to the second
     assert f"{window_words(USAGE_LIMITS[name])} limit" in out.error
     assert out.windows and {w.name for w in out.windows} >= {USAGE_LIMITS[name]}
 
@@ -241,3 +243,9 @@ def test_a_profile_grants_its_tools_dirs_and_mcp_config_only(tmp_path: Path) -> 
     assert "--strict-mcp-config" in argv and "--setting-sources=" in argv  # only the profile's servers load
     assert "--safe-mode" not in argv  # it would switch the profile's own MCP servers off too
     assert "--append-system-prompt=profile line" in argv
+
+
+def test_an_option_the_cli_lacks_fails_the_task_with_words(tmp_path: Path) -> None:
+    exe = _cli(tmp_path, "  -p, --print  --strict-mcp-config --setting-sources --tools <tools...>")
+    with pytest.raises(BadInput, match=r"claude 2.1.500 has no --effort, which this task needs; upgrade"):
+        ClaudeBackend().invocation(Task(id=TASK.id, prompt="p", effort="high"), Settings(claude_bin=str(exe)), tmp_path)

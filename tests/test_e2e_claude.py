@@ -280,3 +280,21 @@ def test_a_profile_gives_its_cwd_tools_and_system_prompt_and_nothing_more(sp, fa
     bad = api.submit  # a profile the owner never defined is refused at once, with the names there are
     with pytest.raises(Exception, match="repo-review"):
         bad(sp, "---\nprofile: root-shell\n---\nhi")
+
+
+def test_a_profiles_own_mcp_server_loads_and_still_nothing_of_the_users(sp, fake_api, claude_daemon, tmp_path) -> None:
+    """A profile with mcp_config runs without --safe-mode; --setting-sources= must still keep CLAUDE.md,
+    hooks and the user's own servers out."""
+    marks = tmp_path / "marks"
+    _hostile_setup(tmp_path / "home", sp.root, marks)
+    owned = tmp_path / "owned-mcp.json"
+    owned.write_text(json.dumps({"mcpServers": {"owned": {"type": "stdio", "command": sys.executable,
+                                                          "args": [str(tmp_path / "mine_mcp.py"), str(tmp_path / "owned-called")]}}}))
+    claude_daemon(profiles={"docs": {"mcp_config": str(owned), "tools": ["mcp__owned__change_limits"]}})
+    tid = api.submit(sp, "---\nprofile: docs\n---\n[[tool:mcp__owned__change_limits]] use the docs tool").id
+    wait_for(lambda: _state(sp, tid) in spool.TERMINAL, timeout=90, what="the task to end")
+    names = {t["name"] for r in fake_api.main_requests() for t in r["body"].get("tools") or []}
+    assert "mcp__owned__change_limits" in names and not any(n.startswith("mcp__mine__") for n in names)
+    assert all(SECRET not in json.dumps(r["body"]) for r in fake_api.requests)
+    assert (tmp_path / "owned-called").exists()  # the owner's granted tool ran
+    assert sorted(p.name for p in marks.iterdir()) == []  # no hook ran, the user's server was never called

@@ -12,6 +12,7 @@ import pytest
 from spoold import ledger, queue, spool
 from spoold.config import Settings
 from spoold.task import Task
+from spoold.units import family_of
 
 W = 3600.0
 
@@ -327,4 +328,4 @@ def test_a_family_window_holds_only_that_familys_tasks() -> None:
     holds = ledger.reserve_holds(u, settings(reserve=0.2), now)
     assert set(holds) == {"opus"} and holds["opus"][0] == now + 3600 and "weekly Opus window is 90% used" in holds["opus"][1]
     assert ledger.gate(u, settings(reserve=0.2), 0, now).wait_until is None  # sonnet and haiku tasks still start
-    assert [ledger.family_of(m) for m in ("opus", "claude-opus-4-5", "sonnet", "haiku")] == ["opus", "opus", "sonnet", None]
+    assert [family_of(m) for m in ("opus", "claude-opus-4-5", "sonnet", "haiku")] == ["opus", "opus", "sonnet", None]

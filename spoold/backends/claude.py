@@ -16,8 +16,9 @@ from spoold.backends.claude_probe import CliInfo, logged_in, probe
 from spoold.backends.claude_stream import Stream, parse
 from spoold.backends.command import stderr_tail, timeout_message
 from spoold.config import Profile, Settings
+from spoold.errors import BadInput
 from spoold.task import Task
-from spoold.units import window_words
+from spoold.units import FAMILY_WINDOWS, window_words
 
 # The CLI refuses to start inside another Claude Code session; MCP servers launched by Claude Code inherit these.
 DROP_ENV = ("CLAUDECODE", "CLAUDE_CODE_ENTRYPOINT")
@@ -25,6 +26,10 @@ BILLING_HOLD = timedelta(hours=1)
 AUTH_HOLD = timedelta(minutes=10)
 USAGE_LIMIT_FALLBACK = timedelta(minutes=30)
 LOGIN_COMMAND = "claude auth login"
+# The flags task options and profiles map to, checked against the CLI's `--help` (`--max-turns` works in
+# 2.1.197 and 2.1.332 but is not listed there, so it is not checked).
+OPTION_FLAGS = {"--max-budget-usd", "--fallback-model", "--effort", "--json-schema", "--resume", "--add-dir",
+                "--mcp-config"}
 
 # The structured fields, in the order they are trusted. `assistant.error` codes were seen in
 # 2.1.197 and 2.1.332 alike; `api_error` ("usage_limit_reached") and `api_error_type` in 2.1.332.
@@ -104,9 +109,19 @@ class ClaudeBackend:
                             ("--effort", task.effort), ("--max-turns", task.max_turns), ("--resume", session)):
             if value is not None:
                 argv.append(f"{flag}={value}")
+        self._check_flags(argv)
         if task.schema is not None:
-            argv.append(f"--json-schema={json.dumps(task.schema, separators=(',', ':'))}")
+            argv.append(f"--json-schema={json.dumps(task.schema, separators=(',', ':'), ensure_ascii=False)}")
         return Invocation(argv, env, task.prompt.encode(), cwd)
+
+    def _check_flags(self, argv: list[str]) -> None:
+        """A task option this CLI has no flag for fails the task with words, not as 'printed no result'."""
+        assert self.info
+        for arg in argv[1:]:
+            flag = arg.split("=", 1)[0]
+            if flag in OPTION_FLAGS and not self.info.supports(flag):
+                raise BadInput(f"claude {self.info.version} has no {flag}, which this task needs; upgrade the CLI "
+                               "(npm install -g @anthropic-ai/claude-code) or drop the option that asks for it")
 
     def progress(self) -> Callable[[bytes], str | None]:
         stream = Stream()
@@ -144,7 +159,7 @@ def classify(task: Task, proc: ProcResult, now: datetime | None = None, login_co
             return Outcome("retry", error=f"claude was killed by signal {-proc.returncode}")
         return Outcome("retry", error=f"claude printed no result (exit {proc.returncode}): {stderr_tail(proc)}")
     out = _metrics(res, stream)
-    text = str(res.get("result") or res.get("error") or "").strip()
+    text = str(res.get("result") or res.get("error") or "; ".join(map(str, res.get("errors") or [])) or "").strip()
     subtype = str(res.get("subtype") or "")
     status = res.get("api_error_status")
     errors = set(stream.errors)
@@ -153,6 +168,9 @@ def classify(task: Task, proc: ProcResult, now: datetime | None = None, login_co
         if res.get("structured_output") is not None:
             out.structured = res["structured_output"]
             out.answer = "```json\n" + json.dumps(res["structured_output"], indent=2, ensure_ascii=False) + "\n```\n"
+        return out
+    if subtype in STOPPED_SUBTYPES:
+        out.kind, out.error = "failed", STOPPED_SUBTYPES[subtype]
         return out
     kind = text_kind(text)
     if res.get("api_error") == "usage_limit_reached" or _limit_rejected(stream) or kind == "usage_limit":
@@ -165,9 +183,6 @@ def classify(task: Task, proc: ProcResult, now: datetime | None = None, login_co
     if errors & BILLING_ERRORS or kind == "billing":
         out.kind, out.hold_until = "hold", now + BILLING_HOLD
         out.error = f"the account cannot pay for requests ({text[:200]}); add credit, then `spoold config --clear-hold`"
-        return out
-    if subtype in STOPPED_SUBTYPES:
-        out.kind, out.error = "failed", STOPPED_SUBTYPES[subtype]
         return out
     if (errors & TRANSIENT_ERRORS or res.get("api_error_type") in TRANSIENT_TYPES or status in (408, 409, 429)
             or (isinstance(status, int) and status >= 500) or kind == "transient"):
@@ -190,7 +205,9 @@ def _usage_hold(out: Outcome, stream: Stream, text: str, now: datetime) -> Outco
     else:
         until = usage_limit_reset(text, now)
     what = window_words(limit.name) if limit and limit.name else "usage"
-    out.kind, out.hold_until = "hold", until
+    # A family's own window (weekly Opus) stops only that family: this task waits, the others go on.
+    out.kind = "wait" if limit and limit.name in FAMILY_WINDOWS else "hold"
+    out.hold_until = until
     out.error = f"subscription {what} limit reached: {text or 'rejected'}"
     return out
 
