@@ -133,6 +133,9 @@ def test_missing_cli_holds_the_queue_instead_of_failing_tasks(sp, daemon) -> Non
     st = api.status(sp)
     assert st.held_until and "or set claude_bin" in st.hold_reason
     assert api.info(sp, tid).attempts == 0
+    from spoold import ledger
+
+    wait_for(lambda: ledger.read_usage(sp).starts == [], what="the start given back")  # the CLI never ran
 
 
 OVERLAP = """#!/bin/sh

@@ -246,6 +246,9 @@ def test_a_follow_up_waits_for_the_task_it_continues(sp, fake_api, claude_daemon
     wait_for(lambda: _state(sp, second) == "done", timeout=90, what="the follow-up done")
     assert "first question" in json.dumps(fake_api.main_requests()[-1]["body"]["messages"])
     assert api.info(sp, second).attempts == 1  # waiting cost no attempt
+    from spoold import ledger
+
+    assert len(ledger.read_usage(sp).starts) == 2  # nor a start from the window: two runs, two starts
 
 
 def test_schema_output_is_fenced_json_and_parsed_by_result_json(sp, fake_api, claude_daemon) -> None:
