@@ -17,7 +17,8 @@ from spoold import config, ledger, options, queue, spool
 from spoold.config import Settings
 from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.spool import Spool
-from spoold.task import Task, from_meta, parse_result, parse_task, parse_text, title_of
+from spoold.task import Task, from_user, parse_result, parse_text, title_of
+from spoold.task import read as read_task
 
 MAX_QUERY_BYTES_DEFAULT = 1024 * 1024
 
@@ -121,7 +122,7 @@ def submit(
              "tags": tags, "timeout": timeout}
     meta.update({k: v for k, v in flags.items() if v is not None})
     task_id = spool.new_id(slug_hint or title or str(meta.get("title") or "") or body[:60])
-    task = from_meta(meta, body, task_id=task_id, default_model=settings.default_model)
+    task = from_user(meta, body, task_id=task_id, default_model=settings.default_model)
     options.resolve(sp, settings, task)
     task.submitted_at = spool.id_time(task_id)
     task.source = source
@@ -164,8 +165,8 @@ def retry(sp: Spool, task_id: str) -> TaskInfo:
 
 def _read_task(path: Path, task_id: str) -> Task | None:
     try:
-        return parse_task(spool.read_bytes(path).decode("utf-8"), task_id=task_id)
-    except (OSError, UnicodeDecodeError, BadInput):
+        return read_task(path, task_id)
+    except (OSError, BadInput):
         return None
 
 

@@ -16,7 +16,7 @@ from spoold import options, queue, spool
 from spoold.config import Settings
 from spoold.errors import BadInput
 from spoold.spool import Spool
-from spoold.task import Task, parse_task
+from spoold.task import Task, parse_user_task
 
 log = logging.getLogger("spoold")
 
@@ -227,13 +227,10 @@ def read_dropped(path: Path, *, task_id: str, source: str, default_model: str, m
         line = data[: e.start].count(b"\n") + 1
         raise BadInput(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8", line) from None
     try:
-        task = parse_task(text, task_id=task_id, default_model=default_model)
+        task = parse_user_task(text, task_id=task_id, default_model=default_model)
     except (TypeError, ValueError, RecursionError) as e:  # a shape no rule foresaw: still the file's fault, not ours
         raise BadInput(f"the frontmatter has a value spoold cannot use ({type(e).__name__}: {str(e)[:200]})") from None
-    task.id, task.source, task.status, task.attempts = task_id, source, "queued", 0
-    task.submitted_at = spool.id_time(task_id)
-    task.started_at = task.finished_at = None
-    task.error = None
+    task.source, task.submitted_at = source, spool.id_time(task_id)
     return task
 
 

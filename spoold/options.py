@@ -15,7 +15,8 @@ from spoold import spool
 from spoold.config import Profile, Settings
 from spoold.errors import BadInput, SpooldError
 from spoold.spool import Spool
-from spoold.task import Task, check_schema_size, check_storable, parse_result, parse_task
+from spoold.task import Task, check_schema_size, check_storable, parse_result
+from spoold.task import read as read_task
 
 RESUME_WAIT_S = 15.0  # how long a follow-up waits before looking again at the task it continues
 
@@ -114,6 +115,6 @@ def session_to_resume(sp: Spool, task: Task) -> str:
 def _task(sp: Spool, task_id: str) -> Task:
     loc = spool.locate(sp, task_id)
     try:
-        return parse_task(spool.read_bytes(loc.path).decode("utf-8"), task_id=task_id)
-    except (OSError, UnicodeDecodeError, BadInput) as e:
+        return read_task(loc.path, task_id)
+    except (OSError, BadInput) as e:
         raise BadInput(f"`resume: {task_id}`: that task's file cannot be read ({e})") from None

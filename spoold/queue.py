@@ -18,6 +18,7 @@ from spoold import spool
 from spoold.errors import BadInput, InvalidState, TaskNotFound
 from spoold.spool import Spool
 from spoold.task import Result, Task, parse_task, render_result, render_task
+from spoold.task import read as read_task
 
 if TYPE_CHECKING:
     import filelock
@@ -207,8 +208,8 @@ def _claim_in_place(
 ) -> Claimed | None:
     """The claim already moved the file to dest: read it there, and fail it if it cannot be read."""
     try:
-        task = parse_task(spool.read_bytes(dest).decode("utf-8"), task_id=entry.task_id, default_model=default_model)
-    except (BadInput, UnicodeDecodeError, OSError) as e:
+        task = read_task(dest, entry.task_id, default_model)
+    except (BadInput, OSError) as e:
         msg = f"the queued task file cannot be read: {e}"
         result = Result(id=entry.task_id, status="failed", finished_at=now(), error=msg)
         spool.write_new(sp, spool.result_path_for(sp.dir("failed"), entry.task_id), render_result(result))
@@ -315,8 +316,8 @@ def cancel(sp: Spool, task_id: str) -> str:
 
 def _mark_cancelled_in_place(sp: Spool, path: Path) -> None:
     try:
-        task = parse_task(spool.read_bytes(path).decode("utf-8"), task_id=path.stem)
-    except (BadInput, UnicodeDecodeError):
+        task = read_task(path, path.stem)
+    except (BadInput, OSError):
         return  # the move is the truth; a foreign file keeps its text
     task.status, task.finished_at = "cancelled", now()
     spool.rewrite(sp, path, render_task(task))
@@ -328,8 +329,8 @@ def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
     if loc.state not in ("failed", "cancelled"):
         raise InvalidState(f"task {task_id} is {loc.state}; only failed or cancelled tasks can be retried")
     try:
-        task = parse_task(spool.read_bytes(loc.path).decode("utf-8"), task_id=task_id, default_model=default_model)
-    except (BadInput, UnicodeDecodeError, OSError) as e:
+        task = read_task(loc.path, task_id, default_model)
+    except (BadInput, OSError) as e:
         raise InvalidState(f"task {task_id} cannot be retried as it is ({e}); fix {loc.path} and drop it into inbox/") from None
     task.attempts, task.started_at, task.finished_at = 0, None, None
     path = enqueue(sp, task)
@@ -382,8 +383,8 @@ def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int, 
             return f"dropped a stale running/ copy of {entry.task_id} (it had already finished)"
         return f"finished {entry.task_id} (its result was already written)"
     try:
-        task = parse_task(spool.read_bytes(path).decode("utf-8"), task_id=entry.task_id)
-    except (BadInput, UnicodeDecodeError, OSError) as e:
+        task = read_task(path, entry.task_id)
+    except (BadInput, OSError) as e:
         task = None
         err = f"the task file was damaged: {e}"
     claimed = Claimed(path, task) if task else None

@@ -8,10 +8,11 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 from spoold.errors import BadInput
-from spoold.spool import PRIORITIES
+from spoold.spool import PRIORITIES, read_bytes
 
 USER_KEYS = ("model", "priority", "system", "title", "tags", "timeout", "not_before", "resume", "follow_up",
              "schema", "max_budget_usd", "fallback_model", "effort", "max_turns", "profile")
@@ -161,8 +162,27 @@ def _text(meta: dict[str, Any], key: str) -> str | None:
     return str(v)
 
 
-def from_meta(meta: dict[str, Any], body: str, *, task_id: str, default_model: str) -> Task:
-    """Normalize user frontmatter (or a stored task's) into a Task; unknown keys become warnings."""
+def from_user(meta: dict[str, Any], body: str, *, task_id: str, default_model: str) -> Task:
+    """A dropped file or a `spoold submit`: only the user's keys count. spoold's own (`attempts`, `status`,
+    `started_at`, ...) are ignored with a warning, so a file copied back from failed/ starts afresh."""
+    own = [k for k in SPOOLD_KEYS if k in meta and k != "id"]
+    user = {k: v for k, v in meta.items() if k not in SPOOLD_KEYS}
+    task = _from_keys(user, body, task_id=task_id, default_model=default_model, warnings=[])
+    task.warnings += [f"`{k}` is spoold's own key; ignored in a new task" for k in own]
+    return task
+
+
+def from_stored(meta: dict[str, Any], body: str, *, task_id: str, default_model: str = "sonnet") -> Task:
+    """A task file spoold wrote: the user's keys and spoold's own."""
+    stored = meta.get("warnings")
+    warnings = [w for w in stored if isinstance(w, str)] if isinstance(stored, list) else []
+    task = _from_keys(meta, body, task_id=task_id, default_model=default_model, warnings=warnings)
+    _stored_fields(task, meta)
+    return task
+
+
+def _from_keys(meta: dict[str, Any], body: str, *, task_id: str, default_model: str, warnings: list[str]) -> Task:
+    """Normalize frontmatter into a Task; unknown keys become warnings."""
     if not body.strip():
         raise BadInput("the prompt is empty: write the question below the frontmatter")
     priority = str(meta.get("priority", "normal")).strip().lower()
@@ -175,8 +195,8 @@ def from_meta(meta: dict[str, Any], body: str, *, task_id: str, default_model: s
         raise BadInput("`tags` must be a list such as [research, long]")
     known = set(USER_KEYS) | set(SPOOLD_KEYS)
     extra = {k: v for k, v in meta.items() if k not in known}
-    warnings = [w for w in meta.get("warnings") or [] if isinstance(w, str)] if isinstance(meta.get("warnings"), list) else []
-    warnings += [f"unknown frontmatter key `{k}` kept but ignored" for k in extra if not _already_warned(warnings, k)]
+    warnings = warnings + [f"unknown frontmatter key `{k}` kept but ignored" for k in extra
+                           if not _already_warned(warnings, k)]
     task = Task(
         id=task_id,
         prompt=body,
@@ -191,7 +211,6 @@ def from_meta(meta: dict[str, Any], body: str, *, task_id: str, default_model: s
         warnings=warnings,
     )
     _options(task, meta)
-    _stored_fields(task, meta)
     if task.extra or task.schema is not None or len(task.system or "") + len(task.title or "") > MAX_FRONTMATTER // 8:
         check_storable(task)  # only user-shaped values can grow past the limit when written out
     return task
@@ -412,8 +431,27 @@ def render_task(task: Task) -> bytes:
 
 
 def parse_task(text: str, *, task_id: str, default_model: str = "sonnet") -> Task:
+    """A stored task file's text (one spoold wrote)."""
     meta, body = parse_text(text)
-    return from_meta(meta, body, task_id=task_id, default_model=default_model)
+    return from_stored(meta, body, task_id=task_id, default_model=default_model)
+
+
+def parse_user_task(text: str, *, task_id: str, default_model: str = "sonnet") -> Task:
+    """A dropped file's text: the user's keys only."""
+    meta, body = parse_text(text)
+    return from_user(meta, body, task_id=task_id, default_model=default_model)
+
+
+def read(path: Path, task_id: str, default_model: str = "sonnet") -> Task:
+    """The one way to read a stored task file; BadInput (with why) for one that cannot be read as a task."""
+    try:
+        return parse_task(read_bytes(path).decode("utf-8"), task_id=task_id, default_model=default_model)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path.name} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise BadInput(f"{path.name} cannot be read ({e.strerror or e})") from None
 
 
 @dataclass

@@ -62,3 +62,15 @@ def test_a_running_tasks_answer_so_far(sp: spool.Spool) -> None:
     queue.finish(sp, claimed, Result(id=tid, status="done", answer="The first words, then the rest.\n"))
     assert spool.find_partial(sp, tid) is None and not spool.partial_path(claimed.path).exists()
     assert api.result(sp, tid)[1] == "The first words, then the rest.\n"
+
+
+def test_a_task_file_copied_back_from_failed_starts_afresh(sp: spool.Spool) -> None:
+    """Review 3.1: `spoold submit failed/X.md` kept `attempts: 3` and gave up at its first transient error."""
+    copied = ("---\nid: \"20260101T000000000Z-abcdef\"\nstatus: \"failed\"\nattempts: 3\nerror: \"interrupted 3 times\"\n"
+              "started_at: \"2026-01-01T00:00:00.000Z\"\nfinished_at: \"2026-01-01T00:01:00.000Z\"\nmodel: \"opus\"\n---\n"
+              "The question again\n")
+    ti = api.submit(sp, copied)
+    info = api.info(sp, ti.id)
+    assert (info.attempts, info.error, info.started_at, info.finished_at, info.model) == (0, None, None, None, "opus")
+    assert ti.id != "20260101T000000000Z-abcdef"
+    assert any("`attempts` is spoold's own key" in w for w in info.warnings)
