@@ -138,7 +138,7 @@ def _queued_info(sp: Spool, task: Task, settings: Settings) -> TaskInfo:
     """Info for a task just queued, from memory: a submit does not read its own file back."""
     out = TaskInfo(id=task.id, state="queued", title=title_of(task), model=task.model, priority=task.priority,
                    submitted_at=iso(task.submitted_at), not_before=iso(task.not_before), warnings=task.warnings,
-                   path=str(sp.dir("queued") / spool.queued_name(task.id, task.priority, task.not_before)))
+                   path=str(spool.queued_path_for(sp, task.id, task.priority, task.not_before)))
     _estimate_into(sp, out, settings)
     return out
 
@@ -279,17 +279,17 @@ def _list_state(sp: Spool, state: str, limit: int) -> list[TaskInfo]:
         out = []
         for est in ests:
             e = by_id[est.task_id]
-            ti = _summary(sp.dir("queued") / e.name, est.task_id, "queued")
+            ti = _summary(spool.queued_path(sp, e.name), est.task_id, "queued")
             _apply_estimate(ti, est)
             out.append(ti)
         return out
     if state == "running":
-        return [_summary(sp.dir("running") / e.name, e.task_id, "running") for e in spool.list_running(sp)][:limit]
+        return [_summary(spool.running_file(sp, e.name), e.task_id, "running") for e in spool.list_running(sp)][:limit]
     if state not in spool.TERMINAL:
         raise InvalidState(f"unknown state {state!r}; use one of queued, running, done, failed, cancelled")
     out = []
     for d in spool.terminal_dirs(sp, state):
-        names = sorted((n for n in os.listdir(d) if n.endswith(".md") and not n.endswith(".result.md")), reverse=True)
+        names = sorted((n for n in os.listdir(d) if spool.is_task_file(n)), reverse=True)
         for n in names[: limit - len(out)]:
             tid = n[:-3]
             if spool.ID_RE.match(tid):
@@ -333,7 +333,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     nxt = ledger.estimate(sp, settings, queued, limit=1, now=now, usage=usage) if queued else []
     return QueueStatus(
         spool=str(sp.root), counts=counts,
-        running=[_summary(sp.dir("running") / e.name, e.task_id, "running") for e in spool.list_running(sp)],
+        running=[_summary(spool.running_file(sp, e.name), e.task_id, "running") for e in spool.list_running(sp)],
         held_until=iso(g.wait_until) if g.wait_until and g.wait_until != float("inf") else None,
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
         settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),
@@ -350,7 +350,7 @@ def _count(sp: Spool, state: str) -> int:
     if state == "inbox":
         return sum(1 for n in os.listdir(sp.dir("inbox")) if not intake.is_ignored(n))
     return sum(
-        sum(1 for n in os.listdir(d) if n.endswith(".md") and not n.endswith(".result.md"))
+        sum(1 for n in os.listdir(d) if spool.is_task_file(n))
         for d in spool.terminal_dirs(sp, state)
     )
 

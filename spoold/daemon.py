@@ -57,12 +57,12 @@ class Daemon:
         self.running: dict[str, Running] = {}
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.workdir = sp.state_dir / "work"
+        self.workdir = spool.work_dir(sp)
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._last_scan = 0.0
         self._held_logged: str | None = None
         self._watching = asyncio.Event()
-        self._probe = sp.dir("running") / f".watch-probe-{spool.owner_tag()}"
+        self._probe = spool.watch_probe_path(sp)
         self._write_failures = 0
         self._foreign_in_queued = False
         self._finishing: set[str] = set()  # ids whose process exited; their outcome is being written
@@ -157,10 +157,10 @@ class Daemon:
         if path.parent in (self.sp.dir("queued"), self.sp.dir("inbox")):
             return change != Change.deleted  # a file leaving the inbox or the queue never makes work
         if path.parent == self.sp.dir("running"):
-            if path.name.endswith(".cancel"):
+            if spool.parse_cancel_marker(path.name) is not None:
                 return True
             entry = spool.parse_running_name(path.name)
-            mine = entry is not None and f"{entry.host}-{entry.pid}" == self._owner
+            mine = entry is not None and entry.owner == self._owner
             return change == Change.deleted and not mine  # a slot another daemon held is free
         return True
 
@@ -279,7 +279,7 @@ class Daemon:
 
     def _check_cancels(self) -> None:
         for task_id, r in list(self.running.items()):
-            if r.stop_reason is None and task_id not in self._finishing and queue.cancel_marker(self.sp, task_id).exists():
+            if r.stop_reason is None and task_id not in self._finishing and spool.cancel_marker(self.sp, task_id).exists():
                 r.stop_reason = "cancel"
                 r.job.cancel()
 

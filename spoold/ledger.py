@@ -78,12 +78,11 @@ class Usage:
     windows: dict[str, WindowSeen] = field(default_factory=dict)  # the newest word on each, from any host
 
 
-def ledger_dir(sp: Spool) -> Path:
-    return sp.state_dir / "ledger"
+ledger_dir = spool.ledger_dir
 
 
 def host_file(sp: Spool) -> Path:
-    return ledger_dir(sp) / f"{spool.owner_tag().rpartition('-')[0]}.json"
+    return spool.ledger_host_file(sp, spool.owner_host(spool.owner_tag()))
 
 
 @contextmanager
@@ -93,9 +92,9 @@ def locked(sp: Spool) -> Iterator[None]:
 
     ledger_dir(sp).mkdir(mode=0o700, parents=True, exist_ok=True)
     if not _THREADS.acquire(timeout=LOCK_TIMEOUT_S):
-        raise filelock.Timeout(str(ledger_dir(sp) / ".lock"))
+        raise filelock.Timeout(str(spool.ledger_lock_path(sp)))
     try:
-        with filelock.FileLock(ledger_dir(sp) / ".lock", timeout=LOCK_TIMEOUT_S, thread_local=False, mode=0o600):
+        with filelock.FileLock(spool.ledger_lock_path(sp), timeout=LOCK_TIMEOUT_S, thread_local=False, mode=0o600):
             spool.fault("ledger:locked")
             yield
     finally:
@@ -164,7 +163,7 @@ def read_usage(sp: Spool, now: float | None = None, hosts: dict[str, HostLedger]
 
 def _rebuild(sp: Spool, path: Path, err: Exception) -> HostLedger:
     """Keep the damaged ledger aside and rebuild starts from the tasks' own `started_at` stamps."""
-    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    aside = spool.damaged_path(path, time.time())
     try:
         os.rename(path, aside)
         log.error("ledger %s was damaged (%s); kept as %s, rebuilt from task files", path.name, err, aside.name)
@@ -182,9 +181,8 @@ def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
         parse_time,
     )
 
-    paths = [sp.dir("running") / e.name for e in spool.list_running(sp)]
-    for d in spool.date_dirs(sp, "done")[:since_days]:
-        paths += [d / n for n in os.listdir(d) if n.endswith(".md") and not n.endswith(".result.md")]
+    paths = [spool.running_file(sp, e.name) for e in spool.list_running(sp)]
+    paths += list(spool.terminal_task_files(sp, "done", days=since_days))
     out = []
     for p in paths:
         try:
@@ -556,6 +554,6 @@ def _schedule(k: int, floor: float, workers: list[float], starts: list[float], n
 def _started(sp: Spool, entry: spool.RunningEntry) -> float | None:
     """When a running task started: its file's mtime (rewritten at claim), not a parse."""
     try:
-        return (sp.dir("running") / entry.name).stat().st_mtime
+        return spool.running_file(sp, entry.name).stat().st_mtime
     except OSError:
         return None

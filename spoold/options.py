@@ -61,7 +61,7 @@ def load_schema(sp: Spool, name: str) -> dict[str, object]:
     except SpooldError as e:
         raise BadInput(f"`schema: {name}`: {e}") from None
     except FileNotFoundError:
-        raise BadInput(f"`schema: {name}` names no file in {sp.root / spool.SCHEMAS_DIR}") from None
+        raise BadInput(f"`schema: {name}` names no file in {spool.schema_path(sp, name).parent}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise BadInput(f"`schema: {name}` is not a JSON file spoold can read ({type(e).__name__})") from None
     if not isinstance(data, dict):

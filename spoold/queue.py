@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     import filelock
 
 log = logging.getLogger("spoold")
-_INTAKE = "intake~"
-NAME_MAX = 255  # bytes in one file name on every filesystem spoold supports
 
 
 def now() -> datetime:
@@ -35,15 +33,11 @@ def now() -> datetime:
 # ---- owners --------------------------------------------------------------------
 
 
-def _lock_path(sp: Spool, owner: str) -> Path:
-    return sp.state_dir / "locks" / f"{owner}.lock"
-
-
 def hold_owner_lock(sp: Spool) -> filelock.BaseFileLock:
     """Mark this process alive as an owner of claims until it exits (the OS drops the lock on death)."""
     import filelock  # lazy: `spoold submit` never takes a lock, and filelock costs it 15 ms of start-up
 
-    path = _lock_path(sp, spool.owner_tag())
+    path = spool.owner_lock_path(sp, spool.owner_tag())
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = filelock.FileLock(path, timeout=0, thread_local=False, mode=0o600)
     lock.acquire()
@@ -54,12 +48,11 @@ def owner_alive(sp: Spool, owner: str) -> bool:
     """False only when we can prove it: same host and nobody holds its lock. Other hosts count as alive."""
     import filelock
 
-    host, _, _pid = owner.rpartition("-")
-    if host != spool.owner_tag().rpartition("-")[0]:
+    if spool.owner_host(owner) != spool.owner_host(spool.owner_tag()):
         return True
     if owner == spool.owner_tag():
         return True
-    path = _lock_path(sp, owner)
+    path = spool.owner_lock_path(sp, owner)
     if not path.exists():
         return False
     probe = filelock.FileLock(path, timeout=0, thread_local=False, mode=0o600)
@@ -88,8 +81,8 @@ def _pid_exists(pid: int) -> bool:
 def enqueue(sp: Spool, task: Task, *, sync_dir: bool = True) -> Path:
     """Write a new task straight into queued/ (submit, the adapter, intake)."""
     task.status = "queued"
-    name = spool.queued_name(task.id, task.priority, task.not_before)
-    return spool.write_new(sp, sp.dir("queued") / name, render_task(task), sync_dir=sync_dir)
+    dest = spool.queued_path_for(sp, task.id, task.priority, task.not_before)
+    return spool.write_new(sp, dest, render_task(task), sync_dir=sync_dir)
 
 
 def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
@@ -97,9 +90,7 @@ def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
 
     Not synced here: intake fsyncs tmp/ and the source directory once for a whole scan.
     """
-    prefix = f"{_INTAKE}{spool.owner_tag()}~{task_id}~"
-    room = NAME_MAX - len(prefix.encode())
-    dest = sp.dir("tmp") / (prefix + os.fsdecode(os.fsencode(path.name)[-room:]))  # keep the suffix if it must be cut
+    dest = spool.intake_claim_path(sp, task_id, path.name)
     try:
         return spool.move(path, dest, sync="none")
     except FileNotFoundError:
@@ -112,13 +103,6 @@ def unclaim_intake(sp: Spool, claimed: Path, original: Path) -> None:
         spool.move(claimed, original)
     except OSError as e:
         log.warning("left %s in tmp/ (%s); recovery returns it to %s", claimed.name, e.strerror or e, original.parent.name)
-
-
-def _parse_intake_claim(name: str) -> tuple[str, str, str] | None:
-    parts = name.split("~", 3)
-    if len(parts) != 4 or parts[0] + "~" != _INTAKE:
-        return None
-    return parts[1], parts[2], parts[3]
 
 
 def accept_intake(sp: Spool, task: Task) -> Path:
@@ -149,8 +133,7 @@ def reject_intake(sp: Spool, claimed: Path, task_id: str, source: str, message: 
 
 def _move_rejected(sp: Spool, claimed: Path, task_id: str) -> None:
     regular = claimed.is_file() and not claimed.is_symlink()
-    dest = sp.dir("failed") / (f"{task_id}.md" if regular else f"{task_id}.rejected")
-    spool.move(claimed, dest)
+    spool.move(claimed, spool.rejected_path(sp, task_id, regular))
 
 
 # ---- dispatch ------------------------------------------------------------------
@@ -168,7 +151,7 @@ def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: floa
     The running copy (status, started_at, attempts) is staged before the move and swapped in
     right after it, so a claim costs one file and two directory fsyncs.
     """
-    src, dest = sp.dir("queued") / entry.name, spool.running_path(sp, entry.task_id)
+    src, dest = spool.queued_path(sp, entry.name), spool.running_path(sp, entry.task_id)
     try:
         raw, st = spool.read_file(src)
         task = parse_task(raw.decode("utf-8"), task_id=entry.task_id, default_model=default_model)
@@ -197,7 +180,7 @@ def _claim_as_is(
     sp: Spool, entry: spool.QueuedEntry, dest: Path, default_model: str, started: float | None
 ) -> Claimed | None:
     try:
-        spool.move(sp.dir("queued") / entry.name, dest)
+        spool.move(spool.queued_path(sp, entry.name), dest)
     except (FileNotFoundError, FileExistsError):
         return None
     return _claim_in_place(sp, entry, dest, default_model, started)
@@ -220,7 +203,7 @@ def _claim_in_place(
     try:
         spool.rewrite(sp, dest, render_task(task))
     except OSError:
-        spool.move(dest, sp.dir("queued") / entry.name)  # disk full: the task waits, as it was
+        spool.move(dest, spool.queued_path(sp, entry.name))  # disk full: the task waits, as it was
         raise
     log.info("running %s (attempt %d, model %s)", task.id, task.attempts, task.model)
     return Claimed(dest, task)
@@ -265,7 +248,7 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
         task.attempts = max(0, task.attempts - 1)
     task.status, task.error, task.started_at = "queued", reason, None
     spool.rewrite(sp, claimed.path, render_task(task))
-    dest = spool.move(claimed.path, sp.dir("queued") / spool.queued_name(task.id, task.priority, task.not_before))
+    dest = spool.move(claimed.path, spool.queued_path_for(sp, task.id, task.priority, task.not_before))
     _drop_partial(claimed.path)
     log.info("requeued %s: %s", task.id, reason)
     return dest
@@ -281,13 +264,9 @@ def cancel_running(sp: Spool, claimed: Claimed, reason: str, answer: str = "") -
     _write_result(sp, sp.dir("cancelled"), result)
     dest = spool.move(claimed.path, spool.task_path_for(sp.dir("cancelled"), task.id))
     _drop_partial(claimed.path)
-    cancel_marker(sp, task.id).unlink(missing_ok=True)
+    spool.cancel_marker(sp, task.id).unlink(missing_ok=True)
     log.info("cancelled %s", task.id)
     return dest
-
-
-def cancel_marker(sp: Spool, task_id: str) -> Path:
-    return sp.dir("running") / f"{task_id}.cancel"
 
 
 def cancel(sp: Spool, task_id: str) -> str:
@@ -304,10 +283,10 @@ def cancel(sp: Spool, task_id: str) -> str:
         return "cancelled"
     if loc.state == "running":
         entry = spool.parse_running_name(loc.path.name)
-        if entry and not owner_alive(sp, f"{entry.host}-{entry.pid}"):
+        if entry and not owner_alive(sp, entry.owner):
             recover_running(sp, entry, max_attempts=1_000_000, cancelled=True)
             return "cancelled"
-        marker = cancel_marker(sp, task_id)
+        marker = spool.cancel_marker(sp, task_id)
         if not marker.exists():
             spool.write_new(sp, marker, f"cancel requested {now().isoformat()}\n".encode())
         return "cancelling"
@@ -353,25 +332,24 @@ def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = Non
     actions: list[str] = []
     mine = spool.owner_tag()
     for entry in spool.list_running(sp):
-        owner = f"{entry.host}-{entry.pid}"
-        stray = running_here is not None and owner == mine and entry.task_id not in running_here
-        if stray or not owner_alive(sp, owner):
+        stray = running_here is not None and entry.owner == mine and entry.task_id not in running_here
+        if stray or not owner_alive(sp, entry.owner):
             actions.append(recover_running(sp, entry, max_attempts=max_attempts))
-    for name in os.listdir(sp.dir("tmp")):
+    for name in spool.tmp_names(sp):
         actions.extend(_recover_tmp(sp, name, ours_stray=running_here is not None))
-    for name in os.listdir(sp.dir("running")):
-        if name.endswith(spool.PARTIAL_SUFFIX) and not (sp.dir("running") / name).with_suffix(".md").exists():
-            (sp.dir("running") / name).unlink(missing_ok=True)  # its task left running/ (a crash between the two)
-        if name.endswith(".cancel"):
-            tid = name[: -len(".cancel")]
-            if not any(e.task_id == tid for e in spool.list_running(sp)):
-                (sp.dir("running") / name).unlink(missing_ok=True)  # its task already ended
+    for name in spool.running_names(sp):
+        path = spool.running_file(sp, name)
+        if name.endswith(spool.PARTIAL_SUFFIX) and not path.with_suffix(".md").exists():
+            path.unlink(missing_ok=True)  # its task left running/ (a crash between the two)
+        tid = spool.parse_cancel_marker(name)
+        if tid is not None and not any(e.task_id == tid for e in spool.list_running(sp)):
+            path.unlink(missing_ok=True)  # its task already ended
     return [a for a in actions if a]
 
 
 def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int, cancelled: bool = False) -> str:
     """A dead owner's task: finish it if its result exists, else requeue it (or fail it after max_attempts)."""
-    path = sp.dir("running") / entry.name
+    path = spool.running_file(sp, entry.name)
     result_path = spool.find_result(sp, entry.task_id)
     if result_path is not None:
         done = spool.task_path_for(result_path.parent, entry.task_id)
@@ -393,7 +371,7 @@ def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int, 
         _write_result(sp, sp.dir("failed"), result)
         spool.move(path, spool.task_path_for(sp.dir("failed"), entry.task_id))
         return f"failed {entry.task_id}: {err}"
-    if cancelled or cancel_marker(sp, entry.task_id).exists():
+    if cancelled or spool.cancel_marker(sp, entry.task_id).exists():
         cancel_running(sp, claimed, "cancelled")
         return f"cancelled {entry.task_id}"
     if claimed.task.attempts >= max_attempts:
@@ -415,16 +393,17 @@ def _failure(task: Task, message: str) -> Result:
 
 def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]:
     """A dead process's staged write or intake claim; with ours_stray, also our own (intake never spans a turn)."""
-    path = sp.dir("tmp") / name
-    claim_parts = _parse_intake_claim(name)
-    owner = claim_parts[0] if claim_parts else name.split(".", 1)[0]
+    path = spool.tmp_path(sp, name)
+    claim_parts = spool.parse_intake_claim(name)
     if claim_parts is None:
         # A staged write that never became visible: nothing was promised. Writers such as
         # `spoold submit` hold no owner lock, so their liveness is their pid.
-        pid = owner.rpartition("-")[2]
-        if name.endswith(".tmp") and not owner_alive(sp, owner) and not (pid.isdigit() and _pid_exists(int(pid))):
+        staged_by = spool.staging_owner(name)
+        pid = spool.owner_pid(staged_by) if staged_by else None
+        if staged_by and not owner_alive(sp, staged_by) and not (pid is not None and _pid_exists(pid)):
             path.unlink(missing_ok=True)
         return []
+    owner = claim_parts[0]
     if owner_alive(sp, owner) and not (ours_stray and owner == spool.owner_tag()):
         return []
     _, task_id, source = claim_parts
@@ -437,8 +416,5 @@ def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]
     if spool.result_path_for(sp.dir("failed"), task_id).exists():
         _move_rejected(sp, path, task_id)
         return [f"moved {source} to failed (its result was already written)"]
-    dest = sp.dir("inbox") / source
-    if dest.exists():
-        dest = sp.dir("inbox") / f"{Path(source).stem}.recovered-{task_id[-6:]}{Path(source).suffix}"
-    spool.move(path, dest)
+    spool.move(path, spool.returned_path(sp, source, task_id))
     return [f"returned {source} to inbox (intake was interrupted)"]

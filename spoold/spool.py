@@ -189,6 +189,21 @@ class RunningEntry:
     host: str
     pid: int
 
+    @property
+    def owner(self) -> str:
+        """`host-pid`: the process that claimed it, as in owner locks and staging names."""
+        return f"{self.host}-{self.pid}"
+
+
+def owner_host(owner: str) -> str:
+    """The host part of `host-pid` (a host name may hold dashes; a pid never does)."""
+    return owner.rpartition("-")[0]
+
+
+def owner_pid(owner: str) -> int | None:
+    pid = owner.rpartition("-")[2]
+    return int(pid) if pid.isdigit() else None
+
 
 def parse_running_name(name: str) -> RunningEntry | None:
     m = _RUNNING_RE.match(name)
@@ -511,6 +526,126 @@ def schema_path(sp: Spool, name: str) -> Path:
 
 
 PARTIAL_SUFFIX = ".partial"
+
+
+# ---- the other names: markers, claims, staging, private state ------------------
+
+CANCEL_SUFFIX = ".cancel"
+INTAKE_PREFIX = "intake~"
+NAME_MAX = 255  # bytes in one file name on every filesystem spoold supports
+
+
+def queued_path(sp: Spool, name: str) -> Path:
+    return sp.dir("queued") / name
+
+
+def queued_path_for(sp: Spool, task_id: str, priority: str, not_before: datetime | None) -> Path:
+    return sp.dir("queued") / queued_name(task_id, priority, not_before)
+
+
+def running_file(sp: Spool, name: str) -> Path:
+    return sp.dir("running") / name
+
+
+def cancel_marker(sp: Spool, task_id: str) -> Path:
+    """`running/ID.cancel`: anyone's request that the task's owner stop it."""
+    return sp.dir("running") / f"{task_id}{CANCEL_SUFFIX}"
+
+
+def parse_cancel_marker(name: str) -> str | None:
+    return name[: -len(CANCEL_SUFFIX)] if name.endswith(CANCEL_SUFFIX) else None
+
+
+def intake_claim_path(sp: Spool, task_id: str, source: str) -> Path:
+    """`tmp/intake~OWNER~ID~SOURCE`: a dropped entry taken by OWNER (the source cut from the left to fit)."""
+    prefix = f"{INTAKE_PREFIX}{owner_tag()}~{task_id}~"
+    room = NAME_MAX - len(prefix.encode())
+    return sp.dir("tmp") / (prefix + os.fsdecode(os.fsencode(source)[-room:]))
+
+
+def parse_intake_claim(name: str) -> tuple[str, str, str] | None:
+    """(owner, task id, source name) of an intake claim's name."""
+    parts = name.split("~", 3)
+    if len(parts) != 4 or parts[0] + "~" != INTAKE_PREFIX:
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def staging_owner(name: str) -> str | None:
+    """The owner of a staged write `tmp/OWNER.HEX.tmp` (see _write_tmp)."""
+    return name.split(".", 1)[0] if name.endswith(".tmp") and "." in name[:-4] else None
+
+
+def rejected_path(sp: Spool, task_id: str, regular: bool) -> Path:
+    """Where bad input goes: `failed/ID.md` for a file, `failed/ID.rejected` for anything else (kept untouched)."""
+    return sp.dir("failed") / (f"{task_id}.md" if regular else f"{task_id}.rejected")
+
+
+def returned_path(sp: Spool, source: str, task_id: str) -> Path:
+    """Where an interrupted intake puts a dropped file back: its own name, else `STEM.recovered-XXXXXX.EXT`."""
+    dest = sp.dir("inbox") / source
+    if dest.exists():
+        dest = sp.dir("inbox") / f"{Path(source).stem}.recovered-{task_id[-6:]}{Path(source).suffix}"
+    return dest
+
+
+def tmp_path(sp: Spool, name: str) -> Path:
+    return sp.dir("tmp") / name
+
+
+def tmp_names(sp: Spool) -> list[str]:
+    return os.listdir(sp.dir("tmp"))
+
+
+def running_names(sp: Spool) -> list[str]:
+    return os.listdir(sp.dir("running"))
+
+
+def owner_lock_path(sp: Spool, owner: str) -> Path:
+    """`.spoold/locks/OWNER.lock`: held by a live daemon; its owner's claims are alive while it is held."""
+    return sp.state_dir / "locks" / f"{owner}.lock"
+
+
+def ledger_dir(sp: Spool) -> Path:
+    return sp.state_dir / "ledger"
+
+
+def ledger_host_file(sp: Spool, host: str) -> Path:
+    """`.spoold/ledger/HOST.json`: one host's own account, written by that host alone."""
+    return ledger_dir(sp) / f"{host}.json"
+
+
+def ledger_lock_path(sp: Spool) -> Path:
+    return ledger_dir(sp) / ".lock"
+
+
+def damaged_path(path: Path, when: float) -> Path:
+    """A damaged file kept aside, never deleted: `NAME.damaged-EPOCH`."""
+    return path.with_name(f"{path.name}.damaged-{int(when)}")
+
+
+def work_dir(sp: Spool) -> Path:
+    """`.spoold/work/`: the neutral working directory tasks run in when their profile names none."""
+    return sp.state_dir / "work"
+
+
+def watch_probe_path(sp: Spool) -> Path:
+    """`running/.watch-probe-OWNER`: a daemon touches it to learn that its watcher sees events."""
+    return sp.dir("running") / f".watch-probe-{owner_tag()}"
+
+
+def is_task_file(name: str) -> bool:
+    """A task file in a terminal directory: `ID.md`, not its `ID.result.md`."""
+    return name.endswith(".md") and not name.endswith(".result.md")
+
+
+def terminal_task_files(sp: Spool, state: str, *, days: int | None = None) -> Iterator[Path]:
+    """Task files of a terminal state, newest partition first (`days`: only that many partitions)."""
+    dirs = date_dirs(sp, state)
+    for d in [*(dirs[:days] if days is not None else dirs), *([] if days is not None else [sp.dir(state)])]:
+        for n in os.listdir(d) if d.is_dir() else []:
+            if is_task_file(n):
+                yield d / n
 
 
 def partial_path(running: Path) -> Path:

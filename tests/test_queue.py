@@ -73,7 +73,7 @@ def test_cancel_running_asks_the_live_owner(sp: spool.Spool) -> None:
     try:
         _claim_next(sp)
         assert queue.cancel(sp, t.id) == "cancelling"
-        assert queue.cancel_marker(sp, t.id).exists()
+        assert spool.cancel_marker(sp, t.id).exists()
     finally:
         lock.release()
 

@@ -124,3 +124,15 @@ def test_queue_listing_orders_by_name_and_parses_only_what_is_read(sp: spool.Spo
     assert [e.task_id for e in listing.timed()] == [ids[1]] and listing.timed()[0].not_before == later
     assert [e.task_id for e in listing.by_id()] == ids and [e.task_id for e in listing.by_id(reverse=True)] == ids[::-1]
     assert listing[1:3] == [listing[1], listing[2]]
+
+
+def test_no_module_but_spool_joins_a_path_into_the_spool() -> None:
+    """Every name in the spool is built (and parsed) in spool.py; the others ask it."""
+    import re
+    from pathlib import Path
+
+    root = Path(spool.__file__).parent.parent
+    join = re.compile(r"\b(?:sp|self\.sp|spool_root)\s*\.\s*(?:dir\([^)]*\)|root|state_dir)\s*/")
+    offenders = [f"{p.relative_to(root)}:{n}" for p in [*root.glob("spoold/**/*.py"), *root.glob("mcp_adapter/*.py")]
+                 if p.name != "spool.py" for n, line in enumerate(p.read_text().splitlines(), 1) if join.search(line)]
+    assert offenders == []
