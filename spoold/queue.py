@@ -48,7 +48,7 @@ def owner_alive(sp: Spool, owner: str) -> bool:
     """False only when we can prove it: same host and nobody holds its lock. Other hosts count as alive."""
     import filelock
 
-    if spool.owner_host(owner) != spool.owner_host(spool.owner_tag()):
+    if spool.owner_host(owner) not in (spool.host_id(), spool.legacy_host()):  # format 1 named hosts by name
         return True
     if owner == spool.owner_tag():
         return True

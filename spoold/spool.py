@@ -170,6 +170,53 @@ def parse_queued_name(name: str) -> QueuedEntry | None:
 
 
 _owner: tuple[int, str] | None = None
+HOST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+
+
+def legacy_host() -> str:
+    """The bare host name spool format 1 used as a host's id (two laptops called MacBook-Pro collided)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", os.uname().nodename) or "host"
+
+
+def host_id_file() -> Path:
+    """Where this installation keeps its host id: outside the spool, which other hosts may share."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "spoold" / "host_id"
+
+
+@functools.cache
+def host_id() -> str:
+    """This host's id in the spool's names: `$SPOOLD_HOST_ID`, else one generated once per installation
+    (`HOSTNAME-xxxxxx`) and kept in host_id_file(). Never in the spool's config.yaml: a synced spool
+    would give every host the same one."""
+    chosen = os.environ.get("SPOOLD_HOST_ID")
+    if chosen:
+        if not HOST_ID_RE.match(chosen) or chosen.rpartition("-")[2].isdigit():
+            raise SpoolError(f"SPOOLD_HOST_ID={chosen!r} must be letters, digits and dashes, not ending in -NUMBER")
+        return chosen
+    path = host_id_file()
+    try:
+        kept = path.read_text(encoding="utf-8").strip()
+        if HOST_ID_RE.match(kept):
+            return kept
+    except (OSError, UnicodeDecodeError):
+        pass
+    made = f"{slugify(legacy_host(), 40) or 'host'}-{base64.b32encode(os.urandom(5)).decode().lower()[:6]}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_name(f".host_id.{os.getpid()}.tmp")
+        staged.write_text(made + "\n", encoding="utf-8")
+        with open(staged, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(staged, path)  # the first process to get here decides; the rest read its id
+        except FileExistsError:
+            made = path.read_text(encoding="utf-8").strip() or made
+        finally:
+            staged.unlink(missing_ok=True)
+    except OSError:
+        return legacy_host()  # a read-only home: the host name, as every process here will also find
+    return made
 
 
 def owner_tag() -> str:
@@ -177,8 +224,7 @@ def owner_tag() -> str:
     global _owner
     pid = os.getpid()
     if _owner is None or _owner[0] != pid:
-        host = re.sub(r"[^A-Za-z0-9-]", "-", os.uname().nodename) or "host"
-        _owner = (pid, f"{host}-{pid}")
+        _owner = (pid, f"{host_id()}-{pid}")
     return _owner[1]
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,9 @@ from spoold import spool as spool_mod
 from spoold.spool import Spool
 
 ROOT = Path(__file__).resolve().parent.parent
+# The suite's own installation: a generated host id lands here, never in the machine's ~/.config.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="spoold-test-config-")
+os.environ.pop("SPOOLD_HOST_ID", None)
 ECHO_COMMAND = [sys.executable, "-c", "import sys; print('answer: ' + sys.stdin.read().strip())"]
 
 

@@ -84,10 +84,10 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def _orphan(sp: spool.Spool, t: Task) -> spool.Path:
+def _orphan(sp: spool.Spool, t: Task, host: str | None = None) -> spool.Path:
     """Make the running file look like a claim by a process that died."""
     c = _claim_next(sp)
-    dead = spool.running_path(sp, t.id, f"{spool.owner_tag().rpartition('-')[0]}-{_dead_pid()}")
+    dead = spool.running_path(sp, t.id, f"{host or spool.host_id()}-{_dead_pid()}")
     os.rename(c.path, dead)
     return dead
 
@@ -98,6 +98,16 @@ def test_recovery_requeues_a_dead_owners_task(sp: spool.Spool) -> None:
     actions = queue.recover(sp, max_attempts=3)
     assert actions == [f"requeued {t.id}"]
     assert spool.locate(sp, t.id).state == "queued"
+
+
+def test_recovery_knows_this_hosts_claims_from_before_host_ids(sp: spool.Spool) -> None:
+    """Format 1 named a host by its bare host name: such a claim by a dead process here is still ours to recover."""
+    t = _enqueue(sp)
+    _orphan(sp, t, host=spool.legacy_host())
+    assert queue.recover(sp, max_attempts=3) == [f"requeued {t.id}"]
+    other = _enqueue(sp)
+    _orphan(sp, other, host="another-laptop-k3x9qa")  # another host's: alive as far as we can know
+    assert queue.recover(sp, max_attempts=3) == [] and spool.locate(sp, other.id).state == "running"
 
 
 def test_recovery_fails_after_max_attempts(sp: spool.Spool) -> None:

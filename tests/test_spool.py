@@ -136,3 +136,28 @@ def test_no_module_but_spool_joins_a_path_into_the_spool() -> None:
     offenders = [f"{p.relative_to(root)}:{n}" for p in [*root.glob("spoold/**/*.py"), *root.glob("mcp_adapter/*.py")]
                  if p.name != "spool.py" for n, line in enumerate(p.read_text().splitlines(), 1) if join.search(line)]
     assert offenders == []
+
+
+def test_host_id_is_generated_once_per_installation_and_kept_outside_the_spool(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("SPOOLD_HOST_ID", raising=False)
+    spool.host_id.cache_clear()
+    try:
+        first = spool.host_id()
+        assert first.startswith(spool.slugify(spool.legacy_host())) and first != spool.legacy_host()
+        assert (tmp_path / "config" / "spoold" / "host_id").read_text().strip() == first
+        spool.host_id.cache_clear()
+        assert spool.host_id() == first  # the same installation keeps its id
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "other-laptop"))  # same host name, another install
+        spool.host_id.cache_clear()
+        assert spool.host_id() != first
+        monkeypatch.setenv("SPOOLD_HOST_ID", "desk-at-home")
+        spool.host_id.cache_clear()
+        assert spool.host_id() == "desk-at-home"
+        monkeypatch.setenv("SPOOLD_HOST_ID", "bad/id")
+        spool.host_id.cache_clear()
+        with pytest.raises(spool.SpoolError, match="SPOOLD_HOST_ID"):
+            spool.host_id()
+    finally:
+        spool.host_id.cache_clear()
+        spool._owner = None
