@@ -154,6 +154,8 @@ class Daemon:
         """Whether an event can mean new work; our own claims and moves (one per task) are not news."""
         from watchfiles import Change
 
+        if path.parent == self.sp.dir("inbox") and change == Change.deleted and intake.lock_target(path.name):
+            return True  # an editor let go of a file: it may be a task now
         if path.parent in (self.sp.dir("queued"), self.sp.dir("inbox")):
             return change != Change.deleted  # a file leaving the inbox or the queue never makes work
         if path.parent == self.sp.dir("running"):

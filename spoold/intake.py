@@ -9,7 +9,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spoold import options, queue, spool
@@ -35,10 +35,80 @@ IGNORE_PATTERNS = (
 _IGNORE_RE = re.compile("|".join(IGNORE_PATTERNS), re.IGNORECASE)
 DEFAULT_SETTLE_S = 1.0  # quiet time when the kernel cannot tell us whether a writer is open
 
+# What an editor leaves beside a file it still has open: while one exists, the file is a draft (vim's
+# first `:w` must not become a task of its own). `{}` is the file's name. Neovim keeps its swap files
+# elsewhere by default and VS Code, gedit and most GUI editors save atomically: nothing to see for them.
+EDITOR_LOCKS: tuple[tuple[str, str], ...] = (
+    ("vim", ".{}.swp"), ("vim", ".{}.swo"), ("vim", ".{}.swn"),  # also nano's .NAME.swp
+    ("emacs", ".#{}"),  # a symbolic link to user@host.PID:boot
+    ("kate", ".{}.kate-swp"),
+)
+_LOCK_RE = re.compile(r"^\.(?:#(?P<emacs>.+)|(?P<name>.+)\.(?:sw[a-p]|kate-swp))$")
+STALE_LOCK_S = 24 * 3600.0  # a lock whose owner cannot be checked is believed for a day
+_stale_reported: set[str] = set()
+
 
 def is_ignored(name: str) -> bool:
     """True for names that are not ours to touch (temp, lock, swap and sync files)."""
     return bool(_IGNORE_RE.search(name))
+
+
+def locked_by_editor(directory: Path, name: str, present: set[str]) -> str | None:
+    """The editor lock or swap file that says `name` is still being edited, if a live one is there."""
+    for _, pattern in EDITOR_LOCKS:
+        lock = pattern.format(name)
+        if lock in present and not _stale(directory / lock):
+            return lock
+    return None
+
+
+def lock_target(lock_name: str) -> str | None:
+    """The file an editor lock or swap name is about (`.q.md.swp` -> `q.md`), for the watcher's news."""
+    m = _LOCK_RE.match(lock_name)
+    return (m.group("emacs") or m.group("name")) if m else None
+
+
+def _stale(lock: Path) -> bool:
+    """A lock whose editor is gone: its process is dead on this host, or it is older than STALE_LOCK_S."""
+    try:
+        st = os.lstat(lock)
+    except FileNotFoundError:
+        return True
+    owner = _lock_owner(lock, st)
+    here = os.uname().nodename
+    dead = owner is not None and owner[0] in (here, here.split(".")[0]) and not _alive(owner[1])
+    stale = dead or (owner is None and time.time() - st.st_mtime > STALE_LOCK_S)
+    if stale and str(lock) not in _stale_reported:
+        _stale_reported.add(str(lock))
+        log.warning("ignoring %s: the editor that left it is gone (delete it to tidy up)", lock.name)
+    return stale
+
+
+def _lock_owner(lock: Path, st: os.stat_result) -> tuple[str, int] | None:
+    """(host, pid) of the editor holding a lock: emacs's link target, or vim's and nano's swap header."""
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            m = re.fullmatch(r"[^@]*@(?P<host>[^.:]+)[^.:]*\.(?P<pid>\d+)(?::.*)?", os.readlink(lock))
+            return (m.group("host"), int(m.group("pid"))) if m else None
+        with open(lock, "rb") as f:
+            head = f.read(108)
+    except OSError:
+        return None
+    if len(head) < 108 or not (head.startswith(b"b0VIM") or head.startswith(b"b0nano")):
+        return None
+    pid = int.from_bytes(head[24:28], "little")  # vim's block 0: b0_pid, stored lowest byte first
+    host = head[68:108].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return (host, pid) if pid else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def is_task_name(name: str) -> bool:
@@ -82,6 +152,7 @@ class IntakeReport:
     failed: list[str]
     pending: list[str]  # not yet complete; look again soon
     more: bool = False  # stopped at the batch limit: more files wait
+    editing: list[str] = field(default_factory=list)  # open in an editor: taken once its lock or swap file goes
 
 
 def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool = True,
@@ -95,13 +166,15 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
     report = IntakeReport([], [], [])
     for state in ("inbox", "queued") if include_queued else ("inbox",):
         base = sp.dir(state)
-        names = [n for n in sorted(os.listdir(base)) if not (state == "queued" and spool.parse_queued_name(n))]
+        listing = sorted(os.listdir(base))
+        present = set(listing) if state == "inbox" else set()
+        names = [n for n in listing if not (state == "queued" and spool.parse_queued_name(n))]
         taken: list[Taken] = []
         for n in names:
             if limit is not None and len(report.queued) + len(report.failed) + len(taken) >= limit:
                 report.more = True
                 break
-            t = take_one(sp, base / n, report)
+            t = take_one(sp, base / n, report, present)
             if t:
                 taken.append(t)
         if taken:
@@ -122,8 +195,10 @@ class Taken:
     mode: int
 
 
-def take_one(sp: Spool, path: Path, report: IntakeReport) -> Taken | None:
-    """Claim one complete dropped entry (the caller syncs the claims of a scan together)."""
+def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | None = None) -> Taken | None:
+    """Claim one complete dropped entry (the caller syncs the claims of a scan together).
+
+    `present`: the names in its directory, to see an editor's lock or swap file beside it for free."""
     name = path.name
     if is_ignored(name):
         return None
@@ -134,6 +209,9 @@ def take_one(sp: Spool, path: Path, report: IntakeReport) -> Taken | None:
     regular = stat.S_ISREG(st.st_mode)
     if regular and not name.lower().endswith(TASK_SUFFIXES):
         return None  # not a task (a PDF, an image): left where the user put it; `status` lists it
+    if present and locked_by_editor(path.parent, name, present):
+        report.editing.append(name)
+        return None
     if regular and (not is_settled(path, st) or (st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S)):
         report.pending.append(name)  # still being written, or a writer's link-then-unlink is under way
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 from conftest import drop, results, terminal_files
@@ -171,3 +172,23 @@ def test_names_a_task_uses_are_checked_at_intake(sp: spool.Spool) -> None:
     assert "`profile: shell` is not a profile of this spool's config.yaml (repo-review)" in reasons
     assert "`schema: missing.json` names no file in" in reasons
     assert "`resume: zzzzzz`: no task with an id starting 'zzzzzz'" in reasons
+
+
+def test_editor_locks_hold_a_file_until_their_editor_is_gone(sp: spool.Spool) -> None:
+    inbox = sp.dir("inbox")
+    (inbox / "q.md").write_text("draft\n")
+    os.utime(inbox / "q.md", (0, 0))
+    os.symlink(f"me@{os.uname().nodename}.{os.getpid()}:1700000000", inbox / ".#q.md")  # emacs, alive: ours
+    report = scan(sp)
+    assert report.editing == ["q.md"] and report.queued == []
+    os.unlink(inbox / ".#q.md")
+    os.symlink("me@some-other-host.12345:1700000000", inbox / ".#q.md")  # another host's editor: believed
+    assert scan(sp).editing == ["q.md"]
+    os.unlink(inbox / ".#q.md")
+    (inbox / ".q.md.kate-swp").write_text("kate")  # no owner to check: believed for a day
+    assert scan(sp).editing == ["q.md"]
+    old = time.time() - intake.STALE_LOCK_S - 60
+    os.utime(inbox / ".q.md.kate-swp", (old, old))
+    assert len(scan(sp).queued) == 1 and (inbox / ".q.md.kate-swp").exists()  # taken; the lock is left alone
+    assert [intake.lock_target(n) for n in (".q.md.swp", ".#q.md", ".q.md.kate-swp", ".q.md.swo", "q.md")] == [
+        "q.md", "q.md", "q.md", "q.md", None]
