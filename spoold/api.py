@@ -17,7 +17,7 @@ from spoold import config, ledger, options, queue, spool
 from spoold.config import Settings
 from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.spool import Spool
-from spoold.task import Task, from_user, parse_result, parse_text, title_of
+from spoold.task import Task, from_user, is_failure_note, parse_result, parse_text, title_of
 from spoold.task import read as read_task
 
 MAX_QUERY_BYTES_DEFAULT = 1024 * 1024
@@ -219,13 +219,15 @@ def _read_result(path: Path):
 
 
 def result(sp: Spool, task_id: str) -> tuple[TaskInfo, str]:
-    """(info, answer text) of a finished task; InvalidState while it is not finished."""
+    """(info, answer text) of a finished task (empty when it failed without one); InvalidState while it runs."""
     ti = info(sp, task_id, with_estimate=False)
-    if ti.state not in ("done", "failed", "cancelled") or not ti.result_path:
+    if ti.state not in spool.TERMINAL:
         raise InvalidState(f"task {task_id} is {ti.state}; no result yet (`spoold wait {task_id}`)")
+    if not ti.result_path:
+        return ti, ""  # cancelled before it ran: nothing was answered
     res = _read_result(Path(ti.result_path))
     answer = res.answer if res else Path(ti.result_path).read_text(encoding="utf-8", errors="replace")
-    return ti, answer
+    return ti, "" if is_failure_note(answer) else answer  # the reason is ti.error; the answer is only an answer
 
 
 def result_meta(sp: Spool, task_id: str) -> dict[str, Any]:

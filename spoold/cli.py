@@ -15,14 +15,26 @@ from typing import Any
 from spoold import __version__
 from spoold.errors import SpooldError
 
+# One contract for result, wait, show, cancel and retry (the README's table); errors carry their own
+# (spoold/errors.py: 2 bad input or spool, 5 no such task, 6 not allowed in the task's state).
 EXIT_FAILED_TASK = 1
+EXIT_CANCELLED = 3
+EXIT_NOT_FINISHED = 4
 EXIT_TIMEOUT = 124
+STATE_EXIT = {"done": 0, "failed": EXIT_FAILED_TASK, "cancelled": EXIT_CANCELLED}
 
 
 def _spool(args: argparse.Namespace, create: bool = False):
     from spoold import config, spool
 
-    return spool.open_spool(config.spool_root(args.spool), create=create)
+    return spool.open_spool(config.spool_root(args.spool or getattr(args, "spool_first", None)), create=create)
+
+
+def _task_id(sp: Any, args: argparse.Namespace) -> str:
+    """The task the user named: an id, a prefix, its random part, a file name, or @last."""
+    from spoold import spool
+
+    return spool.resolve_id(sp, args.id)
 
 
 def _print_json(data: Any) -> None:
@@ -38,6 +50,7 @@ def _line(ti: Any) -> str:
 
 
 def _dur(s: float | None) -> str:
+    """3s, 4m05s, 2h10m, 3d04h: a wait read at a glance."""
     if s is None:
         return "?"
     s = int(s)
@@ -45,7 +58,9 @@ def _dur(s: float | None) -> str:
         return f"{s}s"
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 # ---- commands --------------------------------------------------------------------
@@ -75,6 +90,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     elif args.prompt is not None and os.path.isfile(args.prompt) and not args.text:
         text = Path(args.prompt).read_text(encoding="utf-8")
         source = Path(args.prompt).name
+    elif args.prompt is not None and not args.text and _looks_like_a_path(args.prompt):
+        raise SpooldError(f"no such file: {args.prompt} (to send these words as the prompt, add --text)")
     elif args.prompt is not None:
         text = args.prompt
     else:
@@ -91,6 +108,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"queued #{ti.position}, starts ~{ti.estimated_start} (in {_dur(ti.estimated_wait_seconds)})",
                   file=sys.stderr)
     return 0
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """`./q.md`, `notes/plan.txt`: one word naming a file, not a question."""
+    word = text.strip()
+    return (bool(word) and "\n" not in word and " " not in word
+            and (os.sep in word or word.lower().endswith((".md", ".markdown", ".txt"))))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -148,7 +172,8 @@ def _window_lines(windows: list[Any]) -> list[str]:
 def cmd_show(args: argparse.Namespace) -> int:
     from spoold import api
 
-    ti = api.info(_spool(args), args.id)
+    sp = _spool(args)
+    ti = api.info(sp, _task_id(sp, args))
     if args.json:
         _print_json(ti.to_dict())
         return 0
@@ -161,21 +186,36 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_result(args: argparse.Namespace) -> int:
-    from spoold import api
+    """Only the answer on stdout; why there is none (failed, cancelled, not finished) on stderr."""
+    from spoold import api, spool
 
     sp = _spool(args)
+    task_id = _task_id(sp, args)
     if args.follow:
-        _follow(sp, args.id, show=not args.json)
-    ti, answer = api.result(sp, args.id)
+        _follow(sp, task_id, show=not args.json)
+    ti = api.info(sp, task_id, with_estimate=True)
+    if ti.state not in spool.TERMINAL:
+        if args.json:
+            _print_json({"info": ti.to_dict(), "answer": None})
+        else:
+            print(f"spoold: {task_id} is {ti.state}{_eta(ti)}; no answer yet (`spoold wait {args.id}`)", file=sys.stderr)
+        return EXIT_NOT_FINISHED
+    _, answer = api.result(sp, task_id)
     if args.json:
-        meta = api.result_meta(sp, args.id)
+        meta = api.result_meta(sp, task_id)
         data = {"info": ti.to_dict(), "meta": meta, "answer": answer}
         if meta.get("structured"):
             data["structured"] = api.structured(answer)
         _print_json(data)
     else:
         sys.stdout.write(answer)
-    return 0 if ti.state == "done" else EXIT_FAILED_TASK
+        if ti.state != "done":
+            print(f"spoold: {task_id} {ti.state}: {ti.error or 'no reason recorded'}", file=sys.stderr)
+    return STATE_EXIT[ti.state]
+
+
+def _eta(ti: Any) -> str:
+    return f" (#{ti.position}, starts ~{ti.estimated_start})" if ti.state == "queued" and ti.estimated_start else ""
 
 
 def _follow(sp: Any, task_id: str, *, show: bool = True, poll_s: float = 0.25) -> None:
@@ -197,43 +237,59 @@ def _follow(sp: Any, task_id: str, *, show: bool = True, poll_s: float = 0.25) -
     _, answer = api.result(sp, task_id)
     sys.stdout.write(answer[len(shown):] if answer.startswith(shown) else f"\n\n---\n{answer}")
     sys.stdout.flush()
-    raise SystemExit(0 if ti.state == "done" else EXIT_FAILED_TASK)
+    if ti.state != "done":
+        print(f"spoold: {task_id} {ti.state}: {ti.error or 'no reason recorded'}", file=sys.stderr)
+    raise SystemExit(STATE_EXIT[ti.state])
 
 
 def _finish_wait(sp: Any, task_id: str, args: argparse.Namespace, timeout: float | None) -> int:
     from spoold import api
 
     ti = api.wait(sp, task_id, timeout)
+    finished = ti.state in STATE_EXIT
+    answer = api.result(sp, task_id)[1] if finished else None
     if args.json:
-        _print_json(ti.to_dict())
+        data: dict[str, Any] = {"info": ti.to_dict(), "answer": answer}
+        if answer and api.structured(answer) is not None:
+            data["structured"] = api.structured(answer)
+        _print_json(data)
     elif ti.state == "done":
-        sys.stdout.write(api.result(sp, task_id)[1])
+        sys.stdout.write(answer or "")
     else:
-        print(_line(ti))
-        if ti.error:
-            print(f"error: {ti.error}", file=sys.stderr)
-    if ti.state == "done":
-        return 0
-    return EXIT_TIMEOUT if ti.state in ("queued", "running") else EXIT_FAILED_TASK
+        sys.stdout.write(answer or "")
+        why = ti.error if finished else f"still {ti.state}{_eta(ti)} after {_dur(timeout)}"
+        print(f"spoold: {task_id} {ti.state if finished else 'not finished'}: {why or 'no reason recorded'}",
+              file=sys.stderr)
+    return STATE_EXIT[ti.state] if finished else EXIT_TIMEOUT
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    return _finish_wait(_spool(args), args.id, args, args.timeout)
+    sp = _spool(args)
+    return _finish_wait(sp, _task_id(sp, args), args, args.timeout)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from spoold import api
 
-    state = api.cancel(_spool(args), args.id)
-    print(f"{args.id} {state}")
+    sp = _spool(args)
+    task_id = _task_id(sp, args)
+    state = api.cancel(sp, task_id)
+    if args.json:
+        _print_json({"id": task_id, "state": state})
+    else:
+        print(f"{task_id} {state}")
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from spoold import api
 
-    ti = api.retry(_spool(args), args.id)
-    print(f"{ti.id} queued again")
+    sp = _spool(args)
+    ti = api.retry(sp, _task_id(sp, args))
+    if args.json:
+        _print_json(ti.to_dict())
+    else:
+        print(f"{ti.id} queued again{_eta(ti)}")
     return 0
 
 
@@ -242,20 +298,27 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     changes = {"max_requests": args.max_requests, "window_minutes": args.window, "concurrency": args.concurrency,
                "min_interval_s": args.min_interval, "budget_day_usd": args.budget_day,
-               "budget_month_usd": args.budget_month, "strategy": args.strategy}
+               "budget_month_usd": args.budget_month, "strategy": args.strategy, "reserve": args.reserve}
     changes = {k: v for k, v in changes.items() if v is not None}
     for k in args.unset or []:
         changes[k] = None
     sp = _spool(args, create=True)
+    before = config.as_dict(api.load_settings(sp))
     if args.clear_hold:
         api.clear_hold(sp)
     settings = api.set_config(sp, changes)
     data = config.as_dict(settings)
     if args.json:
         _print_json(data)
-    else:
-        for k, v in data.items():
-            print(f"{k:>18}: {v}")
+        return 0
+    if not changes and not args.clear_hold:
+        sys.stdout.write(config.as_yaml(data))
+        return 0
+    for k in changes:
+        print(f"{k}: {before.get(k)!r} -> {data.get(k)!r}" + ("  (removed from config.yaml)" if changes[k] is None else ""))
+    if args.clear_hold:
+        until, why = api.hold(sp, settings)
+        print("hold lifted: tasks start again now" if not until else f"hold lifted; still waiting until {until}: {why}")
     return 0
 
 
@@ -264,7 +327,7 @@ def cmd_mcp_config(args: argparse.Namespace) -> int:
 
     beside = Path(sys.executable).with_name("spoold-mcp")  # the script installed with this Python, not a shim
     exe = str(beside) if beside.exists() else shutil.which("spoold-mcp") or str(beside)
-    root = str(config.spool_root(args.spool).absolute())
+    root = str(config.spool_root(args.spool or args.spool_first).absolute())
     _print_json({"mcpServers": {"spoold": {"command": exe, "args": [], "env": {"SPOOLD_DIR": root}}}})
     return 0
 
@@ -275,10 +338,12 @@ def cmd_mcp_config(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spoold", description="Run Claude prompts asynchronously through a filesystem spool.")
     p.add_argument("--version", action="version", version=f"spoold {__version__}")
+    p.add_argument("--spool", dest="spool_first", metavar="DIR", help="spool directory, before or after the command "
+                   "(default $SPOOLD_DIR or ~/async)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--spool", help="spool directory (default $SPOOLD_DIR or ~/async)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("-v", "--verbose", action="store_true")
+    common.add_argument("-v", "--verbose", action="store_true", help="log more (debug lines)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
@@ -289,44 +354,45 @@ def parser() -> argparse.ArgumentParser:
     add("init", cmd_init, "create the spool directories")
     r = add("run", cmd_run, "run the daemon")
     r.add_argument("--once", action="store_true", help="drain what can start now, then exit (for cron)")
-    r.add_argument("--concurrency", type=int)
-    r.add_argument("--max-requests", type=int)
-    r.add_argument("--window", type=float, help="window in minutes")
-    r.add_argument("--backend", choices=["claude", "command"])
+    r.add_argument("--concurrency", type=int, help="tasks running at once (overrides config.yaml)")
+    r.add_argument("--max-requests", type=int, help="task starts allowed per window (overrides config.yaml)")
+    r.add_argument("--window", type=float, help="the window's length in minutes")
+    r.add_argument("--backend", choices=["claude", "command"], help="what runs a task")
     r.add_argument("--claude-bin", help="path of the claude executable")
     s = add("submit", cmd_submit, "queue a prompt (text, a file, or - for stdin)")
-    s.add_argument("prompt", nargs="?")
+    s.add_argument("prompt", nargs="?", help="the prompt, a file to read it from, or - for stdin")
     s.add_argument("--text", action="store_true", help="treat PROMPT as text even if a file has that name")
-    s.add_argument("-m", "--model")
-    s.add_argument("-p", "--priority", choices=["low", "normal", "high", "urgent"])
-    s.add_argument("--system")
-    s.add_argument("--title")
+    s.add_argument("-m", "--model", help="sonnet, opus, haiku or a full model id")
+    s.add_argument("-p", "--priority", choices=["low", "normal", "high", "urgent"], help="default normal")
+    s.add_argument("--system", help="text appended to Claude's system prompt")
+    s.add_argument("--title", help="a short label for `spoold ls`")
     s.add_argument("--not-before", help="ISO time before which it must not start")
     s.add_argument("--wait", action="store_true", help="wait for the answer and print it")
     add("status", cmd_status, "queue counts, running tasks, holds")
     ls = add("ls", cmd_ls, "list tasks")
-    ls.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
-    ls.add_argument("-n", "--limit", type=int, default=20)
+    ls.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"], help="only this state")
+    ls.add_argument("-n", "--limit", type=int, default=20, help="at most this many per state (default 20)")
     for name, fn, h in (("show", cmd_show, "everything about one task, with its answer so far while it runs"),
                         ("result", cmd_result, "print a task's answer"),
                         ("cancel", cmd_cancel, "cancel a queued or running task"),
                         ("retry", cmd_retry, "queue a failed or cancelled task again")):
         cmd = add(name, fn, h)
-        cmd.add_argument("id")
+        cmd.add_argument("id", help="an id, its first characters, its random part, the dropped file's name, or @last")
         if name == "result":
             cmd.add_argument("-f", "--follow", action="store_true",
                              help="print the answer as it is written, until the task ends")
-    w = add("wait", cmd_wait, "wait for a task; exit 0 done, 1 failed/cancelled, 124 timeout")
-    w.add_argument("id")
-    w.add_argument("--timeout", type=float)
+    w = add("wait", cmd_wait, "wait for a task and print its answer; exit 0 done, 1 failed, 3 cancelled, 124 timeout")
+    w.add_argument("id", help="an id, its first characters, its random part, the dropped file's name, or @last")
+    w.add_argument("--timeout", type=float, help="give up after this many seconds (exit 124)")
     c = add("config", cmd_config, "read or change the spool's settings")
-    c.add_argument("--max-requests", type=int)
-    c.add_argument("--window", type=float, help="minutes")
-    c.add_argument("--concurrency", type=int)
+    c.add_argument("--max-requests", type=int, help="task starts allowed per window")
+    c.add_argument("--window", type=float, help="the window's length in minutes")
+    c.add_argument("--concurrency", type=int, help="tasks running at once, across all daemons")
     c.add_argument("--min-interval", type=float, help="seconds between starts")
     c.add_argument("--budget-day", type=float, help="USD per day")
     c.add_argument("--budget-month", type=float, help="USD per month")
-    c.add_argument("--strategy", choices=["priority", "fifo", "lifo"])
+    c.add_argument("--strategy", choices=["priority", "fifo", "lifo"], help="dispatch order")
+    c.add_argument("--reserve", type=float, help="share of each subscription window kept for you, e.g. 0.2")
     c.add_argument("--unset", action="append", metavar="KEY", help="remove a setting from config.yaml")
     c.add_argument("--clear-hold", action="store_true", help="lift a usage-limit or login hold now")
     add("mcp-config", cmd_mcp_config, "print the Claude Desktop config entry for the MCP adapter")
@@ -335,9 +401,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    logging.Formatter.converter = time.gmtime  # the log's times are UTC, like the spool's files and JSON
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s spoold: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S", stream=sys.stderr,
+        format="%(asctime)s spoold: %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ", stream=sys.stderr,
     )
     for noisy in ("watchfiles", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

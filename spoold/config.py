@@ -204,6 +204,10 @@ def update_file(spool_write: Any, config_path: Path, changes: dict[str, Any]) ->
     the write rule in one module.
     """
     current = read_file(config_path)
+    names = {f.name for f in fields(Settings)}
+    for k in changes:
+        if k not in names:
+            raise ConfigError(f"no setting {k!r}; known: {', '.join(sorted(names))}")
     for k, v in changes.items():
         if v is None:
             current.pop(k, None)
@@ -221,3 +225,10 @@ def update_file(spool_write: Any, config_path: Path, changes: dict[str, Any]) ->
 
 def as_dict(s: Settings) -> dict[str, Any]:
     return asdict(s)
+
+
+def as_yaml(values: dict[str, Any]) -> str:
+    """Settings as YAML a person could paste into config.yaml (null, false, lists: not Python's None and [])."""
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True, default_flow_style=None, width=100)

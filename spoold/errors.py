@@ -1,10 +1,14 @@
-"""The few exception types spoold raises; each message tells the user what to do next."""
+"""The few exception types spoold raises; each message tells the user what to do next.
+
+Each carries the exit code the CLI ends with (the README's table): 2 bad input, a bad id, a bad
+config or an unusable spool; 5 no such task; 6 not allowed in the task's state.
+"""
 
 
 class SpooldError(Exception):
     """A user-facing problem: the CLI prints it as one line, the adapter as a ToolError."""
 
-    exit_code = 1
+    exit_code = 2
 
 
 class SpoolError(SpooldError):
@@ -20,7 +24,7 @@ class BadTaskId(SpooldError):
 
 
 class TaskNotFound(SpooldError):
-    exit_code = 3
+    exit_code = 5
 
 
 class BadInput(SpooldError):
@@ -38,10 +42,8 @@ class ConfigError(SpooldError):
 class InvalidState(SpooldError):
     """The task is not in a state that allows the asked transition."""
 
-    exit_code = 4
+    exit_code = 6
 
 
 class CliUnusable(SpooldError):
     """The backend's CLI cannot run tasks as spoold must run them: missing, broken, or too old to isolate them."""
-
-    exit_code = 5

@@ -749,18 +749,32 @@ def all_ids(sp: Spool) -> Iterator[str]:
                     yield name[:-3]
 
 
+LAST = "@last"
+
+
 def resolve_id(sp: Spool, text: str) -> str:
-    """A full id, a prefix of one, or its short random part (`o5e4gy`), when exactly one task has it."""
+    """The one task a person means: its full id, a prefix of it, its random part (`o5e4gy`), the name of
+    the file it was dropped as (`sky.md`), or `@last` (the newest). Several matches are an error that
+    lists them."""
     text = text.strip()
     if ID_RE.fullmatch(text):
         return locate(sp, text).task_id
-    if not re.fullmatch(r"[A-Za-z0-9-]{4,80}", text):
-        raise BadTaskId(f"not a task id or a prefix of one: {text[:80]!r}")
-    found = sorted({i for i in all_ids(sp) if i.startswith(text) or i.split("-", 2)[1].startswith(text)})
+    if text == LAST:
+        newest = max(all_ids(sp), default=None)
+        if newest is None:
+            raise TaskNotFound(f"no tasks in {sp.root} yet")
+        return newest
+    stem = Path(text).stem if text.lower().endswith((".md", ".markdown", ".txt")) else text
+    slug = slugify(stem)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{2,120}", text) or not slug:
+        raise BadTaskId(f"not a task id, a prefix of one or a file name: {text[:80]!r}")
+    by_id = {i for i in all_ids(sp) if i.startswith(text) or i.split("-", 2)[1].startswith(text)}
+    found = sorted(by_id or {i for i in all_ids(sp) if i.partition("-")[2].partition("-")[2] == slug})
     if not found:
-        raise TaskNotFound(f"no task with an id starting {text!r} in {sp.root}")
+        raise TaskNotFound(f"no task {text!r} in {sp.root} (an id, its first characters, a file name, or @last)")
     if len(found) > 1:
-        raise BadTaskId(f"{text!r} matches {len(found)} tasks ({', '.join(found[:3])}...); give more of the id")
+        shown = ", ".join(found[-5:])
+        raise BadTaskId(f"{text!r} names {len(found)} tasks ({shown}); give more of the id, or @last for the newest")
     return found[0]
 
 

@@ -454,6 +454,14 @@ def read(path: Path, task_id: str, default_model: str = "sonnet") -> Task:
         raise BadInput(f"{path.name} cannot be read ({e.strerror or e})") from None
 
 
+FAILURE_NOTE = "**Failed:** "  # a failed result's body when there is no answer: for a person opening the file
+
+
+def is_failure_note(body: str) -> bool:
+    """The body is only the failure note, not an answer (so `spoold result` prints no answer)."""
+    return body.startswith(FAILURE_NOTE) and body.count("\n") <= 1
+
+
 @dataclass
 class Result:
     """What a result file records beside its task."""
@@ -484,7 +492,7 @@ def render_result(result: Result) -> bytes:
     meta = {k: (_iso(v) if isinstance(v, datetime) else v) for k, v in meta.items() if v is not None}
     body = result.answer if result.answer.endswith("\n") or not result.answer else result.answer + "\n"
     if result.status == "failed" and not result.answer:
-        body = f"**Failed:** {result.error}\n"
+        body = f"{FAILURE_NOTE}{result.error}\n"
     return render(meta, body)
 
 

@@ -22,7 +22,7 @@ def test_submit_is_never_refused_for_load_and_says_when_it_starts(sp: spool.Spoo
 def test_submit_checks_options_against_the_spool(sp: spool.Spool) -> None:
     with pytest.raises(BadInput, match="not a profile of this spool"):
         api.submit(sp, "---\nprofile: nope\n---\nq")
-    with pytest.raises(BadInput, match="no task with an id starting"):
+    with pytest.raises(BadInput, match="no task .abcdef. in"):
         api.submit(sp, "---\nresume: abcdef\n---\nq")
     first = api.submit(sp, "first").id
     follow = api.submit(sp, f"---\nresume: {first.split('-')[1]}\n---\nmore")

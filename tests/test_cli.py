@@ -116,3 +116,75 @@ def test_status_and_ls_show_what_the_subscription_said(sp: spool.Spool) -> None:
     assert "subscription 5-hour window: 85% used" in run(sp, "ls").stdout
     [w] = json.loads(run(sp, "status", "--json").stdout)["windows"]
     assert w["name"] == "five_hour" and w["utilization"] == 0.85 and w["task_id"].endswith("abcdef")
+
+
+def test_one_exit_code_contract_and_result_prints_only_the_answer(sp: spool.Spool) -> None:
+    write_config(sp, backend="command", command=[sys.executable, "-c",
+                 "import sys; p = sys.stdin.read(); sys.exit('boom') if 'fail' in p else print('answer: ' + p.strip())"])
+    ok, bad = run(sp, "submit", "fine").stdout.strip(), run(sp, "submit", "please fail").stdout.strip()
+    queued = run(sp, "submit", "later", "--not-before", "2099-01-01T00:00:00Z").stdout.strip()
+    run(sp, "run", "--once")
+    cancelled = run(sp, "submit", "never").stdout.strip()
+    run(sp, "cancel", cancelled)
+    r = run(sp, "result", ok)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "answer: fine\n", "")
+    r = run(sp, "result", bad)
+    assert r.returncode == 1 and r.stdout == "" and "failed" in r.stderr and "boom" in r.stderr
+    r = run(sp, "result", cancelled)
+    assert r.returncode == 3 and r.stdout == "" and "cancelled" in r.stderr
+    r = run(sp, "result", queued)
+    assert r.returncode == 4 and r.stdout == "" and "is queued" in r.stderr and "spoold wait" in r.stderr
+    assert run(sp, "result", "20261124T160000000Z-abcdef").returncode == 5
+    assert run(sp, "cancel", ok).returncode == 6
+    assert [run(sp, "wait", t).returncode for t in (ok, bad, cancelled)] == [0, 1, 3]
+    assert run(sp, "wait", queued, "--timeout", "0.1").returncode == 124
+
+
+def test_a_task_is_named_by_prefix_random_part_file_name_or_last(sp: spool.Spool, tmp_path) -> None:
+    f = tmp_path / "sky.md"
+    f.write_text("why blue\n")
+    sky = run(sp, "submit", str(f)).stdout.strip()
+    other = run(sp, "submit", "second").stdout.strip()
+    for name in (sky[:22], sky.split("-")[1], "sky.md", "sky"):
+        assert json.loads(run(sp, "show", name, "--json").stdout)["id"] == sky, name
+    assert json.loads(run(sp, "show", "@last", "--json").stdout)["id"] == other
+    both = run(sp, "show", sky[:8])  # the date part: both tasks have it
+    assert both.returncode == 2 and "names 2 tasks" in both.stderr and sky in both.stderr and other in both.stderr
+
+
+def test_json_everywhere_carries_what_the_text_does(sp: spool.Spool) -> None:
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    tid = run(sp, "submit", "q").stdout.strip()
+    run(sp, "run", "--once")
+    waited = json.loads(run(sp, "wait", tid, "--json").stdout)
+    assert waited["answer"] == "answer: q\n" and waited["info"]["state"] == "done"
+    other = run(sp, "submit", "q2").stdout.strip()
+    assert json.loads(run(sp, "cancel", other, "--json").stdout) == {"id": other, "state": "cancelled"}
+    retried = json.loads(run(sp, "retry", other, "--json").stdout)
+    assert retried["id"] == other and retried["state"] == "queued"
+
+
+def test_submit_of_a_missing_file_is_an_error_unless_text(sp: spool.Spool) -> None:
+    r = run(sp, "submit", "./missing.md")
+    assert r.returncode == 2 and "no such file: ./missing.md" in r.stderr and "--text" in r.stderr
+    tid = run(sp, "submit", "--text", "./missing.md").stdout.strip()
+    assert json.loads(run(sp, "show", tid, "--json").stdout)["title"] == "./missing.md"
+
+
+def test_spool_before_the_command_and_config_as_yaml(sp: spool.Spool) -> None:
+    r = subprocess.run([sys.executable, "-m", "spoold.cli", "--spool", str(sp.root), "config"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "max_requests: 10\n" in r.stdout and "budget_day_usd: null" in r.stdout
+    assert "None" not in r.stdout and "False" not in r.stdout
+    changed = run(sp, "config", "--max-requests", "4")
+    assert changed.stdout == "max_requests: 10 -> 4\n"
+    bad = run(sp, "config", "--unset", "window")
+    assert bad.returncode == 2 and "no setting 'window'" in bad.stderr and "window_minutes" in bad.stderr
+    assert "hold lifted" in run(sp, "config", "--clear-hold").stdout
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(5, "5s"), (245, "4m05s"), (7800, "2h10m"), (97_344_000, "1126d16h")])
+def test_long_waits_read_in_days(seconds: float, text: str) -> None:
+    from spoold.cli import _dur
+
+    assert _dur(seconds) == text

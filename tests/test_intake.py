@@ -171,7 +171,7 @@ def test_names_a_task_uses_are_checked_at_intake(sp: spool.Spool) -> None:
     reasons = " ".join(parse_result(p.read_text()).error for p in sp.dir("failed").glob("*.result.md"))
     assert "`profile: shell` is not a profile of this spool's config.yaml (repo-review)" in reasons
     assert "`schema: missing.json` names no file in" in reasons
-    assert "`resume: zzzzzz`: no task with an id starting 'zzzzzz'" in reasons
+    assert "`resume: zzzzzz`: no task 'zzzzzz' in" in reasons
 
 
 def test_editor_locks_hold_a_file_until_their_editor_is_gone(sp: spool.Spool) -> None:
