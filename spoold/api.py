@@ -63,6 +63,8 @@ class QueueStatus:
     settings: dict[str, Any]
     ignored_inbox_files: list[str]
     windows: list[WindowInfo] = field(default_factory=list)
+    daemons: list[dict[str, Any]] = field(default_factory=list)  # who serves the spool: owner, host, pid, since, alive
+    serving: bool = False  # a daemon on this host is alive (another host's may be, unseen from here)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -325,7 +327,11 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     """Counts by state (from directory listings), running tasks, holds and the next start."""
     from spoold import intake
 
-    settings = settings or load_settings(sp)
+    daemons = queue.serving_daemons(sp)
+    here = [d for d in daemons if d["alive"]]
+    # The settings the serving daemon uses: config.yaml plus its own flags and environment, not this shell's.
+    settings = settings or (config.load(sp.config_path, here[0].get("overrides") or {}, env={}) if here
+                            else load_settings(sp))
     now = time.time()
     queued = spool.list_queued(sp)  # once: a deep queue is the expensive listing
     counts = {st: len(queued) if st == "queued" else _count(sp, st)
@@ -339,6 +345,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
         held_until=iso(g.wait_until) if g.wait_until and g.wait_until != float("inf") else None,
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
         settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),
+        daemons=daemons, serving=bool(here),
     )
 
 

@@ -126,14 +126,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     c = st.counts
     print(f"spool {st.spool}")
+    for d in st.daemons:
+        where = "this host" if d["this_host"] else f"host {d['host']} (another machine: not checked from here)"
+        print(f"  daemon pid {d['pid']} on {where}, serving since {d['since']}")
+    if not st.serving:
+        print("  no daemon is serving this spool on this host: queued tasks wait until `spoold run` starts one")
     print("  " + "  ".join(f"{k} {v}" for k, v in c.items()))
     s = st.settings
     print(f"  limit {s['max_requests']} per {s['window_minutes']:g} min, concurrency {s['concurrency']}"
           + (f", reserve {s['reserve']:.0%} of each subscription window" if s.get("reserve") is not None else ""))
+    when = "" if st.serving else ", once a daemon runs"
     if st.held_until:
-        print(f"  next start not before {st.held_until}: {st.hold_reason}")
-    elif st.next_start:
-        print(f"  next start ~{st.next_start}")
+        print(f"  next start not before {st.held_until}{when}: {st.hold_reason}")
+    elif st.next_start and st.counts.get("queued"):
+        print(f"  next start ~{st.next_start}{when}")
     for line in _window_lines(st.windows):
         print(line)
     for ti in st.running:

@@ -184,13 +184,16 @@ def read_file(path: Path) -> dict[str, Any]:
     return {k: _coerce(k, v) for k, v in raw.items()}
 
 
+def env_values(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The settings this environment sets (MAX_REQUESTS, SPOOLD_CONCURRENCY, ...), typed."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    return {name: _coerce(name, environ[var]) for name, var in ENV.items() if environ.get(var)}
+
+
 def load(config_path: Path, overrides: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Defaults, then the config file, then the environment, then flags (non-None overrides)."""
-    environ: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = read_file(config_path)
-    for name, var in ENV.items():
-        if environ.get(var):
-            values[name] = _coerce(name, environ[var])
+    values.update(env_values(env))
     for name, v in (overrides or {}).items():
         if v is not None:
             values[name] = _coerce(name, v)

@@ -83,6 +83,8 @@ class Daemon:
     async def run(self) -> int:
         """Serve until SIGINT/SIGTERM (or, with --once, until nothing more can start now)."""
         owner_lock = queue.hold_owner_lock(self.sp)
+        flags = {k: v for k, v in self.overrides.items() if v is not None}
+        note = queue.announce_daemon(self.sp, {**config.env_values(), **flags})
         _watch_children_by_pidfd()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -109,6 +111,7 @@ class Daemon:
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await background
+            note.unlink(missing_ok=True)
             owner_lock.release()
         return 0
 

@@ -7,12 +7,13 @@ liveness is an flock held for the owner's lifetime.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spoold import spool
 from spoold.errors import BadInput, InvalidState, TaskNotFound
@@ -42,6 +43,36 @@ def hold_owner_lock(sp: Spool) -> filelock.BaseFileLock:
     lock = filelock.FileLock(path, timeout=0, thread_local=False, mode=0o600)
     lock.acquire()
     return lock
+
+
+def announce_daemon(sp: Spool, overrides: dict[str, Any]) -> Path:
+    """Say, beside our owner lock, that this process serves the spool: since when, and the settings its flags
+    and environment set (so `spoold status` shows what the daemon uses, not what the caller's shell says)."""
+    owner = spool.owner_tag()
+    info = {"owner": owner, "host": spool.host_id(), "pid": os.getpid(), "since": now().isoformat(timespec="seconds"),
+            "overrides": {k: v for k, v in overrides.items() if v is not None}}
+    path = spool.daemon_info_path(sp, owner)
+    path.unlink(missing_ok=True)  # a pid reused after a crash: the file was a dead daemon's, now ours
+    return spool.write_new(sp, path, json.dumps(info).encode())
+
+
+def serving_daemons(sp: Spool) -> list[dict[str, Any]]:
+    """Daemons that said they serve the spool, each with `alive`: True or False on this host, None elsewhere
+    (another host's liveness cannot be seen from here). A dead one's note is removed."""
+    out = []
+    for owner in spool.daemon_owners(sp):
+        path = spool.daemon_info_path(sp, owner)
+        try:
+            info = json.loads(spool.read_bytes(path))
+        except (OSError, ValueError):
+            continue
+        here = spool.owner_host(owner) in (spool.host_id(), spool.legacy_host())
+        alive = owner_alive(sp, owner) if here else None
+        if alive is False:
+            path.unlink(missing_ok=True)
+            continue
+        out.append({**info, "alive": alive, "this_host": here})
+    return out
 
 
 def owner_alive(sp: Spool, owner: str) -> bool:

@@ -652,6 +652,17 @@ def owner_lock_path(sp: Spool, owner: str) -> Path:
     return sp.state_dir / "locks" / f"{owner}.lock"
 
 
+def daemon_info_path(sp: Spool, owner: str) -> Path:
+    """`.spoold/locks/OWNER.json`: a serving daemon's own word on itself (since when, its flags), beside its lock."""
+    return sp.state_dir / "locks" / f"{owner}.json"
+
+
+def daemon_owners(sp: Spool) -> list[str]:
+    """The owners whose daemon-info files are there (live or not: owner liveness decides)."""
+    d = sp.state_dir / "locks"
+    return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json")) if d.is_dir() else []
+
+
 def ledger_dir(sp: Spool) -> Path:
     return sp.state_dir / "ledger"
 

@@ -188,3 +188,19 @@ def test_long_waits_read_in_days(seconds: float, text: str) -> None:
     from spoold.cli import _dur
 
     assert _dur(seconds) == text
+
+
+def test_status_says_whether_a_daemon_serves_and_shows_its_settings(sp: spool.Spool, daemon) -> None:
+    run(sp, "submit", "q", "--not-before", "2099-01-01T00:00:00Z")
+    idle = run(sp, "status")
+    assert "no daemon is serving this spool" in idle.stdout and "once a daemon runs" in idle.stdout
+    assert json.loads(run(sp, "status", "--json").stdout)["serving"] is False
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=7)
+    d = daemon(sp, env={"MAX_REQUESTS": "3"})  # the daemon's own environment sets its limit
+    st = json.loads(run(sp, "status", "--json").stdout)
+    [me] = st["daemons"]
+    assert st["serving"] is True and me["pid"] == d.proc.pid and me["alive"] is True
+    assert st["settings"]["max_requests"] == 3  # what the daemon uses, not this shell's config-only view
+    assert f"daemon pid {d.proc.pid} on this host, serving since" in run(sp, "status").stdout
+    assert d.stop() == 0
+    assert json.loads(run(sp, "status", "--json").stdout)["daemons"] == []
