@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,8 @@ class TaskInfo:
     path: str = ""
     result_path: str | None = None
     partial_answer: str | None = None  # while it runs: the answer so far (a few seconds behind)
+    tags: list[str] = field(default_factory=list)
+    model_resolved: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -309,9 +312,61 @@ def _summary(path: Path, task_id: str, state: str) -> TaskInfo:
     if task:
         ti.title, ti.model, ti.priority, ti.attempts = title_of(task), task.model, task.priority, task.attempts
         ti.submitted_at, ti.started_at, ti.finished_at = iso(task.submitted_at), iso(task.started_at), iso(task.finished_at)
-        ti.not_before = iso(task.not_before)
+        ti.not_before, ti.tags = iso(task.not_before), task.tags
         ti.error = task.error if state in ("failed", "cancelled") else None
+    if state in spool.TERMINAL:
+        result_path = spool.result_path_for(path.parent, task_id)
+        res = _read_result(result_path) if result_path.exists() else None
+        if res:
+            ti.result_path, ti.cost_usd, ti.duration_s = str(result_path), res.cost_usd, res.duration_s
+            ti.model_resolved, ti.finished_at = res.model_resolved, ti.finished_at or iso(res.finished_at)
+            ti.error = res.error or ti.error
     return ti
+
+
+def recent(sp: Spool, *, limit: int = 20, states: list[str] | None = None, since: datetime | None = None,
+           tag: str | None = None, model: str | None = None) -> list[TaskInfo]:
+    """The newest tasks across states, newest first (ids sort by submission), filtered; names are listed,
+    and only the files of rows that may be shown are read."""
+    states = states or ["running", "queued", *spool.TERMINAL]
+    for s in states:
+        if s not in ("running", "queued", *spool.TERMINAL):
+            raise BadInput(f"unknown state {s!r}; use queued, running, done, failed or cancelled")
+    rows: list[tuple[str, str, Path]] = []
+    if "running" in states:
+        rows += [(e.task_id, "running", spool.running_file(sp, e.name)) for e in spool.list_running(sp)]
+    queued = spool.list_queued(sp) if "queued" in states else []
+    rows += [(e.task_id, "queued", spool.queued_path(sp, e.name)) for e in queued]
+    for state in spool.TERMINAL:
+        if state in states:
+            rows += [(p.name[:-3], state, p) for p in spool.terminal_task_files(sp, state) if spool.ID_RE.match(p.name[:-3])]
+    if since is not None:
+        rows = [r for r in rows if spool.id_time(r[0]) >= since]
+    rows.sort(key=lambda r: r[0], reverse=True)
+    out: list[TaskInfo] = []
+    for task_id, state, path in rows:
+        ti = _summary(path, task_id, state)
+        if (tag and tag not in ti.tags) or (model and model not in (ti.model, ti.model_resolved)):
+            continue
+        out.append(ti)
+        if len(out) >= limit:
+            break
+    _estimates_for([t for t in out if t.state == "queued"], sp, queued)
+    return out
+
+
+def _estimates_for(rows: list[TaskInfo], sp: Spool, queued: Sequence[spool.QueuedEntry]) -> None:
+    """Positions and starts for the queued rows of a listing, in one simulation up to the deepest of them."""
+    if not rows:
+        return
+    settings = load_settings(sp)
+    order = [e.task_id for e in ledger.dispatch_order(queued, settings.strategy)]
+    wanted = {t.id for t in rows}
+    depth = max((i for i, tid in enumerate(order) if tid in wanted), default=-1) + 1
+    ests = {e.task_id: e for e in ledger.estimate(sp, settings, queued, limit=depth)}
+    for t in rows:
+        if t.id in ests:
+            _apply_estimate(t, ests[t.id])
 
 
 def hold(sp: Spool, settings: Settings | None = None) -> tuple[str | None, str | None]:

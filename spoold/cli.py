@@ -153,15 +153,80 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from spoold import api
 
     sp = _spool(args)
-    items = api.list_tasks(sp, args.state, args.limit)
+    states = [s.strip() for s in args.state.split(",")] if args.state else None
+    since = _since(args.since) if args.since else None
+
+    def rows() -> list[Any]:
+        return api.recent(sp, limit=args.limit, states=states, since=since, tag=args.tag, model=args.model)
+
     if args.json:
-        _print_json([t.to_dict() for t in items])
+        _print_json([t.to_dict() for t in rows()])
         return 0
-    for ti in items:
-        print(_line(ti))
+    if not args.watch:
+        _print_listing(sp, rows())
+        return 0
+    from watchfiles import watch  # lazy: only the live view watches
+
+    try:
+        for _ in _changes(watch, sp):
+            sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+            _print_listing(sp, rows())
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _changes(watch: Any, sp: Any) -> Any:
+    """Once at once, then once per burst of changes in the spool (or every 5 s, for the ETAs)."""
+    yield None
+    dirs = [sp.dir(s) for s in ("inbox", "queued", "running", "done", "failed", "cancelled")]
+    yield from watch(*dirs, debounce=300, rust_timeout=5000, yield_on_timeout=True, recursive=True)
+
+
+def _print_listing(sp: Any, items: list[Any]) -> None:
+    from spoold import api, terminal
+
+    color = terminal.use_color(sys.stdout)
+    header = ["ID", "STATE", "MODEL", "SUBMITTED", "WHEN", "TITLE / WHY"]
+    body = [[ti.id.split("-")[1], ti.state, ti.model or "-", terminal.ago(ti.submitted_at), _when(ti),
+             (ti.error or ti.title) if ti.state in ("failed", "cancelled") else ti.title] for ti in items]
+    for line in terminal.table(header, body, total=terminal.width(sys.stdout), color_col=1, color=color):
+        print(line)
+    if not items:
+        print("no tasks yet: drop a Markdown file into the inbox, or `spoold submit \"a question\"`")
     for line in _window_lines(api.windows(sp)):
         print(line)
-    return 0
+
+
+def _when(ti: Any) -> str:
+    """The column that says when: queued #N and in how long, the cost and time of a finished task."""
+    from spoold.units import usd
+
+    if ti.state == "queued":
+        return f"#{ti.position} in {_dur(ti.estimated_wait_seconds)}" if ti.position else "queued"
+    if ti.state == "running":
+        return "running"
+    if ti.state == "done":
+        return " ".join(x for x in (_dur(ti.duration_s) if ti.duration_s is not None else "",
+                                    usd(ti.cost_usd) if ti.cost_usd else "") if x)
+    return ""
+
+
+def _since(text: str) -> Any:
+    """`--since 2h`, `3d`, `30m`, or an ISO time."""
+    import re
+    from datetime import UTC, datetime, timedelta
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text.strip())
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return datetime.now(UTC) - timedelta(seconds=float(m.group(1)) * unit)
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise SpooldError(f"--since {text}: use a time such as 2h, 3d or 2026-11-24T18:00Z") from None
+    return (dt if dt.tzinfo else dt.astimezone()).astimezone(UTC)
 
 
 def _window_lines(windows: list[Any]) -> list[str]:
@@ -375,9 +440,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--not-before", help="ISO time before which it must not start")
     s.add_argument("--wait", action="store_true", help="wait for the answer and print it")
     add("status", cmd_status, "queue counts, running tasks, holds")
-    ls = add("ls", cmd_ls, "list tasks")
-    ls.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"], help="only this state")
-    ls.add_argument("-n", "--limit", type=int, default=20, help="at most this many per state (default 20)")
+    ls = add("ls", cmd_ls, "the newest tasks across states, newest first, with why a task failed")
+    ls.add_argument("--state", help="only these states, e.g. failed or queued,running")
+    ls.add_argument("--since", help="only tasks submitted since: 2h, 3d, or an ISO time")
+    ls.add_argument("--tag", help="only tasks with this tag")
+    ls.add_argument("--model", help="only tasks for this model (as asked for or as answered)")
+    ls.add_argument("-n", "--limit", type=int, default=20, help="at most this many rows (default 20)")
+    ls.add_argument("-w", "--watch", action="store_true", help="a live view: redrawn as the spool changes (Ctrl-C ends)")
     for name, fn, h in (("show", cmd_show, "everything about one task, with its answer so far while it runs"),
                         ("result", cmd_result, "print a task's answer"),
                         ("cancel", cmd_cancel, "cancel a queued or running task"),

@@ -193,3 +193,46 @@ def claude_daemon(sp: Spool, daemon: Callable[..., DaemonProc], fake_api: object
         return daemon(sp, env={**env, "PYTHONPATH": str(ROOT)})
 
     return start
+
+
+class Terminal:
+    """One tmux server on a private socket, running one program; stopped by its pid."""
+
+    def __init__(self, tmp_path: Path, command: list[str], env: dict[str, str] | None = None) -> None:
+        self.sock = str(tmp_path / f"tmux-{len(list(tmp_path.glob('tmux-*')))}.sock")
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TERM": "xterm-256color", "LANG": "C.UTF-8",
+               "XDG_CONFIG_HOME": os.environ["XDG_CONFIG_HOME"], **(env or {})}
+        subprocess.run(["tmux", "-S", self.sock, "new-session", "-d", "-x", "100", "-y", "30", *command],
+                       check=True, env=env, cwd=tmp_path)
+        self.server_pid = int(self._tmux("display", "-p", "#{pid}"))
+        self.pid = int(self._tmux("display", "-p", "#{pane_pid}"))
+
+    def _tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-S", self.sock, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    def keys(self, *keys: str) -> None:
+        self._tmux("send-keys", *keys)
+
+    def screen(self) -> str:
+        return self._tmux("capture-pane", "-p")
+
+    def stop(self) -> None:
+        for pid in (self.pid, self.server_pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def terminal(tmp_path: Path):
+    started: list[Terminal] = []
+
+    def start(command: list[str], env: dict[str, str] | None = None) -> Terminal:
+        t = Terminal(tmp_path, command, env)
+        started.append(t)
+        return t
+
+    yield start
+    for t in started:
+        t.stop()

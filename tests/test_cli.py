@@ -33,7 +33,7 @@ def test_submit_then_drain_then_read(sp: spool.Spool) -> None:
     st = json.loads(run(sp, "status", "--json").stdout)
     assert st["counts"]["done"] == 1 and st["counts"]["queued"] == 0
     ls = run(sp, "ls", "--state", "done")
-    assert tid in ls.stdout and "done" in ls.stdout
+    assert tid.split("-")[1] in ls.stdout and "done" in ls.stdout  # the short id a person types
     res = json.loads(run(sp, "result", tid, "--json").stdout)
     assert res["meta"]["status"] == "done" and res["answer"].startswith("answer:")
 
@@ -204,3 +204,71 @@ def test_status_says_whether_a_daemon_serves_and_shows_its_settings(sp: spool.Sp
     assert f"daemon pid {d.proc.pid} on this host, serving since" in run(sp, "status").stdout
     assert d.stop() == 0
     assert json.loads(run(sp, "status", "--json").stdout)["daemons"] == []
+
+
+def _tty_run(sp: spool.Spool, *args: str, env: dict | None = None) -> str:
+    """Run a command with its stdout on a pseudo-terminal, as a person's shell would."""
+    import os
+
+    master, slave = os.openpty()
+    cmd = [sys.executable, "-m", "spoold.cli", args[0], "--spool", str(sp.root), *args[1:]]
+    proc = subprocess.Popen(cmd, stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=30)
+    os.close(master)
+    return out.decode()
+
+
+def test_ls_is_one_table_newest_first_with_why_and_filters(sp: spool.Spool) -> None:
+    write_config(sp, backend="command", command=[sys.executable, "-c",
+                 "import sys; p = sys.stdin.read(); sys.exit('the model refused') if 'fail' in p else print(p)"])
+    first = run(sp, "submit", "---\ntags: [sky]\n---\nan old one").stdout.strip()
+    bad = run(sp, "submit", "please fail", "-m", "opus").stdout.strip()
+    run(sp, "run", "--once")
+    waiting = run(sp, "submit", "a new one").stdout.strip()
+    lines = run(sp, "ls").stdout.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "MODEL", "SUBMITTED", "WHEN", "TITLE", "/", "WHY"]
+    assert [ln.split()[0] for ln in lines[1:4]] == [t.split("-")[1] for t in (waiting, bad, first)]  # newest first
+    assert "failed" in lines[2] and "the model refused" in lines[2]  # a failed row says why
+    assert "#1 in" in lines[1] and "\x1b[" not in "".join(lines)  # plain in a pipe
+    assert [ln.split()[0] for ln in run(sp, "ls", "--state", "failed").stdout.splitlines()[1:]] == [bad.split("-")[1]]
+    assert run(sp, "ls", "--tag", "sky").stdout.count("\n") == 2 and first.split("-")[1] in run(sp, "ls", "--tag", "sky").stdout
+    assert bad.split("-")[1] in run(sp, "ls", "--model", "opus").stdout and first.split("-")[1] not in run(sp, "ls", "--model", "opus").stdout
+    assert run(sp, "ls", "-n", "1").stdout.count("\n") == 2
+    assert run(sp, "ls", "--since", "1h").stdout.count("\n") == 4
+    rows = json.loads(run(sp, "ls", "--json", "--state", "done").stdout)
+    assert rows[0]["result_path"].endswith(".result.md") and rows[0]["duration_s"] is not None
+
+
+def test_ls_colours_states_on_a_terminal_and_never_with_no_color(sp: spool.Spool) -> None:
+    import os
+
+    run(sp, "submit", "q")
+    coloured = _tty_run(sp, "ls", env={k: v for k, v in os.environ.items() if k != "NO_COLOR"})
+    assert "\x1b[33mqueued" in coloured and "\x1b[1mID" in coloured
+    plain = _tty_run(sp, "ls", env={**os.environ, "NO_COLOR": "1"})
+    assert "queued" in plain and "\x1b[" not in plain
+
+
+@pytest.mark.skipif(not __import__("shutil").which("tmux"), reason="tmux is not installed (.ci/run installs it)")
+def test_ls_watch_redraws_as_the_spool_changes(sp: spool.Spool, terminal) -> None:
+    from conftest import wait_for
+
+    live = terminal([sys.executable, "-m", "spoold.cli", "ls", "--watch", "--spool", str(sp.root)])
+    wait_for(lambda: "no tasks yet" in live.screen(), what="the empty view")
+    tid = run(sp, "submit", "a question that appears by itself").stdout.strip()
+    wait_for(lambda: tid.split("-")[1] in live.screen() and "a question that appears" in live.screen(),
+             what="the new task on screen")
+    run(sp, "cancel", tid)
+    wait_for(lambda: "cancelled" in live.screen(), what="its new state on screen")
+    live.keys("C-c")
+    wait_for(lambda: "Traceback" not in live.screen(), what="a quiet exit")

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-from pathlib import Path
 
 import pytest
 from conftest import ECHO_COMMAND, drop, terminal_files, wait_for, write_config
@@ -19,48 +17,6 @@ from spoold import spool
 from spoold.task import parse_result
 
 pytestmark = pytest.mark.skipif(not shutil.which("tmux"), reason="tmux is not installed (.ci/run installs it)")
-
-
-class Terminal:
-    """One tmux server on a private socket, running one program; stopped by its pid."""
-
-    def __init__(self, tmp_path: Path, command: list[str]) -> None:
-        self.sock = str(tmp_path / f"tmux-{len(list(tmp_path.glob('tmux-*')))}.sock")
-        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TERM": "xterm-256color", "LANG": "C.UTF-8"}
-        subprocess.run(["tmux", "-S", self.sock, "new-session", "-d", "-x", "100", "-y", "30", *command],
-                       check=True, env=env, cwd=tmp_path)
-        self.server_pid = int(self._tmux("display", "-p", "#{pid}"))
-        self.pid = int(self._tmux("display", "-p", "#{pane_pid}"))
-
-    def _tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-S", self.sock, *args], capture_output=True, text=True, check=True).stdout.strip()
-
-    def keys(self, *keys: str) -> None:
-        self._tmux("send-keys", *keys)
-
-    def screen(self) -> str:
-        return self._tmux("capture-pane", "-p")
-
-    def stop(self) -> None:
-        for pid in (self.pid, self.server_pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-@pytest.fixture
-def terminal(tmp_path: Path):
-    started: list[Terminal] = []
-
-    def start(command: list[str]) -> Terminal:
-        t = Terminal(tmp_path, command)
-        started.append(t)
-        return t
-
-    yield start
-    for t in started:
-        t.stop()
 
 
 def _answers(sp: spool.Spool) -> list[str]:
