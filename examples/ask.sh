@@ -3,7 +3,9 @@
 #   ./ask.sh "Why is the sky blue?"            # prompt as arguments
 #   echo "Summarize this" | ./ask.sh           # prompt on stdin
 #   MODEL=opus PRIORITY=high ./ask.sh "..."    # frontmatter from the environment
+# It prints the dropped file's name, which names the task: `spoold wait "$(./ask.sh ...)"`.
 set -eu
+umask 077                                   # a new spool is private (0700), as `spoold init` makes it
 spool="${SPOOLD_DIR:-$HOME/async}"
 mkdir -p "$spool/inbox"
 name="ask-$(date +%Y%m%d-%H%M%S)-$$.md"
@@ -13,4 +15,4 @@ staging="$spool/inbox/.$name.tmp"          # a dotfile: the daemon ignores it wh
   if [ "$#" -gt 0 ]; then printf '%s\n' "$*"; else cat; fi
 } > "$staging"
 mv "$staging" "$spool/inbox/$name"
-echo "$spool/inbox/$name"
+echo "$name"

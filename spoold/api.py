@@ -50,6 +50,10 @@ class TaskInfo:
     partial_answer: str | None = None  # while it runs: the answer so far (a few seconds behind)
     tags: list[str] = field(default_factory=list)
     model_resolved: str | None = None
+    prompt: str | None = None  # `info` only: the task's prompt
+    input_tokens: int | None = None  # `info` only, once finished
+    output_tokens: int | None = None
+    answer_chars: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,7 +180,7 @@ def _read_task(path: Path, task_id: str) -> Task | None:
 
 
 def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_estimate: bool = True) -> TaskInfo:
-    """Everything about one task, from its file (and the ledger's estimate while queued)."""
+    """Everything about one task, from its file and its result (and the ledger's estimate while queued)."""
     loc = spool.locate(sp, task_id)
     out = TaskInfo(id=task_id, state=loc.state, path=str(loc.path))
     task = _read_task(loc.path, task_id) if loc.path.is_file() and not loc.path.is_symlink() else None
@@ -185,16 +189,18 @@ def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_esti
         out.submitted_at, out.started_at = iso(task.submitted_at), iso(task.started_at)
         out.finished_at, out.not_before = iso(task.finished_at), iso(task.not_before)
         out.attempts, out.error, out.warnings = task.attempts, task.error, task.warnings
-    if loc.state in ("done", "failed", "cancelled") and loc.result_path.exists():
+        out.prompt, out.tags = task.prompt, task.tags
+    if loc.state in spool.TERMINAL and loc.result_path.exists():
         out.result_path = str(loc.result_path)
         res = _read_result(loc.result_path)
         if res:
             out.error = res.error or out.error
-            out.cost_usd, out.duration_s = res.cost_usd, res.duration_s
+            out.cost_usd, out.duration_s, out.model_resolved = res.cost_usd, res.duration_s, res.model_resolved
+            out.input_tokens, out.output_tokens = res.input_tokens, res.output_tokens
+            out.answer_chars = 0 if is_failure_note(res.answer) else len(res.answer)
             out.finished_at = out.finished_at or iso(res.finished_at)
-    if loc.state in ("done", "failed", "cancelled", "running"):
-        out.error = out.error if loc.state != "running" else None
     if loc.state == "running":
+        out.error = None
         out.partial_answer = partial_answer(sp, task_id)
     if loc.state == "queued" and with_estimate:
         _estimate_into(sp, out, settings or load_settings(sp))

@@ -30,11 +30,23 @@ def _spool(args: argparse.Namespace, create: bool = False):
     return spool.open_spool(config.spool_root(args.spool or getattr(args, "spool_first", None)), create=create)
 
 
-def _task_id(sp: Any, args: argparse.Namespace) -> str:
-    """The task the user named: an id, a prefix, its random part, a file name, or @last."""
+def _task_id(sp: Any, args: argparse.Namespace, wait_s: float = 0.0) -> str:
+    """The task the user named: an id, a prefix, its random part, a file name, or @last. A file still in the
+    inbox is not a task yet: `wait` waits (up to `wait_s`) for the daemon to take it; the others say so."""
     from spoold import spool
+    from spoold.errors import TaskNotFound
 
-    return spool.resolve_id(sp, args.id)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return spool.resolve_id(sp, args.id)
+        except TaskNotFound:
+            in_inbox = (sp.dir("inbox") / Path(args.id).name).exists()
+            if not in_inbox:
+                raise
+            if time.monotonic() >= deadline:
+                raise TaskNotFound(f"{args.id} is still in the inbox: no daemon has taken it yet (`spoold run`)") from None
+        time.sleep(0.1)
 
 
 def _print_json(data: Any) -> None:
@@ -241,19 +253,48 @@ def _window_lines(windows: list[Any]) -> list[str]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from spoold import api
+    """The whole picture of one task, in words; --json for the record."""
+    from spoold import api, terminal
+    from spoold.units import usd
 
     sp = _spool(args)
     ti = api.info(sp, _task_id(sp, args))
     if args.json:
         _print_json(ti.to_dict())
         return 0
-    for k, v in ti.to_dict().items():
-        if v not in (None, [], "") and k != "partial_answer":
-            print(f"{k:>22}: {v}")
+    state = ti.state + _eta(ti) + (f": {ti.error}" if ti.error and ti.state in ("failed", "cancelled", "queued") else "")
+    rows = [("id", ti.id), ("state", state), ("title", ti.title),
+            ("model", ti.model + (f" (answered by {ti.model_resolved})" if ti.model_resolved else "") if ti.model else None),
+            ("priority", ti.priority), ("tags", ", ".join(ti.tags) or None),
+            ("submitted", f"{terminal.local(ti.submitted_at)} ({terminal.ago(ti.submitted_at)})"),
+            ("not before", terminal.local(ti.not_before) if ti.not_before else None),
+            ("started", terminal.local(ti.started_at) if ti.started_at else None),
+            ("finished", terminal.local(ti.finished_at) if ti.finished_at else None),
+            ("took", ", ".join(x for x in (_dur(ti.duration_s) if ti.duration_s is not None else "",
+                                            usd(ti.cost_usd) if ti.cost_usd is not None else "",
+                                            f"{ti.input_tokens:,} tokens in, {ti.output_tokens:,} out"
+                                            if ti.input_tokens is not None and ti.output_tokens is not None else "") if x)
+             or None),
+            ("attempts", str(ti.attempts) if ti.attempts else None),
+            ("warnings", "; ".join(ti.warnings) or None),
+            ("prompt", _head(ti.prompt or "")),
+            ("task file", ti.path), ("result file", ti.result_path)]
+    for key, value in rows:
+        if value:
+            print(f"{key:>12}  {value}")
+    if ti.state == "done" and ti.answer_chars:
+        answer = api.result(sp, ti.id)[1]
+        print(f"{'answer':>12}  {_head(answer)}" + (f"  ({ti.answer_chars:,} characters: `spoold result {ti.id.split('-')[1]}`)"
+                                                   if ti.answer_chars > 300 else ""))
     if ti.partial_answer:
         print(f"\nanswer so far:\n{ti.partial_answer}")
     return 0
+
+
+def _head(text: str, limit: int = 300) -> str:
+    """The start of a text on one line."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def cmd_result(args: argparse.Namespace) -> int:
@@ -336,7 +377,10 @@ def _finish_wait(sp: Any, task_id: str, args: argparse.Namespace, timeout: float
 
 def cmd_wait(args: argparse.Namespace) -> int:
     sp = _spool(args)
-    return _finish_wait(sp, _task_id(sp, args), args, args.timeout)
+    started = time.monotonic()
+    task_id = _task_id(sp, args, wait_s=args.timeout if args.timeout is not None else 3600.0)
+    left = None if args.timeout is None else max(0.0, args.timeout - (time.monotonic() - started))
+    return _finish_wait(sp, task_id, args, left)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

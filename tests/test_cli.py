@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ECHO_COMMAND, write_config
@@ -272,3 +273,39 @@ def test_ls_watch_redraws_as_the_spool_changes(sp: spool.Spool, terminal) -> Non
     wait_for(lambda: "cancelled" in live.screen(), what="its new state on screen")
     live.keys("C-c")
     wait_for(lambda: "Traceback" not in live.screen(), what="a quiet exit")
+
+
+def test_show_gives_the_whole_picture(sp: spool.Spool, tmp_path) -> None:
+    from conftest import fake_claude_script
+
+    result = ('{"type":"result","subtype":"success","is_error":false,"result":"Rayleigh scattering.",'
+              '"total_cost_usd":9.199999999999999e-05,"usage":{"input_tokens":25,"output_tokens":512},'
+              '"modelUsage":{"claude-sonnet-5":{"outputTokens":512}},"session_id":"s-1"}')
+    write_config(sp, claude_bin=str(fake_claude_script(tmp_path / "claude", f"cat > /dev/null\necho '{result}'")))
+    tid = run(sp, "submit", "Why is the sky blue? Explain it to a ten-year-old.").stdout.strip()
+    run(sp, "run", "--once")
+    out = run(sp, "show", tid.split("-")[1]).stdout
+    for expected in (tid, "done", "sonnet (answered by claude-sonnet-5)", "$0.000092", "25 tokens in, 512 out",
+                     "prompt  Why is the sky blue? Explain it to a ten-year-old.", "answer  Rayleigh scattering.",
+                     ".result.md", " UTC"):
+        assert expected in out, expected
+    assert "e-05" not in out and "None" not in out
+
+
+def test_ask_sh_makes_a_private_spool_and_its_name_names_the_task(tmp_path, daemon) -> None:
+    import os
+    import stat as stat_mod
+
+    root = tmp_path / "fresh"
+    env = {**os.environ, "SPOOLD_DIR": str(root)}
+    ask = Path(__file__).resolve().parent.parent / "examples" / "ask.sh"
+    name = subprocess.run(["sh", str(ask), "Why is the sky blue?"], capture_output=True, text=True, env=env,
+                          check=True).stdout.strip()
+    assert name.startswith("ask-") and name.endswith(".md")
+    assert stat_mod.S_IMODE(root.stat().st_mode) == 0o700 and stat_mod.S_IMODE((root / "inbox").stat().st_mode) == 0o700
+    sp = spool.open_spool(root)
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    daemon(sp)
+    waited = subprocess.run([sys.executable, "-m", "spoold.cli", "wait", name, "--timeout", "30", "--spool", str(root)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert waited.returncode == 0 and waited.stdout == "answer: Why is the sky blue?\n"
