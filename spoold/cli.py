@@ -437,6 +437,49 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from spoold import history
+    from spoold.units import usd
+
+    st = history.stats(_spool(args), _since(args.since) if args.since else None)
+    if args.json:
+        _print_json(asdict(st))
+        return 0
+    print(f"{st.tasks} finished task{'s' if st.tasks != 1 else ''}" + (f" submitted since {st.since}" if st.since else ""))
+    for day, counts in st.by_day.items():
+        cost = f"  {usd(st.cost_by_day[day])}" if day in st.cost_by_day else ""
+        print(f"  {day}  " + "  ".join(f"{k} {v}" for k, v in sorted(counts.items())) + cost)
+    for month, spent in st.cost_by_month.items():
+        print(f"  cost in {month}: {usd(spent)}")
+    for model, spent in st.cost_by_model.items():
+        print(f"  cost by {model}: {usd(spent)}")
+    if st.duration_p50_s is not None:
+        print(f"  a done task took {_dur(st.duration_p50_s)} (median), {_dur(st.duration_p95_s)} (95th percentile)")
+    for reason, n in list(st.failures.items())[:10]:
+        print(f"  failed {n}x: {reason}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from spoold import history
+
+    cutoff = _since(args.older_than)
+    states = tuple(s.strip() for s in args.state.split(",")) if args.state else ("done", "failed", "cancelled")
+    out = history.prune(_spool(args), cutoff, states, dry_run=args.dry_run)
+    if args.json:
+        _print_json(asdict(out))
+        return 0
+    verb = "would remove" if out.dry_run else "removed"
+    print(f"{verb} {len(out.task_ids)} task{'s' if len(out.task_ids) != 1 else ''} submitted before "
+          f"{cutoff.isoformat(timespec='seconds')} ({', '.join(states)}), and {len(out.transcripts)} CLI transcript"
+          f"{'s' if len(out.transcripts) != 1 else ''} of their conversations")
+    return 0
+
+
 def cmd_mcp_config(args: argparse.Namespace) -> int:
     from spoold import config
 
@@ -514,6 +557,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--reserve", type=float, help="share of each subscription window kept for you, e.g. 0.2")
     c.add_argument("--unset", action="append", metavar="KEY", help="remove a setting from config.yaml")
     c.add_argument("--clear-hold", action="store_true", help="lift a usage-limit or login hold now")
+    st = add("stats", cmd_stats, "tasks per day and state, cost per day, month and model, durations, failures by reason")
+    st.add_argument("--since", help="only tasks submitted since: 7d, 24h, or an ISO time")
+    pr = add("prune", cmd_prune, "remove old finished tasks with their results and the CLI's transcripts of them")
+    pr.add_argument("--older-than", required=True, help="submitted longer ago than this: 30d, 12h, or an ISO time")
+    pr.add_argument("--state", help="only these finished states (default done,failed,cancelled)")
+    pr.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     add("mcp-config", cmd_mcp_config, "print the Claude Desktop config entry for the MCP adapter")
     return p
 

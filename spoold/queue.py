@@ -425,6 +425,12 @@ def _failure(task: Task, message: str) -> Result:
 def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]:
     """A dead process's staged write or intake claim; with ours_stray, also our own (intake never spans a turn)."""
     path = spool.tmp_path(sp, name)
+    pruner = spool.parse_prune_name(name)
+    if pruner is not None:  # a prune's intent is deletion: finish it once its process is gone
+        if not owner_alive(sp, pruner) or (ours_stray and pruner == spool.owner_tag()):
+            path.unlink(missing_ok=True)
+            return [f"finished pruning {name.partition('~')[2].partition('~')[2]}"]
+        return []
     claim_parts = spool.parse_intake_claim(name)
     if claim_parts is None:
         # A staged write that never became visible: nothing was promised. Writers such as

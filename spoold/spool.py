@@ -617,6 +617,22 @@ def parse_intake_claim(name: str) -> tuple[str, str, str] | None:
     return parts[1], parts[2], parts[3]
 
 
+PRUNE_PREFIX = "prune~"
+
+
+def prune_path(sp: Spool, file: Path) -> Path:
+    """`tmp/prune~OWNER~NAME`: a finished task's file on its way out; once moved here it is gone from every
+    listing, and recovery finishes deleting what a dead pruner left."""
+    return sp.dir("tmp") / f"{PRUNE_PREFIX}{owner_tag()}~{file.name}"
+
+
+def parse_prune_name(name: str) -> str | None:
+    """The owner of a prune staging name."""
+    if not name.startswith(PRUNE_PREFIX):
+        return None
+    return name[len(PRUNE_PREFIX):].partition("~")[0] or None
+
+
 def staging_owner(name: str) -> str | None:
     """The owner of a staged write `tmp/OWNER.HEX.tmp` (see _write_tmp)."""
     return name.split(".", 1)[0] if name.endswith(".tmp") and "." in name[:-4] else None

@@ -309,3 +309,17 @@ def test_ask_sh_makes_a_private_spool_and_its_name_names_the_task(tmp_path, daem
     waited = subprocess.run([sys.executable, "-m", "spoold.cli", "wait", name, "--timeout", "30", "--spool", str(root)],
                             capture_output=True, text=True, timeout=60, env=env)
     assert waited.returncode == 0 and waited.stdout == "answer: Why is the sky blue?\n"
+
+
+def test_stats_and_prune_from_the_command_line(sp: spool.Spool) -> None:
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    tid = run(sp, "submit", "q").stdout.strip()
+    run(sp, "run", "--once")
+    st = json.loads(run(sp, "stats", "--json").stdout)
+    assert st["tasks"] == 1 and list(st["by_day"].values()) == [{"done": 1}]
+    assert "1 finished task" in run(sp, "stats", "--since", "1d").stdout
+    dry = run(sp, "prune", "--older-than", "0s", "--dry-run")
+    assert dry.returncode == 0 and "would remove 1 task" in dry.stdout and run(sp, "show", tid).returncode == 0
+    assert "removed 1 task" in run(sp, "prune", "--older-than", "0s").stdout
+    assert run(sp, "show", tid).returncode == 5
+    assert run(sp, "prune", "--older-than", "1d", "--state", "queued").returncode == 2

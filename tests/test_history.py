@@ -1,0 +1,77 @@
+"""Stats over finished tasks, and pruning old ones with their results and transcripts, crash-safe."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from spoold import history, queue, spool
+from spoold.task import Result, Task
+
+OLD = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
+
+
+def _finished(sp: spool.Spool, when: datetime, status: str = "done", cost: float | None = 0.01,
+              duration: float = 5.0, model: str = "claude-sonnet-5", error: str | None = None,
+              session: str | None = None) -> str:
+    t = Task(id=spool.new_id("t", now=when), prompt="q\n")
+    queue.enqueue(sp, t)
+    [entry] = [e for e in spool.list_queued(sp) if e.task_id == t.id]
+    claimed = queue.claim(sp, entry, "sonnet")
+    assert claimed
+    queue.finish(sp, claimed, Result(id=t.id, status=status, answer="a\n" if status == "done" else "", cost_usd=cost,
+                                     duration_s=duration, model="sonnet", model_resolved=model, error=error,
+                                     finished_at=when + timedelta(seconds=duration), session_id=session))
+    return t.id
+
+
+def test_stats_add_up_cost_durations_and_failures(sp: spool.Spool) -> None:
+    for i in range(4):
+        _finished(sp, OLD + timedelta(minutes=i), duration=float(i + 1), cost=0.25)
+    _finished(sp, OLD, model="claude-opus-5", cost=1.0)
+    _finished(sp, OLD + timedelta(days=1), status="failed", cost=None, error="temporary API error: 529 Overloaded")
+    _finished(sp, OLD + timedelta(days=1), status="failed", cost=None, error="temporary API error: 500 Internal")
+    st = history.stats(sp)
+    assert st.tasks == 7 and st.by_day == {"2026-01-10": {"done": 5}, "2026-01-11": {"failed": 2}}
+    assert st.cost_by_model == {"claude-opus-5": 1.0, "claude-sonnet-5": 1.0} and st.cost_by_month == {"2026-01": 2.0}
+    assert st.duration_p50_s == 3.0 and st.duration_p95_s == 4.8  # 1, 2, 3, 4, 5 s
+    assert sum(st.failures.values()) == 2
+    assert history.stats(sp, since=OLD + timedelta(hours=12)).tasks == 2
+
+
+def test_prune_takes_old_finished_tasks_with_results_and_transcripts(sp: spool.Spool, tmp_path: Path) -> None:
+    claude = tmp_path / "claude-config"
+    (claude / "projects" / "-some-cwd").mkdir(parents=True)
+    old = _finished(sp, OLD, session="s-old")
+    continued = _finished(sp, OLD, session="s-shared")
+    _finished(sp, datetime.now(UTC), session="s-shared")  # a recent follow-up of the same conversation
+    recent = _finished(sp, datetime.now(UTC), session="s-new")
+    waiting = Task(id=spool.new_id("q", now=OLD), prompt="still queued\n")
+    queue.enqueue(sp, waiting)
+    for s in ("s-old", "s-shared", "s-new"):
+        (claude / "projects" / "-some-cwd" / f"{s}.jsonl").write_text("{}\n")
+    cutoff = datetime(2026, 6, 1, tzinfo=UTC)
+    dry = history.prune(sp, cutoff, dry_run=True, claude_dir=claude)
+    assert sorted(dry.task_ids) == sorted([old, continued]) and spool.locate(sp, old).state == "done"
+    out = history.prune(sp, cutoff, claude_dir=claude)
+    assert sorted(out.task_ids) == sorted([old, continued])
+    for gone in (old, continued):
+        assert spool.find_result(sp, gone) is None
+        try:
+            spool.locate(sp, gone)
+            raise AssertionError("still there")
+        except spool.TaskNotFound:
+            pass
+    assert spool.locate(sp, recent).state == "done" and spool.locate(sp, waiting.id).state == "queued"
+    assert sorted(p.stem for p in (claude / "projects" / "-some-cwd").iterdir()) == ["s-new", "s-shared"]
+    assert os.listdir(sp.dir("tmp")) == []
+
+
+def test_a_prune_interrupted_midway_is_finished_by_recovery(sp: spool.Spool) -> None:
+    tid = _finished(sp, OLD)
+    done = spool.locate(sp, tid).path
+    staged = sp.dir("tmp") / f"prune~{spool.host_id()}-999999999~{done.name}"  # a pruner that died after moving it
+    os.rename(done, staged)
+    assert queue.recover(sp, max_attempts=3) == [f"finished pruning {done.name}"]
+    assert not staged.exists()
