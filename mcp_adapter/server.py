@@ -165,6 +165,18 @@ class TaskList(BaseModel):
     subscription_windows: list[SubscriptionWindow] = Field(default_factory=list)
 
 
+class SearchHit(BaseModel):
+    task_id: str
+    state: str
+    submitted_at: str
+    title: str
+    snippet: str = Field(description="where the words were found, marked [like this]")
+
+
+class SearchResult(BaseModel):
+    hits: list[SearchHit] = Field(description="best match first")
+
+
 class CancelResult(BaseModel):
     task_id: str
     state: Literal["cancelled", "cancelling"] = Field(
@@ -339,6 +351,21 @@ def build_server(spool_root: Path | str) -> MCPServer:
                     break
                 await anyio.sleep(min(POLL_S, remaining))
             return await anyio.to_thread.run_sync(task_result, sp, task_id, 0, max_chars)
+
+    @server.tool(annotations=reading)
+    def async_search(
+        query: Annotated[str, Field(min_length=1, max_length=500, description="Words that must all appear")],
+        state: Annotated[State | None, Field(description="Only tasks in this state; default: all finished")] = None,
+        limit: Annotated[int, Field(ge=1, le=MAX_LIST, description=f"At most this many (1..{MAX_LIST})")] = 10,
+    ) -> SearchResult:
+        """Search the prompts, titles, tags and answers of finished tasks, best match first.
+
+        Use it to find an earlier answer before asking again; fetch one with async_result(task_id).
+        """
+        with tool_errors():
+            hits = api.search(open_spool(), query, limit=limit, states=[state] if state else None)
+        return SearchResult(hits=[SearchHit(task_id=h.id, state=h.state, submitted_at=h.submitted_at, title=h.title,
+                                            snippet=h.snippet) for h in hits])
 
     @server.tool(annotations=reading)
     def async_list(

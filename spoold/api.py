@@ -435,3 +435,17 @@ def set_config(sp: Spool, changes: dict[str, Any]) -> Settings:
     if changes:
         config.update_file(lambda p, data: spool.rewrite(sp, p, data), sp.config_path, changes)
     return load_settings(sp)
+
+
+def search(sp: Spool, text: str, *, limit: int = 20, states: list[str] | None = None,
+           since: datetime | None = None) -> list[Any]:
+    """Finished tasks whose prompt, title, tags or answer hold every word, best first (spoold.search.Hit)."""
+    from spoold import search as index  # lazy: sqlite only for a search
+
+    return index.query(sp, text, limit=limit, states=states, since=since)
+
+
+def rebuild_index(sp: Spool) -> int:
+    from spoold import search as index
+
+    return index.rebuild(sp)

@@ -437,6 +437,36 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from spoold import api, terminal
+
+    sp = _spool(args)
+    if args.rebuild:
+        n = api.rebuild_index(sp)
+        print(f"index rebuilt from the spool: {n} finished tasks", file=sys.stderr)
+        if not args.query:
+            return 0
+    if not args.query:
+        raise SpooldError("search for some words: `spoold search rayleigh scattering`")
+    states = [s.strip() for s in args.state.split(",")] if args.state else None
+    hits = api.search(sp, " ".join(args.query), limit=args.limit, states=states,
+                        since=_since(args.since) if args.since else None)
+    if args.json:
+        _print_json([asdict(h) for h in hits])
+        return 0
+    if not hits:
+        print("no finished task matches", file=sys.stderr)
+        return 0
+    color = terminal.use_color(sys.stdout)
+    rows = [[h.id.split("-")[1], h.state, terminal.ago(h.submitted_at), f"{h.title}: {h.snippet}"] for h in hits]
+    for line in terminal.table(["ID", "STATE", "SUBMITTED", "TITLE: WHERE"], rows,
+                               total=terminal.width(sys.stdout), color_col=1, color=color):
+        print(line)
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -557,6 +587,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--reserve", type=float, help="share of each subscription window kept for you, e.g. 0.2")
     c.add_argument("--unset", action="append", metavar="KEY", help="remove a setting from config.yaml")
     c.add_argument("--clear-hold", action="store_true", help="lift a usage-limit or login hold now")
+    se = add("search", cmd_search, "search the prompts, titles, tags and answers of finished tasks, best first")
+    se.add_argument("query", nargs="*", help="words that must all appear")
+    se.add_argument("--state", help="only these states, e.g. done or done,failed")
+    se.add_argument("--since", help="only tasks submitted since: 7d, 24h, or an ISO time")
+    se.add_argument("-n", "--limit", type=int, default=20, help="at most this many (default 20)")
+    se.add_argument("--rebuild", action="store_true", help="throw the index away and build it again from the spool")
     st = add("stats", cmd_stats, "tasks per day and state, cost per day, month and model, durations, failures by reason")
     st.add_argument("--since", help="only tasks submitted since: 7d, 24h, or an ISO time")
     pr = add("prune", cmd_prune, "remove old finished tasks with their results and the CLI's transcripts of them")

@@ -84,7 +84,11 @@ class Daemon:
         """Serve until SIGINT/SIGTERM (or, with --once, until nothing more can start now)."""
         owner_lock = queue.hold_owner_lock(self.sp)
         flags = {k: v for k, v in self.overrides.items() if v is not None}
-        note = queue.announce_daemon(self.sp, {**config.env_values(), **flags})
+        try:
+            note: Path | None = queue.announce_daemon(self.sp, {**config.env_values(), **flags})
+        except OSError as e:  # a full or read-only spool: serve all the same; only `status` misses the note
+            note = None
+            log.warning("could not note this daemon for `spoold status` (%s)", e.strerror or e)
         _watch_children_by_pidfd()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -111,7 +115,8 @@ class Daemon:
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await background
-            note.unlink(missing_ok=True)
+            if note is not None:
+                note.unlink(missing_ok=True)
             owner_lock.release()
         return 0
 

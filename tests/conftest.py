@@ -20,6 +20,7 @@ from spoold.spool import Spool
 ROOT = Path(__file__).resolve().parent.parent
 # The suite's own installation: a generated host id lands here, never in the machine's ~/.config.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="spoold-test-config-")
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="spoold-test-state-")  # search indexes
 os.environ.pop("SPOOLD_HOST_ID", None)
 ECHO_COMMAND = [sys.executable, "-c", "import sys; print('answer: ' + sys.stdin.read().strip())"]
 

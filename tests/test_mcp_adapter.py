@@ -31,7 +31,7 @@ BAD_IDS = ["../../etc/passwd", "/etc/passwd", "20261124T180000123Z-abcdef\x00", 
            "20261124T180000123Z-abcdef/../../x", "20261124T180000123Z-ABCDEF"]
 UNKNOWN_ID = "20200101T000000000Z-aaaaaa-nothing"
 TASK_TOOLS = ["async_status", "async_result", "async_wait", "async_cancel"]
-READ_ONLY = {"async_status", "async_result", "async_wait", "async_list"}
+READ_ONLY = {"async_status", "async_result", "async_wait", "async_list", "async_search"}
 ALL_TOOLS = READ_ONLY | {"async_submit", "async_cancel", "async_rate_config"}
 
 

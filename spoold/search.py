@@ -1,0 +1,148 @@
+"""Search everything the spool has answered: prompts, titles, tags and answers, ranked (SQLite FTS5).
+
+The index is a cache of the directories, never a second truth: each search first brings it up to
+date from the finished tasks' names and their result files' stamps (new, changed, gone), and
+`rebuild` throws it away. It lives in this machine's state directory, outside the spool, since a
+SQLite file on a synced folder corrupts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from spoold import spool
+from spoold.errors import BadInput
+from spoold.spool import Spool
+from spoold.task import parse_result, parse_task, title_of
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, sig TEXT NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
+    id UNINDEXED, state UNINDEXED, submitted UNINDEXED, title, tags, prompt, answer, tokenize='unicode61');
+"""
+
+
+@dataclass
+class Hit:
+    id: str
+    state: str
+    submitted_at: str
+    title: str
+    snippet: str  # where the words were found, [marked]
+
+
+def index_path(sp: Spool) -> Path:
+    """`$XDG_STATE_HOME/spoold/index-<spool>.sqlite`: one index per spool, on this machine only."""
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "spoold"
+    key = hashlib.sha256(str(sp.root.resolve()).encode()).hexdigest()[:16]
+    return base / f"index-{key}.sqlite"
+
+
+def _open(sp: Spool) -> sqlite3.Connection:
+    path = index_path(sp)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    try:
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError:  # a damaged cache: it is only a cache
+        db.close()
+        path.unlink(missing_ok=True)
+        db = sqlite3.connect(path)
+        db.executescript(SCHEMA)
+    return db
+
+
+def _finished_files(sp: Spool) -> Iterator[tuple[str, str, Path, str]]:
+    """(id, state, task file, signature) of every finished task, from names and one stat of its result."""
+    for state in spool.TERMINAL:
+        for path in spool.terminal_task_files(sp, state):
+            task_id = path.name[:-3]
+            if not spool.ID_RE.match(task_id):
+                continue
+            try:
+                st = os.stat(spool.result_path_for(path.parent, task_id))
+                sig = f"{state}:{st.st_mtime_ns}:{st.st_size}"
+            except FileNotFoundError:
+                sig = f"{state}:-"
+            yield task_id, state, path, sig
+
+
+def refresh(sp: Spool, db: sqlite3.Connection | None = None) -> int:
+    """Bring the index up to date with the directories; returns how many tasks it (re)read."""
+    own = db is None
+    db = db or _open(sp)
+    try:
+        known = dict(db.execute("SELECT id, sig FROM seen"))
+        present: set[str] = set()
+        changed = 0
+        with db:
+            for task_id, state, path, sig in _finished_files(sp):
+                present.add(task_id)
+                if known.get(task_id) == sig:
+                    continue
+                row = _row(task_id, state, path)
+                db.execute("DELETE FROM fts WHERE id = ?", (task_id,))
+                if row is not None:
+                    db.execute("INSERT INTO fts VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+                db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (task_id, sig))
+                changed += 1
+            for gone in set(known) - present:
+                db.execute("DELETE FROM fts WHERE id = ?", (gone,))
+                db.execute("DELETE FROM seen WHERE id = ?", (gone,))
+        return changed
+    finally:
+        if own:
+            db.close()
+
+
+def _row(task_id: str, state: str, path: Path) -> tuple[str, ...] | None:
+    try:
+        task = parse_task(spool.read_bytes(path).decode("utf-8", "replace"), task_id=task_id)
+    except (OSError, BadInput):
+        return None
+    answer = ""
+    rp = spool.result_path_for(path.parent, task_id)
+    try:
+        answer = parse_result(spool.read_bytes(rp).decode("utf-8", "replace")).answer
+    except (OSError, BadInput):
+        pass
+    submitted = spool.id_time(task_id).isoformat(timespec="seconds").replace("+00:00", "Z")  # the id's time
+    return task_id, state, submitted, title_of(task), " ".join(task.tags), task.prompt, answer
+
+
+def rebuild(sp: Spool) -> int:
+    index_path(sp).unlink(missing_ok=True)
+    return refresh(sp)
+
+
+def query(sp: Spool, text: str, *, limit: int = 20, states: list[str] | None = None,
+          since: datetime | None = None) -> list[Hit]:
+    """The best matches first (BM25), every word required; after bringing the index up to date."""
+    words = re.findall(r"\w+", text)
+    if not words:
+        raise BadInput("search for some words, such as `spoold search rayleigh scattering`")
+    match = " ".join('"' + w.replace('"', "") + '"' for w in words)
+    db = _open(sp)
+    try:
+        refresh(sp, db)
+        sql = ("SELECT id, state, submitted, title, snippet(fts, -1, '[', ']', '…', 12) FROM fts "
+               "WHERE fts MATCH ?")
+        args: list[object] = [match]
+        if states:
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            args += states
+        if since is not None:
+            sql += " AND submitted >= ?"
+            args.append(since.isoformat(timespec="seconds").replace("+00:00", "Z"))
+        sql += " ORDER BY bm25(fts, 0, 0, 0, 4.0, 2.0, 1.0, 1.0) LIMIT ?"
+        args.append(limit)
+        return [Hit(*row) for row in db.execute(sql, args)]
+    finally:
+        db.close()
