@@ -542,6 +542,8 @@ def parser() -> argparse.ArgumentParser:
     add("init", cmd_init, "create the spool directories")
     r = add("run", cmd_run, "run the daemon")
     r.add_argument("--once", action="store_true", help="drain what can start now, then exit (for cron)")
+    r.add_argument("--log-file", help="append the log to this file instead of stderr (for `spoold run &` and cron)")
+    r.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     r.add_argument("--concurrency", type=int, help="tasks running at once (overrides config.yaml)")
     r.add_argument("--max-requests", type=int, help="task starts allowed per window (overrides config.yaml)")
     r.add_argument("--window", type=float, help="the window's length in minutes")
@@ -606,9 +608,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.Formatter.converter = time.gmtime  # the log's times are UTC, like the spool's files and JSON
+    log_file = getattr(args, "log_file", None)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s spoold: %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ", stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(asctime)s spoold: %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ",
+        **({"filename": log_file} if log_file else {"stream": sys.stderr}),
     )
     for noisy in ("watchfiles", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

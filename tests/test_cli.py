@@ -323,3 +323,17 @@ def test_stats_and_prune_from_the_command_line(sp: spool.Spool) -> None:
     assert "removed 1 task" in run(sp, "prune", "--older-than", "0s").stdout
     assert run(sp, "show", tid).returncode == 5
     assert run(sp, "prune", "--older-than", "1d", "--state", "queued").returncode == 2
+
+
+def test_run_logs_to_a_file_in_utc_and_quietly_when_asked(sp: spool.Spool, tmp_path) -> None:
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    run(sp, "submit", "q")
+    log = tmp_path / "spoold.log"
+    r = run(sp, "run", "--once", "--log-file", str(log))
+    assert r.returncode == 0 and r.stderr == ""
+    import re
+
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ spoold: done ", log.read_text(), re.M)
+    run(sp, "submit", "q2")
+    quiet = run(sp, "run", "--once", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
