@@ -41,7 +41,7 @@ def _task_id(sp: Any, args: argparse.Namespace, wait_s: float = 0.0) -> str:
         try:
             return spool.resolve_id(sp, args.id)
         except TaskNotFound:
-            in_inbox = (sp.dir("inbox") / Path(args.id).name).exists()
+            in_inbox = spool.inbox_path(sp, args.id).exists()
             if not in_inbox:
                 raise
             if time.monotonic() >= deadline:

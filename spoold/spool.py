@@ -581,6 +581,11 @@ INTAKE_PREFIX = "intake~"
 NAME_MAX = 255  # bytes in one file name on every filesystem spoold supports
 
 
+def inbox_path(sp: Spool, name: str) -> Path:
+    """A dropped file's place, by its name alone (never a path the name could climb out of)."""
+    return sp.dir("inbox") / Path(name).name
+
+
 def queued_path(sp: Spool, name: str) -> Path:
     return sp.dir("queued") / name
 
