@@ -10,11 +10,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cli_overhead, latency, limit, scale, startup, throughput
+from bench import cli_overhead, latency, limit, scale, search, startup, throughput
 from bench.common import CORES
 
 PARTS = {"startup": startup, "latency": latency, "throughput": throughput, "scale": scale, "limit": limit,
-         "cli": cli_overhead}
+         "cli": cli_overhead, "search": search}
 
 
 def main() -> int:

@@ -115,12 +115,13 @@ def submit(
     sp: Spool, prompt: str, *, model: str | None = None, priority: str | None = None, system: str | None = None,
     title: str | None = None, not_before: str | datetime | None = None, tags: list[str] | None = None,
     timeout: str | float | None = None, source: str | None = None, settings: Settings | None = None,
-    frontmatter: bool = True, slug_hint: str | None = None,
+    frontmatter: bool = True, slug_hint: str | None = None, options_: dict[str, Any] | None = None,
 ) -> TaskInfo:
     """Queue a prompt; never rejected for load, only for bad input.
 
     With `frontmatter=False` the text is the prompt verbatim, even if it starts with `---`.
     The id's readable part comes from `slug_hint` (e.g. a file name), the title, or the prompt.
+    `options_` are more frontmatter keys (resume, profile, effort, ...), checked as a dropped file's are.
     """
     settings = settings or load_settings(sp)
     size = len(prompt.encode()) + len((system or "").encode())
@@ -129,7 +130,7 @@ def submit(
     meta, body = parse_text(prompt) if frontmatter else ({}, prompt)
     flags = {"model": model, "priority": priority, "system": system, "title": title, "not_before": not_before,
              "tags": tags, "timeout": timeout}
-    meta.update({k: v for k, v in flags.items() if v is not None})
+    meta.update({k: v for k, v in {**flags, **(options_ or {})}.items() if v is not None})
     task_id = spool.new_id(slug_hint or title or str(meta.get("title") or "") or body[:60])
     task = from_user(meta, body, task_id=task_id, default_model=settings.default_model)
     options.resolve(sp, settings, task)

@@ -108,8 +108,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         text = args.prompt
     else:
         raise SpooldError("nothing to submit: give a prompt, a file, or - for stdin")
+    more = {"resume": args.resume, "profile": args.profile, "effort": args.effort, "max_turns": args.max_turns,
+            "max_budget_usd": args.max_budget, "fallback_model": args.fallback_model, "schema": args.schema}
     ti = api.submit(sp, text, model=args.model, priority=args.priority, system=args.system, title=args.title,
-                    not_before=args.not_before, source=source, slug_hint=source and Path(source).stem)
+                    not_before=args.not_before, tags=args.tag or None, timeout=args.timeout, source=source,
+                    slug_hint=source and Path(source).stem, options_=more)
     if args.wait:
         return _finish_wait(sp, ti.id, args, None)
     if args.json:
@@ -557,6 +560,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--system", help="text appended to Claude's system prompt")
     s.add_argument("--title", help="a short label for `spoold ls`")
     s.add_argument("--not-before", help="ISO time before which it must not start")
+    s.add_argument("--tag", action="append", help="a tag (repeat for more)")
+    s.add_argument("--timeout", help="stop it after this long: 600, 30m, 2h")
+    s.add_argument("--resume", metavar="ID", help="continue an earlier task's conversation (id, prefix, @last ...)")
+    s.add_argument("--profile", help="a profile of the spool's config.yaml (cwd, tools, ...)")
+    s.add_argument("--schema", metavar="NAME.json|JSON", help="a JSON Schema the answer must match: inline, or a "
+                   "file in the spool's schemas/")
+    s.add_argument("--effort", choices=["low", "medium", "high", "xhigh", "max"], help="how hard the model thinks")
+    s.add_argument("--max-turns", type=int, help="a cap on agent turns")
+    s.add_argument("--max-budget", type=float, metavar="USD", help="a spending cap for this task")
+    s.add_argument("--fallback-model", help="a model to use when the main one is busy")
     s.add_argument("--wait", action="store_true", help="wait for the answer and print it")
     add("status", cmd_status, "queue counts, running tasks, holds")
     ls = add("ls", cmd_ls, "the newest tasks across states, newest first, with why a task failed")

@@ -220,8 +220,9 @@ def _options(task: Task, meta: dict[str, Any]) -> None:
     """The per-task options, each checked here so a bad one is a clear message at intake."""
     resume = meta.get("resume") if meta.get("resume") is not None else meta.get("follow_up")
     if resume is not None:
-        if not isinstance(resume, str) or not re.fullmatch(r"[A-Za-z0-9-]{4,80}", resume.strip()):
-            raise BadInput("`resume` must be the id of an earlier task (or its first characters, such as o5e4gy)")
+        if not isinstance(resume, str) or not re.fullmatch(r"@?[A-Za-z0-9][A-Za-z0-9._-]{1,119}", resume.strip()):
+            raise BadInput("`resume` must name an earlier task: its id, its first characters (such as o5e4gy), "
+                           "the file it was dropped as, or @last")
         task.resume = resume.strip()
     schema = meta.get("schema")
     if isinstance(schema, str) and schema.strip().startswith("{"):

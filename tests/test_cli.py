@@ -337,3 +337,17 @@ def test_run_logs_to_a_file_in_utc_and_quietly_when_asked(sp: spool.Spool, tmp_p
     run(sp, "submit", "q2")
     quiet = run(sp, "run", "--once", "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_submit_has_a_flag_for_every_key_a_user_may_set(sp: spool.Spool) -> None:
+    first = run(sp, "submit", "first").stdout.strip()
+    tid = run(sp, "submit", "and shorter", "--tag", "a", "--tag", "b", "--timeout", "30m", "--resume", "@last",
+              "--effort", "high", "--max-turns", "3", "--max-budget", "0.5", "--fallback-model", "haiku",
+              "--schema", '{"type": "object"}').stdout.strip()
+    from spoold.task import parse_task
+
+    task = parse_task(Path(json.loads(run(sp, "show", tid, "--json").stdout)["path"]).read_text(), task_id=tid)
+    assert (task.tags, task.timeout, task.resume, task.effort, task.max_turns, task.max_budget_usd, task.fallback_model,
+            task.schema) == (["a", "b"], 1800.0, first, "high", 3, 0.5, "haiku", {"type": "object"})
+    bad = run(sp, "submit", "x", "--profile", "nope")
+    assert bad.returncode == 2 and "not a profile of this spool" in bad.stderr

@@ -192,7 +192,7 @@ def test_task_options_are_read_and_kept() -> None:
     ("schema: [1, 2]", "must be a JSON Schema"),
     ("schema: ../../etc/passwd", "must be a JSON Schema"),
     ("schema: '{not json'", "is not valid JSON"),
-    ("resume: ../x", "must be the id of an earlier task"),
+    ("resume: ../x", "must name an earlier task"),
     ("profile: ../../root", "must be the name of a profile"),
 ])
 def test_bad_task_options_say_what_to_fix(front: str, message: str) -> None:
