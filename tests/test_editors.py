@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 from conftest import ECHO_COMMAND, drop, terminal_files, wait_for, write_config
@@ -17,6 +18,15 @@ from spoold import spool
 from spoold.task import parse_result
 
 pytestmark = pytest.mark.skipif(not shutil.which("tmux"), reason="tmux is not installed (.ci/run installs it)")
+
+
+def _names_its_editor(swap: Path, pid: int) -> bool:
+    """Vim writes its swap file's header (with its pid) a moment after creating the file."""
+    try:
+        head = swap.read_bytes()[:108]
+    except FileNotFoundError:
+        return False
+    return head.startswith(b"b0VIM") and int.from_bytes(head[24:28], "little") == pid
 
 
 def _answers(sp: spool.Spool) -> list[str]:
@@ -49,8 +59,9 @@ def test_an_editor_killed_with_its_swap_file_left_holds_nothing(sp, daemon, term
     d = daemon(sp)
     vim = terminal(["vim", "-u", "NONE", "-N", "-i", "NONE", str(sp.dir("inbox") / "lost.md")])
     vim.keys("i", "written before the crash", "Escape", ":w", "Enter")
-    wait_for(lambda: (sp.dir("inbox") / ".lost.md.swp").exists() and (sp.dir("inbox") / "lost.md").exists(),
-             what="the saved file")
+    swap = sp.dir("inbox") / ".lost.md.swp"
+    wait_for(lambda: (sp.dir("inbox") / "lost.md").exists() and _names_its_editor(swap, vim.pid),
+             what="the saved file, and vim's swap file naming its process")
     os.kill(vim.pid, signal.SIGKILL)  # the swap file stays behind, naming a dead process
     wait_for(lambda: any("written before the crash" in a for a in _answers(sp)), what="the file taken after all")
     assert (sp.dir("inbox") / ".lost.md.swp").exists()  # spoold never touches an editor's files
