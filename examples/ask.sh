@@ -10,8 +10,9 @@ spool="${SPOOLD_DIR:-$HOME/async}"
 mkdir -p "$spool/inbox"
 name="ask-$(date +%Y%m%d-%H%M%S)-$$.md"
 staging="$spool/inbox/.$name.tmp"          # a dotfile: the daemon ignores it while we write
+quote() { printf "'%s'" "$(printf %s "$1" | sed "s/'/''/g")"; }  # a YAML single-quoted value, whatever it holds
 {
-  printf -- '---\nmodel: %s\npriority: %s\n---\n' "${MODEL:-sonnet}" "${PRIORITY:-normal}"
+  printf -- '---\nmodel: %s\npriority: %s\n---\n' "$(quote "${MODEL:-sonnet}")" "$(quote "${PRIORITY:-normal}")"
   if [ "$#" -gt 0 ]; then printf '%s\n' "$*"; else cat; fi
 } > "$staging"
 mv "$staging" "$spool/inbox/$name"

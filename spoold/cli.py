@@ -152,9 +152,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           + (f", reserve {s['reserve']:.0%} of each subscription window" if s.get("reserve") is not None else ""))
     when = "" if st.serving else ", once a daemon runs"
     if st.held_until:
-        print(f"  next start not before {st.held_until}{when}: {st.hold_reason}")
+        print(f"  next start not before {_at(st.held_until)}{when}: {st.hold_reason}")
+        if "limit" in (st.hold_reason or "") or "logged in" in (st.hold_reason or ""):
+            print("  (`spoold config --clear-hold` lifts it now, once the cause is fixed)")
     elif st.next_start and st.counts.get("queued"):
-        print(f"  next start ~{st.next_start}{when}")
+        print(f"  next start ~{_at(st.next_start)}{when}")
     for line in _window_lines(st.windows):
         print(line)
     for ti in st.running:
@@ -251,8 +253,21 @@ def _window_lines(windows: list[Any]) -> list[str]:
     out = []
     for w in windows:
         used = f"{w.utilization:.0%} used" if w.utilization is not None else w.status.replace("_", " ")
-        out.append(f"  subscription {window_words(w.name)} window: {used}, resets {w.resets_at} (seen by {w.task_id})")
+        seen = f" (seen by {w.task_id.split('-')[1]})" if w.task_id and "-" in w.task_id else ""
+        out.append(f"  subscription {window_words(w.name)} window: {used}, resets {_at(w.resets_at)}{seen}")
     return out
+
+
+def _at(iso_time: str | None) -> str:
+    """A time for people: local, with its zone, and how far off it is."""
+    from datetime import UTC, datetime
+
+    from spoold import terminal
+
+    if not iso_time:
+        return "?"
+    left = (datetime.fromisoformat(iso_time.replace("Z", "+00:00")) - datetime.now(UTC)).total_seconds()
+    return f"{terminal.local(iso_time)} ({'in ' + _dur(left) if left > 0 else 'now'})"
 
 
 def cmd_show(args: argparse.Namespace) -> int:

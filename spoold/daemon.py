@@ -118,6 +118,7 @@ class Daemon:
             if note is not None:
                 note.unlink(missing_ok=True)
             owner_lock.release()
+            log.info("stopped")
         return 0
 
     async def _check_backend(self) -> None:
