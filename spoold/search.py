@@ -23,7 +23,7 @@ from spoold.spool import Spool
 from spoold.task import parse_result, parse_task, title_of
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, sig TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, sig TEXT NOT NULL, rid INTEGER);
 CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
     id UNINDEXED, state UNINDEXED, submitted UNINDEXED, title, tags, prompt, answer, tokenize='unicode61');
 """
@@ -79,22 +79,24 @@ def refresh(sp: Spool, db: sqlite3.Connection | None = None) -> int:
     own = db is None
     db = db or _open(sp)
     try:
-        known = dict(db.execute("SELECT id, sig FROM seen"))
+        known = {i: (sig, rid) for i, sig, rid in db.execute("SELECT id, sig, rid FROM seen")}
         present: set[str] = set()
         changed = 0
         with db:
             for task_id, state, path, sig in _finished_files(sp):
                 present.add(task_id)
-                if known.get(task_id) == sig:
+                old = known.get(task_id)
+                if old is not None and old[0] == sig:
                     continue
+                if old is not None and old[1] is not None:
+                    db.execute("DELETE FROM fts WHERE rowid = ?", (old[1],))  # by rowid: FTS5 has no other index
                 row = _row(task_id, state, path)
-                db.execute("DELETE FROM fts WHERE id = ?", (task_id,))
-                if row is not None:
-                    db.execute("INSERT INTO fts VALUES (?, ?, ?, ?, ?, ?, ?)", row)
-                db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?)", (task_id, sig))
+                rid = db.execute("INSERT INTO fts VALUES (?, ?, ?, ?, ?, ?, ?)", row).lastrowid if row else None
+                db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)", (task_id, sig, rid))
                 changed += 1
             for gone in set(known) - present:
-                db.execute("DELETE FROM fts WHERE id = ?", (gone,))
+                if known[gone][1] is not None:
+                    db.execute("DELETE FROM fts WHERE rowid = ?", (known[gone][1],))
                 db.execute("DELETE FROM seen WHERE id = ?", (gone,))
         return changed
     finally:
