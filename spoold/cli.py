@@ -62,17 +62,9 @@ def _line(ti: Any) -> str:
 
 
 def _dur(s: float | None) -> str:
-    """3s, 4m05s, 2h10m, 3d04h: a wait read at a glance."""
-    if s is None:
-        return "?"
-    s = int(s)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    from spoold.terminal import duration
+
+    return duration(s)
 
 
 # ---- commands --------------------------------------------------------------------

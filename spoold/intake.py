@@ -76,7 +76,7 @@ def _stale(lock: Path) -> bool:
         return True
     owner = _lock_owner(lock, st)
     here = os.uname().nodename
-    dead = owner is not None and owner[0] in (here, here.split(".")[0]) and not _alive(owner[1])
+    dead = owner is not None and owner[0] in (here, here.split(".")[0]) and not spool.pid_alive(owner[1])
     stale = dead or (owner is None and time.time() - st.st_mtime > STALE_LOCK_S)
     if stale and str(lock) not in _stale_reported:
         _stale_reported.add(str(lock))
@@ -99,16 +99,6 @@ def _lock_owner(lock: Path, st: os.stat_result) -> tuple[str, int] | None:
     pid = int.from_bytes(head[24:28], "little")  # vim's block 0: b0_pid, stored lowest byte first
     host = head[68:108].split(b"\0", 1)[0].decode("utf-8", "replace")
     return (host, pid) if pid else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def is_task_name(name: str) -> bool:

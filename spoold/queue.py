@@ -96,16 +96,6 @@ def owner_alive(sp: Spool, owner: str) -> bool:
     return False
 
 
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ---- into the queue ------------------------------------------------------------
 
 
@@ -437,7 +427,7 @@ def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]
         # `spoold submit` hold no owner lock, so their liveness is their pid.
         staged_by = spool.staging_owner(name)
         pid = spool.owner_pid(staged_by) if staged_by else None
-        if staged_by and not owner_alive(sp, staged_by) and not (pid is not None and _pid_exists(pid)):
+        if staged_by and not owner_alive(sp, staged_by) and not (pid is not None and spool.pid_alive(pid)):
             path.unlink(missing_ok=True)
         return []
     owner = claim_parts[0]

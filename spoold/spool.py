@@ -246,6 +246,17 @@ def owner_host(owner: str) -> str:
     return owner.rpartition("-")[0]
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists here (one we may not signal still counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def owner_pid(owner: str) -> int | None:
     pid = owner.rpartition("-")[2]
     return int(pid) if pid.isdigit() else None

@@ -40,19 +40,33 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, total: int, c
     return out
 
 
+def duration(s: float | None) -> str:
+    """3s, 4m05s, 2h10m, 3d04h: a wait read at a glance."""
+    if s is None:
+        return "?"
+    n = int(s)
+    if n < 60:
+        return f"{n}s"
+    if n < 3600:
+        return f"{n // 60}m{n % 60:02d}s"
+    if n < 86400:
+        return f"{n // 3600}h{n % 3600 // 60:02d}m"
+    return f"{n // 86400}d{n % 86400 // 3600:02d}h"
+
+
 def ago(iso_time: str | None, now: datetime | None = None) -> str:
-    """`5m ago`, `3h ago`, `2d ago` for an ISO time."""
+    """`5m ago`, `3h ago`, `2d ago`: the largest unit of how long ago an ISO time was."""
     if not iso_time:
         return "-"
     then = datetime.fromisoformat(iso_time.replace("Z", "+00:00"))
-    s = int(((now or datetime.now(UTC)) - then).total_seconds())
-    if s < 60:
-        return f"{max(s, 0)}s ago"
-    if s < 3600:
-        return f"{s // 60}m ago"
-    if s < 86400:
-        return f"{s // 3600}h ago"
-    return f"{s // 86400}d ago"
+    return _coarse(max(0, int(((now or datetime.now(UTC)) - then).total_seconds()))) + " ago"
+
+
+def _coarse(s: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
 
 
 def local(iso_time: str | None) -> str:
