@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +24,8 @@ from spoold.spool import Spool
 from spoold.task import parse_result, parse_task, title_of
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, sig TEXT NOT NULL, rid INTEGER);
+CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, sig TEXT NOT NULL, rid INTEGER, dir TEXT);
+CREATE TABLE IF NOT EXISTS dirs (dir TEXT PRIMARY KEY, mtime INTEGER NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
     id UNINDEXED, state UNINDEXED, submitted UNINDEXED, title, tags, prompt, answer, tokenize='unicode61');
 """
@@ -45,63 +47,100 @@ def index_path(sp: Spool) -> Path:
     return base / f"index-{key}.sqlite"
 
 
+SCHEMA_VERSION = 2
+
+
 def _open(sp: Spool) -> sqlite3.Connection:
     path = index_path(sp)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     db = sqlite3.connect(path)
     try:
-        db.executescript(SCHEMA)
-    except sqlite3.DatabaseError:  # a damaged cache: it is only a cache
+        if db.execute("PRAGMA user_version").fetchone()[0] not in (0, SCHEMA_VERSION):
+            raise sqlite3.DatabaseError("an index of another version")
+        db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+    except sqlite3.DatabaseError:  # damaged, or made by another version: it is only a cache
         db.close()
         path.unlink(missing_ok=True)
         db = sqlite3.connect(path)
-        db.executescript(SCHEMA)
+        db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
     return db
 
 
-def _finished_files(sp: Spool) -> Iterator[tuple[str, str, Path, str]]:
-    """(id, state, task file, signature) of every finished task, from names and one stat of its result."""
+RACY_S = 1.0  # a directory changed this recently may change again within its mtime's tick: look again next time
+
+
+def _finished_dirs(sp: Spool) -> Iterator[tuple[str, Path]]:
     for state in spool.TERMINAL:
-        for path in spool.terminal_task_files(sp, state):
-            task_id = path.name[:-3]
-            if not spool.ID_RE.match(task_id):
-                continue
-            try:
-                st = os.stat(spool.result_path_for(path.parent, task_id))
-                sig = f"{state}:{st.st_mtime_ns}:{st.st_size}"
-            except FileNotFoundError:
-                sig = f"{state}:-"
-            yield task_id, state, path, sig
+        for d in spool.terminal_dirs(sp, state):
+            if d.is_dir():
+                yield state, d
+
+
+def _files_in(state: str, d: Path) -> Iterator[tuple[str, Path, str]]:
+    """(id, task file, signature) of a directory's finished tasks, from names and one stat of each result."""
+    for name in os.listdir(d):
+        task_id = name[:-3]
+        if not spool.is_task_file(name) or not spool.ID_RE.match(task_id):
+            continue
+        try:
+            st = os.stat(spool.result_path_for(d, task_id))
+            sig = f"{state}:{st.st_mtime_ns}:{st.st_size}"
+        except FileNotFoundError:
+            sig = f"{state}:-"
+        yield task_id, d / name, sig
 
 
 def refresh(sp: Spool, db: sqlite3.Connection | None = None) -> int:
-    """Bring the index up to date with the directories; returns how many tasks it (re)read."""
+    """Bring the index up to date with the directories; returns how many tasks it (re)read.
+
+    A directory whose mtime is what it was at the last refresh has gained and lost no file (and a
+    result, written once, never changes in place), so only changed directories are listed.
+    """
     own = db is None
     db = db or _open(sp)
     try:
-        known = {i: (sig, rid) for i, sig, rid in db.execute("SELECT id, sig, rid FROM seen")}
-        present: set[str] = set()
+        dirs_then = dict(db.execute("SELECT dir, mtime FROM dirs"))
         changed = 0
         with db:
-            for task_id, state, path, sig in _finished_files(sp):
-                present.add(task_id)
-                old = known.get(task_id)
-                if old is not None and old[0] == sig:
+            for state, d in _finished_dirs(sp):
+                key, mtime = str(d), d.stat().st_mtime_ns
+                if dirs_then.pop(key, None) == mtime:
                     continue
-                if old is not None and old[1] is not None:
-                    db.execute("DELETE FROM fts WHERE rowid = ?", (old[1],))  # by rowid: FTS5 has no other index
-                row = _row(task_id, state, path)
-                rid = db.execute("INSERT INTO fts VALUES (?, ?, ?, ?, ?, ?, ?)", row).lastrowid if row else None
-                db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?)", (task_id, sig, rid))
-                changed += 1
-            for gone in set(known) - present:
-                if known[gone][1] is not None:
-                    db.execute("DELETE FROM fts WHERE rowid = ?", (known[gone][1],))
-                db.execute("DELETE FROM seen WHERE id = ?", (gone,))
+                changed += _refresh_dir(db, state, d)
+                fresh = mtime < (time.time() - RACY_S) * 1e9
+                db.execute("INSERT OR REPLACE INTO dirs VALUES (?, ?)", (key, mtime if fresh else -1))
+            for gone in dirs_then:  # a partition that is no more
+                for (rid,) in db.execute("SELECT rid FROM seen WHERE dir = ?", (gone,)).fetchall():
+                    if rid is not None:
+                        db.execute("DELETE FROM fts WHERE rowid = ?", (rid,))
+                db.execute("DELETE FROM seen WHERE dir = ?", (gone,))
+                db.execute("DELETE FROM dirs WHERE dir = ?", (gone,))
         return changed
     finally:
         if own:
             db.close()
+
+
+def _refresh_dir(db: sqlite3.Connection, state: str, d: Path) -> int:
+    known = {i: (sig, rid) for i, sig, rid in db.execute("SELECT id, sig, rid FROM seen WHERE dir = ?", (str(d),))}
+    present: set[str] = set()
+    changed = 0
+    for task_id, path, sig in _files_in(state, d):
+        present.add(task_id)
+        old = known.get(task_id)
+        if old is not None and old[0] == sig:
+            continue
+        if old is not None and old[1] is not None:
+            db.execute("DELETE FROM fts WHERE rowid = ?", (old[1],))  # by rowid: FTS5 has no other index
+        row = _row(task_id, state, path)
+        rid = db.execute("INSERT INTO fts VALUES (?, ?, ?, ?, ?, ?, ?)", row).lastrowid if row else None
+        db.execute("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)", (task_id, sig, rid, str(d)))
+        changed += 1
+    for gone in set(known) - present:
+        if known[gone][1] is not None:
+            db.execute("DELETE FROM fts WHERE rowid = ?", (known[gone][1],))
+        db.execute("DELETE FROM seen WHERE id = ?", (gone,))
+    return changed
 
 
 def _row(task_id: str, state: str, path: Path) -> tuple[str, ...] | None:

@@ -60,3 +60,12 @@ def test_state_filter(sp: spool.Spool) -> None:
     assert {h.id for h in api.search(sp, "penguins")} == {ok, bad}
     assert [h.id for h in api.search(sp, "penguins", states=["failed"])] == [bad]
     assert os.path.exists(search.index_path(sp))
+
+
+def test_only_changed_directories_are_read_again(sp: spool.Spool, monkeypatch) -> None:
+    monkeypatch.setattr(search, "RACY_S", -3600.0)  # trust every mtime at once (no tick can be racy here)
+    first = _done(sp, "about owls", "they hoot")
+    assert [h.id for h in api.search(sp, "owls")] == [first]
+    assert search.refresh(sp) == 0
+    second = _done(sp, "more owls", "they fly at night")  # the same day's partition: its mtime moves
+    assert {h.id for h in api.search(sp, "owls")} == {first, second}
