@@ -62,5 +62,6 @@ def run(quick: bool) -> str:
             ["a query (the index brought up to date first)", *[f"{res[n]['query']:.2f} s" for n in sizes]],
             ["peak RSS of the searching process (so far)", *[f"{res[n]['rss']:.0f} MB" for n in sizes]]]
     note = (f"Finished tasks with 12-word prompts and 120-word answers in one partition; median of {runs} "
-            "query run(s). Each query first stats every result file to find what changed since the last one.")
+            "query run(s). Each query first brings the index up to date: only directories whose mtime moved "
+            "since the last one are listed again.")
     return "### Search\n\n" + table(["", *[f"{n:,} done" for n in sizes]], rows) + "\n\n" + note
