@@ -334,19 +334,22 @@ def _summary(path: Path, task_id: str, state: str) -> TaskInfo:
 def recent(sp: Spool, *, limit: int = 20, states: list[str] | None = None, since: datetime | None = None,
            tag: str | None = None, model: str | None = None) -> list[TaskInfo]:
     """The newest tasks across states, newest first (ids sort by submission), filtered; names are listed,
-    and only the files of rows that may be shown are read."""
+    and only the files of rows that may be shown are read. The queue alone comes in start order."""
     states = states or ["running", "queued", *spool.TERMINAL]
     for s in states:
         if s not in ("running", "queued", *spool.TERMINAL):
             raise BadInput(f"unknown state {s!r}; use queued, running, done, failed or cancelled")
+    if states == ["queued"] and not (tag or model or since):
+        return _list_state(sp, "queued", limit)  # the queue alone reads best in start order: what runs next
+    want = None if tag or model else limit  # a filter on the files' contents may have to look further
     rows: list[tuple[str, str, Path]] = []
     if "running" in states:
         rows += [(e.task_id, "running", spool.running_file(sp, e.name)) for e in spool.list_running(sp)]
-    queued = spool.list_queued(sp) if "queued" in states else []
-    rows += [(e.task_id, "queued", spool.queued_path(sp, e.name)) for e in queued]
+    queued = spool.list_queued(sp) if "queued" in states else spool.QueuedListing([])
+    rows += [(tid, "queued", spool.queued_path(sp, name)) for tid, name in queued.newest(want)]
     for state in spool.TERMINAL:
         if state in states:
-            rows += [(p.name[:-3], state, p) for p in spool.terminal_task_files(sp, state) if spool.ID_RE.match(p.name[:-3])]
+            rows += [(tid, state, p) for tid, p in spool.newest_terminal(sp, state, want)]
     if since is not None:
         rows = [r for r in rows if spool.id_time(r[0]) >= since]
     rows.sort(key=lambda r: r[0], reverse=True)
@@ -362,6 +365,9 @@ def recent(sp: Spool, *, limit: int = 20, states: list[str] | None = None, since
     return out
 
 
+LISTING_ESTIMATE_DEPTH = 5_000
+
+
 def _estimates_for(rows: list[TaskInfo], sp: Spool, queued: Sequence[spool.QueuedEntry]) -> None:
     """Positions and starts for the queued rows of a listing, in one simulation up to the deepest of them."""
     if not rows:
@@ -370,6 +376,11 @@ def _estimates_for(rows: list[TaskInfo], sp: Spool, queued: Sequence[spool.Queue
     order = [e.task_id for e in ledger.dispatch_order(queued, settings.strategy)]
     wanted = {t.id for t in rows}
     depth = max((i for i, tid in enumerate(order) if tid in wanted), default=-1) + 1
+    if depth > LISTING_ESTIMATE_DEPTH:  # a start that far back is simulated by `show`, not by every listing
+        positions = {tid: i for i, tid in enumerate(order, 1) if tid in wanted}
+        for t in rows:
+            t.position = positions.get(t.id)
+        return
     ests = {e.task_id: e for e in ledger.estimate(sp, settings, queued, limit=depth)}
     for t in rows:
         if t.id in ests:

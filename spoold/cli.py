@@ -213,7 +213,9 @@ def _when(ti: Any) -> str:
     from spoold.units import usd
 
     if ti.state == "queued":
-        return f"#{ti.position} in {_dur(ti.estimated_wait_seconds)}" if ti.position else "queued"
+        if ti.position and ti.estimated_wait_seconds is not None:
+            return f"#{ti.position} in {_dur(ti.estimated_wait_seconds)}"
+        return f"#{ti.position:,}" if ti.position else "queued"
     if ti.state == "running":
         return "running"
     if ti.state == "done":

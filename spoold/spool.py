@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import errno
 import functools
+import heapq
 import os
 import re
 import signal
@@ -519,6 +520,11 @@ class QueuedListing(Sequence[QueuedEntry]):
         """Entries with a not_before (the rest of the names say 00000000T000000Z)."""
         return [self[i] for i, n in enumerate(self.names) if n[2:18] != _NO_TIME]
 
+    def newest(self, n: int | None) -> list[tuple[str, str]]:
+        """(id, name) of the `n` most recently submitted (all with None), by name alone: for listings."""
+        pairs = [(name[19:-3], name) for name in self.names]
+        return heapq.nlargest(n, pairs) if n is not None else pairs
+
     def by_id(self, *, reverse: bool = False) -> QueuedListing:
         """The same tasks in submission order (fifo, lifo): ids sort by time, and sit at a fixed offset."""
         return QueuedListing(sorted(self.names, key=lambda n: n[19:-3], reverse=reverse))
@@ -726,6 +732,14 @@ def watch_probe_path(sp: Spool) -> Path:
 def is_task_file(name: str) -> bool:
     """A task file in a terminal directory: `ID.md`, not its `ID.result.md`."""
     return name.endswith(".md") and not name.endswith(".result.md")
+
+
+def newest_terminal(sp: Spool, state: str, n: int | None) -> list[tuple[str, Path]]:
+    """(id, task file) of a terminal state's `n` most recently submitted tasks (all with None), by name alone."""
+    named = [(name[:-3], str(d)) for d in terminal_dirs(sp, state) if d.is_dir() for name in os.listdir(d)
+             if is_task_file(name)]  # strings, not Paths: 100,000 Paths cost half a second
+    picked = heapq.nlargest(n, named) if n is not None else named
+    return [(tid, Path(d) / f"{tid}.md") for tid, d in picked if ID_RE.match(tid)]
 
 
 def terminal_task_files(sp: Spool, state: str, *, days: int | None = None) -> Iterator[Path]:
