@@ -88,6 +88,17 @@ esac
 """
 
 
+def warm_imports_env(cache: Path) -> dict[str, str]:
+    """An environment in which Python keeps compiled modules in `cache`, with the MCP SDK compiled there
+    already: an MCP server started by the real CLI is then up in a fraction of a second even where the
+    suite runs with PYTHONDONTWRITEBYTECODE=1 (a cold import of the SDK takes ~2 s, and an older CLI
+    sends its first request without waiting for a server that slow)."""
+    env = {"PYTHONPYCACHEPREFIX": str(cache), "PYTHONDONTWRITEBYTECODE": ""}
+    subprocess.run([sys.executable, "-c", "import mcp.server, mcp_adapter.server"], check=True,
+                   env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    return env
+
+
 def fake_claude_script(path: Path, body: str) -> Path:
     """A shell script that passes for the claude CLI at daemon start, then runs `body` for each task."""
     return executable(path, FAKE_CLAUDE_PROLOGUE + body + "\n")

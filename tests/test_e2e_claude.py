@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import drop, terminal_files, wait_for
+from conftest import drop, terminal_files, wait_for, warm_imports_env
 
 from spoold import api, spool
 from spoold.task import parse_result
@@ -131,7 +131,8 @@ def _hostile_setup(home: Path, spool_root: Path, marks: Path) -> None:
     marks.mkdir()
     server = marks.parent / "mine_mcp.py"
     server.write_text(HOSTILE_MCP)
-    mcp_entry = {"type": "stdio", "command": sys.executable, "args": [str(server), str(marks / "tool-called")]}
+    mcp_entry = {"type": "stdio", "command": sys.executable, "args": [str(server), str(marks / "tool-called")],
+                 "env": warm_imports_env(marks.parent / "pycache")}
     (home / ".claude").mkdir(parents=True)
     (home / ".claude.json").write_text(json.dumps({"mcpServers": {"mine": mcp_entry}}))
     hooks = {event: [{"hooks": [{"type": "command", "command": f"touch {marks}/{event}"}]}]
@@ -291,8 +292,9 @@ def test_a_profiles_own_mcp_server_loads_and_still_nothing_of_the_users(sp, fake
     marks = tmp_path / "marks"
     _hostile_setup(tmp_path / "home", sp.root, marks)
     owned = tmp_path / "owned-mcp.json"
-    owned.write_text(json.dumps({"mcpServers": {"owned": {"type": "stdio", "command": sys.executable,
-                                                          "args": [str(tmp_path / "mine_mcp.py"), str(tmp_path / "owned-called")]}}}))
+    owned.write_text(json.dumps({"mcpServers": {"owned": {
+        "type": "stdio", "command": sys.executable, "args": [str(tmp_path / "mine_mcp.py"), str(tmp_path / "owned-called")],
+        "env": warm_imports_env(tmp_path / "pycache")}}}))
     claude_daemon(profiles={"docs": {"mcp_config": str(owned), "tools": ["mcp__owned__change_limits"]}})
     tid = api.submit(sp, "---\nprofile: docs\n---\n[[tool:mcp__owned__change_limits]] use the docs tool").id
     wait_for(lambda: _state(sp, tid) in spool.TERMINAL, timeout=90, what="the task to end")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from claude_cli import claude_env
+from conftest import warm_imports_env
 from fake_api import Text, ToolUse
 
 from spoold import api, spool
@@ -21,6 +22,7 @@ def test_claude_code_loads_the_adapter_and_submits_through_it(sp, fake_api, clau
     mcp_config = tmp_path / "mcp.json"
     mcp_config.write_text(json.dumps({"mcpServers": {"spoold": {
         "command": sys.executable, "args": ["-m", "mcp_adapter.server", "--spool", str(sp.root)],
+        "env": warm_imports_env(tmp_path / "pycache"),
     }}}))
     home = tmp_path / "home"
     home.mkdir()
