@@ -54,6 +54,7 @@ class TaskInfo:
     input_tokens: int | None = None  # `info` only, once finished
     output_tokens: int | None = None
     answer_chars: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # `info` only: system, timeout, profile, effort, ...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +192,10 @@ def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_esti
         out.finished_at, out.not_before = iso(task.finished_at), iso(task.not_before)
         out.attempts, out.error, out.warnings = task.attempts, task.error, task.warnings
         out.prompt, out.tags = task.prompt, task.tags
+        asked = {"system": task.system, "timeout_s": task.timeout, "profile": task.profile, "resume": task.resume,
+                 "effort": task.effort, "max_turns": task.max_turns, "max_budget_usd": task.max_budget_usd,
+                 "fallback_model": task.fallback_model, "schema": task.schema}
+        out.options = {k: v for k, v in asked.items() if v is not None}
     if loc.state in spool.TERMINAL and loc.result_path.exists():
         out.result_path = str(loc.result_path)
         res = _read_result(loc.result_path)

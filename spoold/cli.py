@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from spoold import __version__
 from spoold.errors import SpooldError
@@ -34,7 +34,7 @@ def _task_id(sp: Any, args: argparse.Namespace, wait_s: float = 0.0) -> str:
     """The task the user named: an id, a prefix, its random part, a file name, or @last. A file still in the
     inbox is not a task yet: `wait` waits (up to `wait_s`) for the daemon to take it; the others say so."""
     from spoold import spool
-    from spoold.errors import TaskNotFound
+    from spoold.errors import NotTakenYet, TaskNotFound
 
     deadline = time.monotonic() + wait_s
     while True:
@@ -45,7 +45,7 @@ def _task_id(sp: Any, args: argparse.Namespace, wait_s: float = 0.0) -> str:
             if not in_inbox:
                 raise
             if time.monotonic() >= deadline:
-                raise TaskNotFound(f"{args.id} is still in the inbox: no daemon has taken it yet (`spoold run`)") from None
+                raise NotTakenYet(f"{args.id} is still in the inbox: no daemon has taken it yet (`spoold run`)") from None
         time.sleep(0.1)
 
 
@@ -90,9 +90,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     sp = _spool(args, create=True)
     source = None
     if args.prompt == "-":
-        text = sys.stdin.read()
+        text = _utf8(sys.stdin.buffer.read(), "standard input")
     elif args.prompt is not None and os.path.isfile(args.prompt) and not args.text:
-        text = Path(args.prompt).read_text(encoding="utf-8")
+        text = _utf8(Path(args.prompt).read_bytes(), args.prompt)
         source = Path(args.prompt).name
     elif args.prompt is not None and not args.text and _looks_like_a_path(args.prompt):
         raise SpooldError(f"no such file: {args.prompt} (to send these words as the prompt, add --text)")
@@ -115,6 +115,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"queued #{ti.position}, starts ~{ti.estimated_start} (in {_dur(ti.estimated_wait_seconds)})",
                   file=sys.stderr)
     return 0
+
+
+def _utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpooldError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "a prompt must be text") from None
 
 
 def _looks_like_a_path(text: str) -> bool:
@@ -145,7 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     when = "" if st.serving else ", once a daemon runs"
     if st.held_until:
         print(f"  next start not before {_at(st.held_until)}{when}: {st.hold_reason}")
-        if "limit" in (st.hold_reason or "") or "logged in" in (st.hold_reason or ""):
+        if any(w in (st.hold_reason or "") for w in ("subscription", "logged in", "credit", "cannot start", "claude")):
             print("  (`spoold config --clear-hold` lifts it now, once the cause is fixed)")
     elif st.next_start and st.counts.get("queued"):
         print(f"  next start ~{_at(st.next_start)}{when}")
@@ -164,6 +172,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     sp = _spool(args)
     states = [s.strip() for s in args.state.split(",")] if args.state else None
     since = _since(args.since) if args.since else None
+    filtered = bool(args.state or args.since or args.tag or args.model)
+    if args.limit < 1:
+        raise SpooldError("-n must be 1 or more")
 
     def rows() -> list[Any]:
         return api.recent(sp, limit=args.limit, states=states, since=since, tag=args.tag, model=args.model)
@@ -172,14 +183,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
         _print_json([t.to_dict() for t in rows()])
         return 0
     if not args.watch:
-        _print_listing(sp, rows())
+        _print_listing(sp, rows(), filtered)
         return 0
     from watchfiles import watch  # lazy: only the live view watches
 
     try:
         for _ in _changes(watch, sp):
             sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
-            _print_listing(sp, rows())
+            _print_listing(sp, rows(), filtered)
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass
@@ -193,7 +204,7 @@ def _changes(watch: Any, sp: Any) -> Any:
     yield from watch(*dirs, debounce=300, rust_timeout=5000, yield_on_timeout=True, recursive=True)
 
 
-def _print_listing(sp: Any, items: list[Any]) -> None:
+def _print_listing(sp: Any, items: list[Any], filtered: bool = False) -> None:
     from spoold import api, terminal
 
     color = terminal.use_color(sys.stdout)
@@ -203,7 +214,8 @@ def _print_listing(sp: Any, items: list[Any]) -> None:
     for line in terminal.table(header, body, total=terminal.width(sys.stdout), color_col=1, color=color):
         print(line)
     if not items:
-        print("no tasks yet: drop a Markdown file into the inbox, or `spoold submit \"a question\"`")
+        print("no tasks match" if filtered else "no tasks yet: drop a Markdown file into the inbox, or "
+              "`spoold submit \"a question\"`")
     for line in _window_lines(api.windows(sp)):
         print(line)
 
@@ -224,7 +236,7 @@ def _when(ti: Any) -> str:
     return ""
 
 
-def _since(text: str) -> Any:
+def _since(text: str, flag: str = "--since") -> Any:
     """`--since 2h`, `3d`, `30m`, or an ISO time."""
     import re
     from datetime import UTC, datetime, timedelta
@@ -236,7 +248,7 @@ def _since(text: str) -> Any:
     try:
         dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise SpooldError(f"--since {text}: use a time such as 2h, 3d or 2026-11-24T18:00Z") from None
+        raise SpooldError(f"{flag} {text}: use a time such as 2h, 3d or 2026-11-24T18:00Z") from None
     return (dt if dt.tzinfo else dt.astimezone()).astimezone(UTC)
 
 
@@ -288,6 +300,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                                             if ti.input_tokens is not None and ti.output_tokens is not None else "") if x)
              or None),
             ("attempts", str(ti.attempts) if ti.attempts else None),
+            ("options", ", ".join(f"{k}: {_head(str(v), 60)}" for k, v in ti.options.items()) or None),
             ("warnings", "; ".join(ti.warnings) or None),
             ("prompt", _head(ti.prompt or "")),
             ("task file", ti.path), ("result file", ti.result_path)]
@@ -388,9 +401,15 @@ def _finish_wait(sp: Any, task_id: str, args: argparse.Namespace, timeout: float
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
+    from spoold.errors import NotTakenYet
+
     sp = _spool(args)
     started = time.monotonic()
-    task_id = _task_id(sp, args, wait_s=args.timeout if args.timeout is not None else 3600.0)
+    try:
+        task_id = _task_id(sp, args, wait_s=args.timeout if args.timeout is not None else 3600.0)
+    except NotTakenYet as e:
+        print(f"spoold: not finished: {e}", file=sys.stderr)
+        return EXIT_TIMEOUT
     left = None if args.timeout is None else max(0.0, args.timeout - (time.monotonic() - started))
     return _finish_wait(sp, task_id, args, left)
 
@@ -430,7 +449,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     for k in args.unset or []:
         changes[k] = None
     sp = _spool(args, create=True)
-    before = config.as_dict(api.load_settings(sp))
+    before = config.as_dict(api.load_settings(sp)) if not args.unset else {}
+    held = api.hold(sp)[0] if args.clear_hold else None
     if args.clear_hold:
         api.clear_hold(sp)
     settings = api.set_config(sp, changes)
@@ -442,10 +462,16 @@ def cmd_config(args: argparse.Namespace) -> int:
         sys.stdout.write(config.as_yaml(data))
         return 0
     for k in changes:
-        print(f"{k}: {before.get(k)!r} -> {data.get(k)!r}" + ("  (removed from config.yaml)" if changes[k] is None else ""))
+        was = f"{_yaml_value(before[k])} -> " if k in before else ""
+        print(f"{k}: {was}{_yaml_value(data.get(k))}" + ("  (removed from config.yaml)" if changes[k] is None else ""))
     if args.clear_hold:
         until, why = api.hold(sp, settings)
-        print("hold lifted: tasks start again now" if not until else f"hold lifted; still waiting until {until}: {why}")
+        if not held:
+            print("no hold to lift" + (f"; starts wait until {until}: {why}" if until else ""))
+        elif not until:
+            print("hold lifted: tasks start again now")
+        else:
+            print(f"hold lifted; starts still wait until {until}: {why} (a limit of your own, not a hold)")
     return 0
 
 
@@ -509,7 +535,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from spoold import history
 
-    cutoff = _since(args.older_than)
+    cutoff = _since(args.older_than, "--older-than")
     states = tuple(s.strip() for s in args.state.split(",")) if args.state else ("done", "failed", "cancelled")
     out = history.prune(_spool(args), cutoff, states, dry_run=args.dry_run)
     if args.json:
@@ -520,6 +546,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
           f"{cutoff.isoformat(timespec='seconds')} ({', '.join(states)}), and {len(out.transcripts)} CLI transcript"
           f"{'s' if len(out.transcripts) != 1 else ''} of their conversations")
     return 0
+
+
+def _yaml_value(v: Any) -> str:
+    """One value as YAML writes it (null, true, fifo, [a, b]), not as Python does."""
+    import yaml
+
+    return yaml.safe_dump([v], default_flow_style=True, width=10**6).strip()[1:-1]
 
 
 def cmd_mcp_config(args: argparse.Namespace) -> int:
@@ -535,11 +568,21 @@ def cmd_mcp_config(args: argparse.Namespace) -> int:
 # ---- parser ----------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error, with where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"spoold: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spoold", description="Run Claude prompts asynchronously through a filesystem spool.")
+    p = _Parser(prog="spoold", description="Run Claude prompts asynchronously through a filesystem spool.",
+                epilog="Examples: spoold submit \"Why is the sky blue?\"; spoold ls; spoold wait @last. The spool is "
+                       "$SPOOLD_DIR or ~/async; the README describes every command and the spool format.")
     p.add_argument("--version", action="version", version=f"spoold {__version__}")
     p.add_argument("--spool", dest="spool_first", metavar="DIR", help="spool directory, before or after the command "
                    "(default $SPOOLD_DIR or ~/async)")
+    p.add_argument("--json", dest="json_first", action="store_true", help="machine-readable output (any command)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--spool", help="spool directory (default $SPOOLD_DIR or ~/async)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
@@ -547,7 +590,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)  # type: ignore[list-item]
         sp.set_defaults(fn=fn)
         return sp
 
@@ -629,6 +672,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.json = getattr(args, "json", False) or args.json_first
     logging.Formatter.converter = time.gmtime  # the log's times are UTC, like the spool's files and JSON
     log_file = getattr(args, "log_file", None)
     logging.basicConfig(

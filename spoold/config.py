@@ -161,6 +161,20 @@ def validate(s: Settings) -> Settings:
 
 def read_file(path: Path) -> dict[str, Any]:
     """The spool's config.yaml as a mapping of known keys (unknown keys are an error to fix)."""
+    return _checked(path, _read_raw(path))
+
+
+def _checked(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(Settings)}
+    unknown = sorted(set(map(str, raw)) - names)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)} (`spoold config --unset KEY` removes one); "
+                          f"known: {', '.join(sorted(names))}")
+    return {k: _coerce(k, v) for k, v in raw.items()}
+
+
+def _read_raw(path: Path) -> dict[str, Any]:
+    """config.yaml's mapping as written, unchecked (so that `--unset` can take a bad key out)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -177,11 +191,7 @@ def read_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of settings")
-    names = {f.name for f in fields(Settings)}
-    unknown = sorted(set(map(str, raw)) - names)
-    if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return {k: _coerce(k, v) for k, v in raw.items()}
+    return {str(k): v for k, v in raw.items()}
 
 
 def env_values(env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -206,15 +216,16 @@ def update_file(spool_write: Any, config_path: Path, changes: dict[str, Any]) ->
     `spool_write(path, data)` is the spool's atomic replace, passed in to keep
     the write rule in one module.
     """
-    current = read_file(config_path)
+    raw = _read_raw(config_path)
     names = {f.name for f in fields(Settings)}
     for k in changes:
-        if k not in names:
+        if k not in names and not (changes[k] is None and k in raw):  # a bad key in the file may be unset
             raise ConfigError(f"no setting {k!r}; known: {', '.join(sorted(names))}")
+    for k in [k for k, v in changes.items() if v is None]:
+        raw.pop(k, None)
+    current = _checked(config_path, raw)
     for k, v in changes.items():
-        if v is None:
-            current.pop(k, None)
-        else:
+        if v is not None:
             current[k] = _coerce(k, v)
     validate(Settings(**current))
     import yaml

@@ -39,6 +39,12 @@ class ConfigError(SpooldError):
     exit_code = 2
 
 
+class NotTakenYet(SpooldError):
+    """A file still in the inbox: no daemon has made it a task yet (exit 4, like any task not finished)."""
+
+    exit_code = 4
+
+
 class InvalidState(SpooldError):
     """The task is not in a state that allows the asked transition."""
 

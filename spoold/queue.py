@@ -49,7 +49,7 @@ def announce_daemon(sp: Spool, overrides: dict[str, Any]) -> Path:
     """Say, beside our owner lock, that this process serves the spool: since when, and the settings its flags
     and environment set (so `spoold status` shows what the daemon uses, not what the caller's shell says)."""
     owner = spool.owner_tag()
-    info = {"owner": owner, "host": spool.host_id(), "pid": os.getpid(), "since": now().isoformat(timespec="seconds"),
+    info = {"owner": owner, "host": spool.host_id(), "pid": os.getpid(), "since": now().isoformat(timespec="seconds").replace("+00:00", "Z"),
             "overrides": {k: v for k, v in overrides.items() if v is not None}}
     path = spool.daemon_info_path(sp, owner)
     path.unlink(missing_ok=True)  # a pid reused after a crash: the file was a dead daemon's, now ours

@@ -830,7 +830,7 @@ def resolve_id(sp: Spool, text: str) -> str:
     if not found:
         raise TaskNotFound(f"no task {text!r} in {sp.root} (an id, its first characters, a file name, or @last)")
     if len(found) > 1:
-        shown = ", ".join(found[-5:])
+        shown = ", ".join(found[-5:]) + (f", and {len(found) - 5} more" if len(found) > 5 else "")
         raise BadTaskId(f"{text!r} names {len(found)} tasks ({shown}); give more of the id, or @last for the newest")
     return found[0]
 

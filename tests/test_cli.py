@@ -181,7 +181,18 @@ def test_spool_before_the_command_and_config_as_yaml(sp: spool.Spool) -> None:
     assert changed.stdout == "max_requests: 10 -> 4\n"
     bad = run(sp, "config", "--unset", "window")
     assert bad.returncode == 2 and "no setting 'window'" in bad.stderr and "window_minutes" in bad.stderr
-    assert "hold lifted" in run(sp, "config", "--clear-hold").stdout
+    assert run(sp, "config", "--clear-hold").stdout == "no hold to lift\n"
+    import time as time_mod
+
+    from spoold import ledger
+    from spoold.config import Settings
+
+    ledger.set_hold(sp, Settings(), time_mod.time() + 3600, "subscription 5-hour limit reached")
+    assert run(sp, "config", "--clear-hold").stdout == "hold lifted: tasks start again now\n"
+    (sp.root / "config.yaml").write_text("max_reqests: 5\nmax_requests: lots\n")  # a typo and a bad value
+    assert run(sp, "status").returncode == 2 and "--unset" in run(sp, "status").stderr
+    assert run(sp, "config", "--unset", "max_reqests", "--unset", "max_requests").returncode == 0  # repaired
+    assert run(sp, "status").returncode == 0
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(5, "5s"), (245, "4m05s"), (7800, "2h10m"), (97_344_000, "1126d16h")])
@@ -351,3 +362,27 @@ def test_submit_has_a_flag_for_every_key_a_user_may_set(sp: spool.Spool) -> None
             task.schema) == (["a", "b"], 1800.0, first, "high", 3, 0.5, "haiku", {"type": "object"})
     bad = run(sp, "submit", "x", "--profile", "nope")
     assert bad.returncode == 2 and "not a profile of this spool" in bad.stderr
+
+
+def test_binary_input_and_usage_errors_are_one_line(sp: spool.Spool, tmp_path) -> None:
+    binary = tmp_path / "bin.md"
+    binary.write_bytes(bytes(range(256)) * 8)
+    r = run(sp, "submit", str(binary))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not UTF-8 text" in r.stderr
+    p = subprocess.run([sys.executable, "-m", "spoold.cli", "submit", "--spool", str(sp.root), "-"], input=binary.read_bytes(),
+                       capture_output=True)
+    assert p.returncode == 2 and b"standard input is not UTF-8 text" in p.stderr and b"Traceback" not in p.stderr
+    bad = run(sp, "submit", "x", "-p", "bogus")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice" in bad.stderr
+    assert json.loads(subprocess.run([sys.executable, "-m", "spoold.cli", "--json", "--spool", str(sp.root), "status"],
+                                     capture_output=True, text=True).stdout)["counts"]["queued"] == 0
+
+
+def test_a_file_not_yet_taken_is_not_finished(sp: spool.Spool) -> None:
+    from conftest import drop
+
+    drop(sp, "early.md", "not taken yet\n")
+    r = run(sp, "result", "early.md")
+    assert r.returncode == 4 and "still in the inbox" in r.stderr
+    w = run(sp, "wait", "early.md", "--timeout", "0.3")
+    assert w.returncode == 124 and "still in the inbox" in w.stderr
