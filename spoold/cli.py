@@ -345,10 +345,21 @@ def cmd_result(args: argparse.Namespace) -> int:
             data["structured"] = api.structured(answer)
         _print_json(data)
     else:
-        sys.stdout.write(answer)
+        _write_answer(answer, raw=args.raw)
         if ti.state != "done":
             print(f"spoold: {task_id} {ti.state}: {ti.error or 'no reason recorded'}", file=sys.stderr)
     return STATE_EXIT[ti.state]
+
+
+def _write_answer(answer: str, *, raw: bool = False) -> None:
+    """On a terminal, the Markdown answer rendered (rich, which honours NO_COLOR); in a pipe, byte for byte."""
+    if raw or not answer or not sys.stdout.isatty():
+        sys.stdout.write(answer)
+        return
+    from rich.console import Console  # lazy: only a person at a terminal pays for it
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(answer))
 
 
 def _eta(ti: Any) -> str:
@@ -391,7 +402,7 @@ def _finish_wait(sp: Any, task_id: str, args: argparse.Namespace, timeout: float
             data["structured"] = api.structured(answer)
         _print_json(data)
     elif ti.state == "done":
-        sys.stdout.write(answer or "")
+        _write_answer(answer or "", raw=getattr(args, "raw", False))
     else:
         sys.stdout.write(answer or "")
         why = ti.error if finished else f"still {ti.state}{_eta(ti)} after {_dur(timeout)}"
@@ -640,6 +651,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "result":
             cmd.add_argument("-f", "--follow", action="store_true",
                              help="print the answer as it is written, until the task ends")
+            cmd.add_argument("--raw", action="store_true", help="the answer's Markdown as written, even on a terminal")
     w = add("wait", cmd_wait, "wait for a task and print its answer; exit 0 done, 1 failed, 3 cancelled, 124 timeout")
     w.add_argument("id", help="an id, its first characters, its random part, the dropped file's name, or @last")
     w.add_argument("--timeout", type=float, help="give up after this many seconds (exit 124)")

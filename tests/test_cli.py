@@ -386,3 +386,17 @@ def test_a_file_not_yet_taken_is_not_finished(sp: spool.Spool) -> None:
     assert r.returncode == 4 and "still in the inbox" in r.stderr
     w = run(sp, "wait", "early.md", "--timeout", "0.3")
     assert w.returncode == 124 and "still in the inbox" in w.stderr
+
+
+def test_result_renders_markdown_on_a_terminal_and_is_raw_in_a_pipe(sp: spool.Spool) -> None:
+    import os
+
+    write_config(sp, backend="command", command=[sys.executable, "-c",
+                 "import sys; sys.stdin.read(); print('# Findings\\n\\n- **one** point\\n- another')"])
+    tid = run(sp, "submit", "q").stdout.strip()
+    run(sp, "run", "--once")
+    assert run(sp, "result", tid).stdout == "# Findings\n\n- **one** point\n- another\n"  # a pipe: byte for byte
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    shown = _tty_run(sp, "result", tid, env=env)
+    assert "Findings" in shown and "•" in shown and "**one**" not in shown  # rendered
+    assert "**one**" in _tty_run(sp, "result", tid, "--raw", env=env)
