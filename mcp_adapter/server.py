@@ -29,7 +29,7 @@ from mcp.server.mcpserver.exceptions import (
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from spoold import __version__, api, config, spool
+from spoold import __version__, api, config
 from spoold.api import TaskInfo
 from spoold.config import Settings
 from spoold.errors import BadTaskId, SpooldError, TaskNotFound
@@ -233,18 +233,18 @@ def resource_errors() -> Iterator[None]:
 # ---- reading helpers (plain functions over the library) --------------------------
 
 
-def task_detail(sp: spool.Spool, task_id: str, ti: TaskInfo | None = None) -> TaskDetail:
+def task_detail(sp: api.Spool, task_id: str, ti: TaskInfo | None = None) -> TaskDetail:
     ti = ti or api.info(sp, task_id)
     until, why = api.hold(sp) if ti.state in ("queued", "running") else (None, None)
     tail = ti.partial_answer[-PARTIAL_TAIL:] if ti.partial_answer else None
     return TaskDetail.of(ti, queue_held_until=until, queue_hold_reason=why, answer_so_far=tail)
 
 
-def task_result(sp: spool.Spool, task_id: str, offset: int = 0, max_chars: int | None = None) -> TaskResult:
+def task_result(sp: api.Spool, task_id: str, offset: int = 0, max_chars: int | None = None) -> TaskResult:
     """The result, with the answer cut to [offset, offset + max_chars) (all of it when max_chars is None)."""
     ti = api.info(sp, task_id)
     detail = task_detail(sp, task_id, ti)
-    out = TaskResult(task_id=task_id, state=detail.state, finished=detail.state in spool.TERMINAL,
+    out = TaskResult(task_id=task_id, state=detail.state, finished=detail.state in api.FINISHED,
                      model=detail.model, error=detail.error, offset=offset, status=detail)
     if out.finished and ti.result_path:
         _, answer = api.result(sp, task_id)
@@ -269,8 +269,8 @@ def build_server(spool_root: Path | str) -> MCPServer:
                        instructions=INSTRUCTIONS)
     reading = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 
-    def open_spool(create: bool = False) -> spool.Spool:
-        return spool.open_spool(root, create=create)
+    def open_spool(create: bool = False) -> api.Spool:
+        return api.open_spool(root, create=create)
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                                              open_world_hint=False))
@@ -312,7 +312,7 @@ def build_server(spool_root: Path | str) -> MCPServer:
         (rate limit or budget) and until when. Cheap; does not return the answer (use async_result).
         """
         with tool_errors():
-            spool.check_id(task_id)
+            api.check_id(task_id)
             return task_detail(open_spool(), task_id)
 
     @server.tool(annotations=reading)
@@ -324,7 +324,7 @@ def build_server(spool_root: Path | str) -> MCPServer:
         `status` says where it is; then wait with async_wait rather than calling this in a tight loop.
         """
         with tool_errors():
-            spool.check_id(task_id)
+            api.check_id(task_id)
             return task_result(open_spool(), task_id, offset, max_chars)
 
     @server.tool(annotations=reading)
@@ -341,13 +341,13 @@ def build_server(spool_root: Path | str) -> MCPServer:
         answer comes in parts: when `next_offset` is set, fetch the rest with async_result.
         """
         with tool_errors():
-            spool.check_id(task_id)
+            api.check_id(task_id)
             sp = open_spool()
             deadline = anyio.current_time() + min(timeout_seconds, MAX_WAIT_S)
             while True:
                 ti = await anyio.to_thread.run_sync(partial(api.info, sp, task_id, with_estimate=False))
                 remaining = deadline - anyio.current_time()
-                if ti.state in spool.TERMINAL or remaining <= 0:
+                if ti.state in api.FINISHED or remaining <= 0:
                     break
                 await anyio.sleep(min(POLL_S, remaining))
             return await anyio.to_thread.run_sync(task_result, sp, task_id, 0, max_chars)
@@ -394,7 +394,7 @@ def build_server(spool_root: Path | str) -> MCPServer:
         user asked to cancel.
         """
         with tool_errors():
-            spool.check_id(task_id)
+            api.check_id(task_id)
             state = api.cancel(open_spool(), task_id)
         log.info("cancel %s: %s", task_id, state)
         return CancelResult(task_id=task_id, state=state)
@@ -424,7 +424,7 @@ def build_server(spool_root: Path | str) -> MCPServer:
                      description="The answer of a finished spoold task, by task id")
     def result_resource(task_id: str) -> str:
         with resource_errors():
-            spool.check_id(task_id)
+            api.check_id(task_id)
             res = task_result(open_spool(), task_id)
         if not res.finished:
             raise ResourceError(f"task {task_id} is {res.state}; no result yet (async_wait waits for it)")

@@ -105,6 +105,20 @@ def iso(ts: float | datetime | None) -> str | None:
     return dt.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+# What a front end needs of the spool itself (with the Spool type), so the adapter imports api alone.
+FINISHED = spool.TERMINAL  # done, failed, cancelled
+
+
+def open_spool(root: Path | str, *, create: bool = False) -> Spool:
+    """The spool at root (created, private, when asked); SpoolError says what is wrong with it."""
+    return spool.open_spool(root, create=create)
+
+
+def check_id(task_id: str) -> str:
+    """A task id, checked before it touches a path (BadTaskId otherwise)."""
+    return spool.check_id(task_id)
+
+
 def load_settings(sp: Spool, overrides: dict[str, Any] | None = None) -> Settings:
     return config.load(sp.config_path, overrides)
 

@@ -412,3 +412,11 @@ async def test_status_says_when_the_queue_is_held_and_why(sp: Spool) -> None:
         status = await call(client, "async_status", task_id=tid)
     assert "usage limit" in status["queue_hold_reason"] and status["queue_held_until"]
     assert status["estimated_wait_seconds"] > 3500  # the estimate waits for the hold too
+
+
+def test_the_adapter_goes_through_api_alone() -> None:
+    """STYLE: the adapter is a thin layer over spoold.api; it never reaches into the spool module itself."""
+    import re
+
+    source = (ROOT / "mcp_adapter" / "server.py").read_text()
+    assert "from spoold import __version__, api, config\n" in source and not re.search(r"\bspool\.[A-Za-z_]", source)
