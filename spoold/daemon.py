@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spoold import config, intake, ledger, options, queue, spool
-from spoold.backends import Outcome, ProcResult, get_backend, run_process
+from spoold.backends import Outcome, ProcResult, Progress, get_backend, run_process
 from spoold.errors import BadInput, CliUnusable, SpooldError
 from spoold.spool import Spool
 from spoold.task import Result
@@ -429,7 +429,7 @@ class Daemon:
             self.slot_freed.set()
             self.wake.set()
 
-    def _partial_writer(self, claimed: queue.Claimed, progress: Callable[[bytes], str | None]
+    def _partial_writer(self, claimed: queue.Claimed, progress: Progress
                         ) -> tuple[Callable[[bytes], None], Callable[[], Awaitable[None]]]:
         """Keep `running/ID@OWNER.partial` up to date: written whole (tmp, fsync, rename) at most every
         PARTIAL_EVERY_S, in a worker thread, never two writes at once: an fsync per few seconds, not per token.
@@ -447,13 +447,12 @@ class Daemon:
                 state["last"], state["busy"] = time.monotonic(), False
 
         def feed(chunk: bytes) -> None:
-            text = progress(chunk)
-            if text is None or state["busy"] or state["closed"]:
+            if not progress.feed(chunk) or state["busy"] or state["closed"]:
                 return
             if time.monotonic() - float(state["last"]) < PARTIAL_EVERY_S:  # type: ignore[arg-type]
                 return
-            state["busy"] = True
-            jobs[:] = [asyncio.get_running_loop().run_in_executor(None, write, text)]
+            state["busy"] = True  # the answer is built only here, every few seconds, never per token
+            jobs[:] = [asyncio.get_running_loop().run_in_executor(None, write, progress.text())]
 
         async def drain() -> None:
             state["closed"] = True

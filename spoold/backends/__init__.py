@@ -74,6 +74,15 @@ class ProcResult:
     started_at: float = field(default_factory=time.time)
 
 
+class Progress(Protocol):
+    """One run's answer so far: `feed` takes each chunk of stdout (True when the answer grew), `text` builds
+    the answer only when asked, since a writer wants it every few seconds, not at every token."""
+
+    def feed(self, chunk: bytes) -> bool: ...
+
+    def text(self) -> str: ...
+
+
 class Backend(Protocol):
     name: str
 
@@ -86,8 +95,8 @@ class Backend(Protocol):
 
     def classify(self, task: Task, proc: ProcResult) -> Outcome: ...
 
-    def progress(self) -> Callable[[bytes], str | None]:
-        """A reader of one run's stdout as it comes: each chunk in, the answer so far out when it grew."""
+    def progress(self) -> Progress:
+        """A reader of one run's stdout as it comes."""
         ...
 
 

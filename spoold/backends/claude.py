@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -123,9 +122,8 @@ class ClaudeBackend:
                 raise BadInput(f"claude {self.info.version} has no {flag}, which this task needs; upgrade the CLI "
                                "(npm install -g @anthropic-ai/claude-code) or drop the option that asks for it")
 
-    def progress(self) -> Callable[[bytes], str | None]:
-        stream = Stream()
-        return lambda chunk: stream.answer_so_far if stream.feed(chunk) else None
+    def progress(self) -> Stream:
+        return Stream()
 
     def classify(self, task: Task, proc: ProcResult) -> Outcome:
         return classify(task, proc, login_command=self.info.login_command if self.info else LOGIN_COMMAND)

@@ -30,6 +30,9 @@ class Stream:
     def answer_so_far(self) -> str:
         return "\n\n".join(t for t in [*self.turns, self.partial] if t)
 
+    def text(self) -> str:
+        return self.answer_so_far
+
     def feed(self, chunk: bytes) -> bool:
         """Take more stdout; True when the answer so far grew."""
         before = len(self.turns), len(self.partial)

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from spoold.backends import Invocation, Outcome, ProcResult
 from spoold.config import Profile, Settings
 from spoold.errors import CliUnusable
 from spoold.task import Task
+
+
+class StdoutSoFar:
+    """The answer is stdout itself, decoded whole when asked (a split UTF-8 character must not show as junk)."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def feed(self, chunk: bytes) -> bool:
+        self.out.extend(chunk)
+        return bool(chunk)
+
+    def text(self) -> str:
+        return self.out.decode("utf-8", "ignore")
 
 
 class CommandBackend:
@@ -37,15 +50,8 @@ class CommandBackend:
         env = dict(os.environ, SPOOLD_TASK_ID=task.id, SPOOLD_MODEL=task.model)
         return Invocation(argv, env, task.prompt.encode(), cwd)
 
-    def progress(self) -> Callable[[bytes], str | None]:
-        """The answer is stdout itself (decoded whole each time: a split UTF-8 character must not show as junk)."""
-        out = bytearray()
-
-        def feed(chunk: bytes) -> str | None:
-            out.extend(chunk)
-            return out.decode("utf-8", "ignore") if chunk else None
-
-        return feed
+    def progress(self) -> StdoutSoFar:
+        return StdoutSoFar()
 
     def classify(self, task: Task, proc: ProcResult) -> Outcome:
         answer = proc.stdout.decode("utf-8", "replace")
