@@ -18,7 +18,7 @@ from spoold import config, ledger, options, queue, spool
 from spoold.config import Settings
 from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.spool import Spool
-from spoold.task import Task, from_user, is_failure_note, parse_result, parse_text, title_of
+from spoold.task import Result, Task, from_user, is_failure_note, parse_result, parse_text, title_of
 from spoold.task import read as read_task
 
 MAX_QUERY_BYTES_DEFAULT = 1024 * 1024
@@ -214,11 +214,9 @@ def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_esti
         out.result_path = str(loc.result_path)
         res = _read_result(loc.result_path)
         if res:
-            out.error = res.error or out.error
-            out.cost_usd, out.duration_s, out.model_resolved = res.cost_usd, res.duration_s, res.model_resolved
+            _from_result(out, res)
             out.input_tokens, out.output_tokens = res.input_tokens, res.output_tokens
             out.answer_chars = 0 if is_failure_note(res.answer) else len(res.answer)
-            out.finished_at = out.finished_at or iso(res.finished_at)
     if loc.state == "running":
         out.error = None
         out.partial_answer = partial_answer(sp, task_id)
@@ -344,10 +342,16 @@ def _summary(path: Path, task_id: str, state: str) -> TaskInfo:
         result_path = spool.result_path_for(path.parent, task_id)
         res = _read_result(result_path) if result_path.exists() else None
         if res:
-            ti.result_path, ti.cost_usd, ti.duration_s = str(result_path), res.cost_usd, res.duration_s
-            ti.model_resolved, ti.finished_at = res.model_resolved, ti.finished_at or iso(res.finished_at)
-            ti.error = res.error or ti.error
+            ti.result_path = str(result_path)
+            _from_result(ti, res)
     return ti
+
+
+def _from_result(ti: TaskInfo, res: Result) -> None:
+    """What a finished task's result adds to its info (the one place that maps a Result onto a TaskInfo)."""
+    ti.error = res.error or ti.error
+    ti.cost_usd, ti.duration_s, ti.model_resolved = res.cost_usd, res.duration_s, res.model_resolved
+    ti.finished_at = ti.finished_at or iso(res.finished_at)
 
 
 def recent(sp: Spool, *, limit: int = 20, states: list[str] | None = None, since: datetime | None = None,
