@@ -40,6 +40,7 @@ def _one_scan_later(sp: spool.Spool, n: int) -> None:
     wait_for(lambda: any(f"marker {n}" in a for a in _answers(sp)), what=f"marker {n}")
 
 
+@pytest.mark.skipif(not shutil.which("vim"), reason="vim is not installed (.ci/run installs it)")
 def test_vim_draft_save_then_quit_makes_one_task_with_the_final_text(sp, daemon, terminal) -> None:
     write_config(sp, backend="command", command=ECHO_COMMAND)
     daemon(sp)
@@ -54,6 +55,7 @@ def test_vim_draft_save_then_quit_makes_one_task_with_the_final_text(sp, daemon,
     assert tasks == ["answer: draft text\nfinal text\n"]  # one task, the whole final file
 
 
+@pytest.mark.skipif(not shutil.which("vim"), reason="vim is not installed (.ci/run installs it)")
 def test_an_editor_killed_with_its_swap_file_left_holds_nothing(sp, daemon, terminal) -> None:
     write_config(sp, backend="command", command=ECHO_COMMAND, scan_interval_s=0.5)
     d = daemon(sp)
