@@ -42,7 +42,7 @@ def _started_at(root: Path) -> dict[str, float]:
 
 
 def lag_and_estimates(k: int) -> tuple[list[float], list[float]]:
-    from spoold import api, ledger, queue, spool
+    from spoold import api, ledger, spool, transitions
     from spoold.task import Task
 
     with tmpdir("limit") as base:
@@ -52,13 +52,13 @@ def lag_and_estimates(k: int) -> tuple[list[float], list[float]]:
         sp = spool.open_spool(root)
         with Daemon(root):
             for i in range(N):  # warm-up: fill the window and give the ledger stable durations
-                queue.enqueue(sp, Task(id=spool.new_id(f"warm {i}"), prompt="warm\n"))
+                transitions.enqueue(sp, Task(id=spool.new_id(f"warm {i}"), prompt="warm\n"))
             wait_for(lambda: count_results(root) >= N, 30, "warm-up", poll=0.005)
             settings = api.load_settings(sp)
             ids = []
             for i in range(k):
                 t = Task(id=spool.new_id(f"task {i}"), prompt=f"task {i}\n")
-                queue.enqueue(sp, t)
+                transitions.enqueue(sp, t)
                 ids.append(t.id)
             est = {e.task_id: e.start for e in ledger.estimate(sp, settings)}  # what each had when queued
             wait_for(lambda: count_results(root) >= N + k, 30 + 2 * k * WINDOW_S / N, "all tasks", poll=0.01)

@@ -246,16 +246,14 @@ def task_result(sp: api.Spool, task_id: str, offset: int = 0, max_chars: int | N
     detail = task_detail(sp, task_id, ti)
     out = TaskResult(task_id=task_id, state=detail.state, finished=detail.state in api.FINISHED,
                      model=detail.model, error=detail.error, offset=offset, status=detail)
-    if out.finished and ti.result_path:
-        _, answer = api.result(sp, task_id)
+    answer = api.result(sp, task_id)[1] if out.finished and ti.result_path else ""
+    if answer or (out.finished and ti.result_path and ti.state != "cancelled"):  # a cancel before it ran: none
         end = len(answer) if max_chars is None else offset + max_chars
         out.answer, out.answer_chars = answer[offset:end], len(answer)
         out.next_offset = end if end < len(answer) else None
-        meta = api.result_meta(sp, task_id)
-        out.model = meta.get("model_resolved") or meta.get("model") or out.model
-        out.cost_usd, out.duration_s = meta.get("cost_usd"), meta.get("duration_s")
-        out.input_tokens, out.output_tokens = meta.get("input_tokens"), meta.get("output_tokens")
-        out.error = meta.get("error") or out.error
+        out.model = ti.model_resolved or ti.model or out.model
+        out.cost_usd, out.duration_s = ti.cost_usd, ti.duration_s
+        out.input_tokens, out.output_tokens = ti.input_tokens, ti.output_tokens
     return out
 
 

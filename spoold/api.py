@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from spoold import config, ledger, options, queue, spool
+from spoold import config, ledger, options, owners, spool, transitions
 from spoold.config import Settings
 from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.spool import Spool
@@ -110,8 +110,14 @@ FINISHED = spool.TERMINAL  # done, failed, cancelled
 
 
 def open_spool(root: Path | str, *, create: bool = False) -> Spool:
-    """The spool at root (created, private, when asked); SpoolError says what is wrong with it."""
-    return spool.open_spool(root, create=create)
+    """The spool at root (created, private, when asked), in this spoold's format (a format-1 spool is migrated
+    first); SpoolError says what is wrong with it."""
+    sp = spool.open_spool(root, create=create)
+    if spool.needs_migration(sp):
+        from spoold import migrate  # lazy: only a spool that needs it pays for the import
+
+        migrate.migrate(sp)
+    return sp
 
 
 def check_id(task_id: str) -> str:
@@ -152,7 +158,7 @@ def submit(
     task.submitted_at = spool.id_time(task_id)
     task.source = source
     try:
-        queue.enqueue(sp, task)
+        transitions.enqueue(sp, task)
     except OSError as e:
         raise SpoolError(f"cannot write to the spool {sp.root} ({e.strerror or e}); free space or make it writable, "
                          "then submit again") from None
@@ -177,11 +183,11 @@ def _estimate_into(sp: Spool, out: TaskInfo, settings: Settings) -> None:
 
 
 def cancel(sp: Spool, task_id: str) -> str:
-    return queue.cancel(sp, task_id)
+    return transitions.cancel(sp, task_id)
 
 
 def retry(sp: Spool, task_id: str) -> TaskInfo:
-    queue.retry(sp, task_id)
+    transitions.retry(sp, task_id)
     return info(sp, task_id)
 
 
@@ -202,23 +208,17 @@ def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_esti
     task = _read_task(loc.path, task_id) if loc.path.is_file() and not loc.path.is_symlink() else None
     if task:
         out.title, out.model, out.priority = title_of(task), task.model, task.priority
-        out.submitted_at, out.started_at = iso(task.submitted_at), iso(task.started_at)
-        out.finished_at, out.not_before = iso(task.finished_at), iso(task.not_before)
-        out.attempts, out.error, out.warnings = task.attempts, task.error, task.warnings
-        out.prompt, out.tags = task.prompt, task.tags
+        out.submitted_at, out.not_before = iso(task.submitted_at), iso(task.not_before)
+        out.warnings, out.prompt, out.tags = task.warnings, task.prompt, task.tags
         asked = {"system": task.system, "timeout_s": task.timeout, "profile": task.profile, "resume": task.resume,
                  "effort": task.effort, "max_turns": task.max_turns, "max_budget_usd": task.max_budget_usd,
                  "fallback_model": task.fallback_model, "schema": task.schema}
         out.options = {k: v for k, v in asked.items() if v is not None}
-    if loc.state in spool.TERMINAL and loc.result_path.exists():
-        out.result_path = str(loc.result_path)
-        res = _read_result(loc.result_path)
-        if res:
-            _from_result(out, res)
-            out.input_tokens, out.output_tokens = res.input_tokens, res.output_tokens
-            out.answer_chars = 0 if is_failure_note(res.answer) else len(res.answer)
+    res = _in_flight(sp, out, loc.path, with_reason=True)
+    if res:
+        out.input_tokens, out.output_tokens = res.input_tokens, res.output_tokens
+        out.answer_chars = 0 if is_failure_note(res.answer) else len(res.answer)
     if loc.state == "running":
-        out.error = None
         out.partial_answer = partial_answer(sp, task_id)
     if loc.state == "queued" and with_estimate:
         _estimate_into(sp, out, settings or load_settings(sp))
@@ -310,12 +310,12 @@ def _list_state(sp: Spool, state: str, limit: int) -> list[TaskInfo]:
         out = []
         for est in ests:
             e = by_id[est.task_id]
-            ti = _summary(spool.queued_path(sp, e.name), est.task_id, "queued")
+            ti = _summary(sp, spool.queued_path(sp, e.name), est.task_id, "queued")
             _apply_estimate(ti, est)
             out.append(ti)
         return out
     if state == "running":
-        return [_summary(spool.running_file(sp, e.name), e.task_id, "running") for e in spool.list_running(sp)][:limit]
+        return [_summary(sp, spool.running_file(sp, e.name), e.task_id, "running") for e in spool.list_running(sp)][:limit]
     if state not in spool.TERMINAL:
         raise InvalidState(f"unknown state {state!r}; use one of queued, running, done, failed, cancelled")
     out = []
@@ -324,34 +324,52 @@ def _list_state(sp: Spool, state: str, limit: int) -> list[TaskInfo]:
         for n in names[: limit - len(out)]:
             tid = n[:-3]
             if spool.ID_RE.match(tid):
-                out.append(_summary(d / n, tid, state))
+                out.append(_summary(sp, d / n, tid, state))
         if len(out) >= limit:
             break
     return out
 
 
-def _summary(path: Path, task_id: str, state: str) -> TaskInfo:
+def _summary(sp: Spool, path: Path, task_id: str, state: str) -> TaskInfo:
     ti = TaskInfo(id=task_id, state=state, path=str(path))
     task = _read_task(path, task_id)
     if task:
-        ti.title, ti.model, ti.priority, ti.attempts = title_of(task), task.model, task.priority, task.attempts
-        ti.submitted_at, ti.started_at, ti.finished_at = iso(task.submitted_at), iso(task.started_at), iso(task.finished_at)
-        ti.not_before, ti.tags = iso(task.not_before), task.tags
-        ti.error = task.error if state in ("failed", "cancelled") else None
-    if state in spool.TERMINAL:
-        result_path = spool.result_path_for(path.parent, task_id)
-        res = _read_result(result_path) if result_path.exists() else None
-        if res:
-            ti.result_path = str(result_path)
-            _from_result(ti, res)
+        ti.title, ti.model, ti.priority = title_of(task), task.model, task.priority
+        ti.submitted_at, ti.not_before, ti.tags = iso(task.submitted_at), iso(task.not_before), task.tags
+    _in_flight(sp, ti, path)
     return ti
+
+
+def _in_flight(sp: Spool, ti: TaskInfo, path: Path, *, with_reason: bool = False) -> Result | None:
+    """What a task's file does not hold: its attempts, start and outcome, from its running/ name, its records
+    and its result (the one place a TaskInfo learns them). Returns the result of a finished task."""
+    if ti.state == "running":
+        entry = spool.parse_running_name(path.name)
+        if entry:
+            base = spool.retry_base(spool.attempt_records(sp, ti.id))
+            ti.attempts, ti.started_at = entry.attempt - base, iso(entry.started)
+        return None
+    if ti.state == "queued":
+        entry_ = spool.parse_queued_name(path.name)
+        if entry_ and entry_.not_before:
+            ti.not_before = iso(entry_.not_before)  # a retry's backoff or a hold's wait is in the name
+        h = transitions.history(sp, ti.id) if with_reason else None
+        if h:
+            ti.attempts, ti.error = h.attempts, h.last_reason
+        return None
+    result_path = spool.result_path_for(path.parent, ti.id)
+    res = _read_result(result_path) if result_path.exists() else None
+    if res:
+        ti.result_path = str(result_path)
+        _from_result(ti, res)
+    return res
 
 
 def _from_result(ti: TaskInfo, res: Result) -> None:
     """What a finished task's result adds to its info (the one place that maps a Result onto a TaskInfo)."""
-    ti.error = res.error or ti.error
+    ti.error, ti.attempts = res.error, res.attempts or 0
     ti.cost_usd, ti.duration_s, ti.model_resolved = res.cost_usd, res.duration_s, res.model_resolved
-    ti.finished_at = ti.finished_at or iso(res.finished_at)
+    ti.started_at, ti.finished_at = iso(res.started_at), iso(res.finished_at)
 
 
 def recent(sp: Spool, *, limit: int = 20, states: list[str] | None = None, since: datetime | None = None,
@@ -378,7 +396,7 @@ def recent(sp: Spool, *, limit: int = 20, states: list[str] | None = None, since
     rows.sort(key=lambda r: r[0], reverse=True)
     out: list[TaskInfo] = []
     for task_id, state, path in rows:
-        ti = _summary(path, task_id, state)
+        ti = _summary(sp, path, task_id, state)
         if (tag and tag not in ti.tags) or (model and model not in (ti.model, ti.model_resolved)):
             continue
         out.append(ti)
@@ -423,7 +441,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     """Counts by state (from directory listings), running tasks, holds and the next start."""
     from spoold import intake
 
-    daemons = queue.serving_daemons(sp)
+    daemons = owners.serving_daemons(sp)
     here = [d for d in daemons if d["alive"]]
     # The settings the serving daemon uses: config.yaml plus its own flags and environment, not this shell's.
     settings = settings or (config.load(sp.config_path, here[0].get("overrides") or {}, env={}) if here
@@ -437,7 +455,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     nxt = ledger.estimate(sp, settings, queued, limit=1, now=now, usage=usage) if queued else []
     return QueueStatus(
         spool=str(sp.root), counts=counts,
-        running=[_summary(spool.running_file(sp, e.name), e.task_id, "running") for e in spool.list_running(sp)],
+        running=[_summary(sp, spool.running_file(sp, e.name), e.task_id, "running") for e in spool.list_running(sp)],
         held_until=iso(g.wait_until) if g.wait_until and g.wait_until != float("inf") else None,
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
         settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),

@@ -25,9 +25,9 @@ STATE_EXIT = {"done": 0, "failed": EXIT_FAILED_TASK, "cancelled": EXIT_CANCELLED
 
 
 def _spool(args: argparse.Namespace, create: bool = False):
-    from spoold import config, spool
+    from spoold import api, config
 
-    return spool.open_spool(config.spool_root(args.spool or getattr(args, "spool_first", None)), create=create)
+    return api.open_spool(config.spool_root(args.spool or getattr(args, "spool_first", None)), create=create)
 
 
 def _task_id(sp: Any, args: argparse.Namespace, wait_s: float = 0.0) -> str:

@@ -21,11 +21,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spoold import config, intake, ledger, options, queue, spool
+from spoold import config, intake, ledger, options, owners, recovery, spool, transitions
 from spoold.backends import Outcome, ProcResult, Progress, get_backend, run_process
 from spoold.errors import BadInput, CliUnusable, SpooldError
 from spoold.spool import Spool
-from spoold.task import Result
 from spoold.units import family_of
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ INTAKE_BATCH = 256  # files taken in per turn: a dropped corpus starts running w
 
 @dataclass
 class Running:
-    claimed: queue.Claimed
+    claimed: transitions.Claimed
     job: asyncio.Task[None]
     stop_reason: str | None = None  # "cancel" or "stop" once we interrupt it
 
@@ -82,10 +81,10 @@ class Daemon:
 
     async def run(self) -> int:
         """Serve until SIGINT/SIGTERM (or, with --once, until nothing more can start now)."""
-        owner_lock = queue.hold_owner_lock(self.sp)
+        owner_lock = owners.hold_owner_lock(self.sp)
         flags = {k: v for k, v in self.overrides.items() if v is not None}
         try:
-            note: Path | None = queue.announce_daemon(self.sp, {**config.env_values(), **flags})
+            note: Path | None = owners.announce_daemon(self.sp, {**config.env_values(), **flags})
         except OSError as e:  # a full or read-only spool: serve all the same; only `status` misses the note
             note = None
             log.warning("could not note this daemon for `spoold status` (%s)", e.strerror or e)
@@ -94,7 +93,7 @@ class Daemon:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
         try:
-            for action in queue.recover(self.sp, max_attempts=self.settings.max_attempts):
+            for action in recovery.recover(self.sp, max_attempts=self.settings.max_attempts):
                 log.info("recovery: %s", action)
         except OSError as e:
             self._cannot_write(e)  # the loop's first turn recovers again once it can
@@ -277,7 +276,7 @@ class Daemon:
             report = intake.scan(self.sp, default_model=settings.default_model, max_bytes=settings.max_bytes,
                                  include_queued=full, limit=INTAKE_BATCH, settings=settings)
             if full:
-                for action in queue.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here):
+                for action in recovery.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here):
                     log.info("recovery: %s", action)
             return report
 
@@ -322,7 +321,7 @@ class Daemon:
                 continue
             claimed, gate = await asyncio.to_thread(
                 ledger.start_many, self.sp, settings, candidates, self._claimer(settings), free,
-                finishing=frozenset(self._finishing),
+                finishing=frozenset(self._finishing), undo=self._unclaim,
             )
             for c in claimed:
                 started += 1
@@ -339,15 +338,15 @@ class Daemon:
         later = [e.not_before.timestamp() for e in listing.timed() if e.not_before and e.not_before.timestamp() > now]
         return (min(later) if later else None), started
 
-    def _claimer(self, settings: config.Settings) -> Callable[[spool.QueuedEntry, float], queue.Claimed | None]:
-        """queue.claim, except for a task that must not start yet; it goes back to the queue with a not_before
+    def _claimer(self, settings: config.Settings) -> Callable[[spool.QueuedEntry, float], transitions.Claimed | None]:
+        """transitions.claim, except for a task that must not start yet; it goes back to the queue with a not_before
         and counts as no start: a model family whose own window is rejected or past the reserve (weekly Opus:
         other families' tasks still start), or a follow-up whose earlier task has not finished."""
         families = ledger.reserve_holds(ledger.read_usage(self.sp), settings, time.time())
         families.pop(None, None)
 
-        def claim(entry: spool.QueuedEntry, t: float) -> queue.Claimed | None:
-            c = queue.claim(self.sp, entry, settings.default_model, started=t)
+        def claim(entry: spool.QueuedEntry, t: float) -> transitions.Claimed | None:
+            c = transitions.claim(self.sp, entry, settings.default_model, started=t)
             if c is None:
                 return None
             family = family_of(c.task.model) if families else None
@@ -356,11 +355,18 @@ class Daemon:
                 wait = (time.time() + options.RESUME_WAIT_S, f"waiting for {c.task.resume}, the task it continues")
             if wait is None:
                 return c
-            c.task.not_before = datetime.fromtimestamp(wait[0], UTC)
-            queue.requeue(self.sp, c, wait[1], count_attempt=False)
+            transitions.requeue(self.sp, c, wait[1], count_attempt=False,
+                                not_before=datetime.fromtimestamp(wait[0], UTC))
             return None  # not a start: the ledger does not count it
 
         return claim
+
+    def _unclaim(self, claims: list[transitions.Claimed]) -> None:
+        for c in claims:
+            try:
+                transitions.unclaim(self.sp, c)
+            except OSError as e:  # still ours in running/: recovery of our strays puts it back
+                log.warning("could not put %s back in the queue (%s)", c.task.id, e.strerror or e)
 
     def _busy(self) -> int:
         """Slots in use. A finished run frees its slot while its outcome is written, except under a budget:
@@ -389,7 +395,7 @@ class Daemon:
 
     # ---- one task ----------------------------------------------------------------
 
-    async def _execute(self, claimed: queue.Claimed) -> None:
+    async def _execute(self, claimed: transitions.Claimed) -> None:
         task = claimed.task
         settings = self.settings
         backend = get_backend(settings)
@@ -405,8 +411,7 @@ class Daemon:
                     await drain()
             except (CliUnusable, options.NotYet, BadInput, OSError) as e:  # the CLI never ran this task
                 outcome, proc = self._not_run(e, settings), ProcResult(None, b"", b"")
-                if task.started_at is not None:
-                    await asyncio.to_thread(ledger.forget_start, self.sp, settings, task.started_at.timestamp())
+                await asyncio.to_thread(ledger.forget_start, self.sp, settings, claimed.started.timestamp())
             else:
                 outcome = backend.classify(task, proc)
             self._finishing.add(task.id)
@@ -416,20 +421,20 @@ class Daemon:
         except asyncio.CancelledError:
             reason = self.running[task.id].stop_reason if task.id in self.running else "stop"
             if reason == "cancel":
-                queue.cancel_running(self.sp, claimed, "cancelled by request")
+                transitions.cancel_running(self.sp, claimed, "cancelled by request")
             else:
-                queue.requeue(self.sp, claimed, "the daemon stopped while it ran", count_attempt=False)
+                transitions.requeue(self.sp, claimed, "the daemon stopped while it ran", count_attempt=False)
         except Exception:
             log.exception("internal error on %s; requeued", task.id)
             with contextlib.suppress(Exception):
-                queue.requeue(self.sp, claimed, "internal error in spoold (see its log)", count_attempt=True)
+                transitions.requeue(self.sp, claimed, "internal error in spoold (see its log)", count_attempt=True)
         finally:
             self.running.pop(task.id, None)
             self._finishing.discard(task.id)
             self.slot_freed.set()
             self.wake.set()
 
-    def _partial_writer(self, claimed: queue.Claimed, progress: Progress
+    def _partial_writer(self, claimed: transitions.Claimed, progress: Progress
                         ) -> tuple[Callable[[bytes], None], Callable[[], Awaitable[None]]]:
         """Keep `running/ID@OWNER.partial` up to date: written whole (tmp, fsync, rename) at most every
         PARTIAL_EVERY_S, in a worker thread, never two writes at once: an fsync per few seconds, not per token.
@@ -480,7 +485,7 @@ class Daemon:
         return Outcome("failed", error=f"the task could not be started ({e.strerror or e}): its schema or system "
                        "prompt may be too long for one command-line argument; make it shorter")
 
-    async def _settle_when_writable(self, claimed: queue.Claimed, outcome: Outcome, proc: ProcResult) -> None:
+    async def _settle_when_writable(self, claimed: transitions.Claimed, outcome: Outcome, proc: ProcResult) -> None:
         """Settle a finished run; while the spool cannot be written, keep its answer here and try again."""
         failures = 0
         while True:
@@ -496,7 +501,7 @@ class Daemon:
                               e.strerror or e)
                 await asyncio.sleep(min(self.settings.scan_interval_s, WRITE_RETRY_S * 2 ** min(failures - 1, 10)))
 
-    def _settle(self, claimed: queue.Claimed, outcome: Outcome, proc: ProcResult) -> None:
+    def _settle(self, claimed: transitions.Claimed, outcome: Outcome, proc: ProcResult) -> None:
         """Move the task where its outcome puts it, and tell the ledger."""
         task, settings = claimed.task, self.settings
         seen = {w.name: ledger.WindowSeen(w.status, w.resets_at, w.utilization, time.time(), task.id)
@@ -505,37 +510,34 @@ class Daemon:
             until = outcome.hold_until or datetime.now(UTC) + timedelta(minutes=30)
             ledger.set_hold(self.sp, settings, until.timestamp(), outcome.error or "held", seen)
             log.warning("holding the queue until %s: %s", _fmt(until.timestamp()), outcome.error)
-            queue.requeue(self.sp, claimed, outcome.error or "held", count_attempt=False)
+            transitions.requeue(self.sp, claimed, outcome.error or "held", count_attempt=False)
             return
         if outcome.kind == "wait":
             if seen:  # a family's rejected window: the claimer holds that family's other tasks too
                 ledger.record_finish(self.sp, settings, outcome.cost_usd, None, seen)
-            task.not_before = outcome.hold_until
-            queue.requeue(self.sp, claimed, outcome.error or "waiting", count_attempt=False)
+            transitions.requeue(self.sp, claimed, outcome.error or "waiting", count_attempt=False,
+                                not_before=outcome.hold_until)
             log.info("%s waits until %s: %s", task.id, _fmt(outcome.hold_until.timestamp()) if outcome.hold_until
                      else "later", outcome.error)
             return
-        if outcome.kind == "retry" and task.attempts < settings.max_attempts:
+        if outcome.kind == "retry" and claimed.attempt < settings.max_attempts:
             if seen or outcome.cost_usd:  # a failed try may still have cost something
                 ledger.record_finish(self.sp, settings, outcome.cost_usd, None, seen)
-            backoff = min(MAX_BACKOFF_S, settings.retry_backoff_s * 2 ** (task.attempts - 1))
-            task.not_before = datetime.now(UTC) + timedelta(seconds=backoff)
-            queue.requeue(self.sp, claimed, f"{outcome.error}; retry {task.attempts + 1} in {backoff:.0f} s")
+            backoff = min(MAX_BACKOFF_S, settings.retry_backoff_s * 2 ** (claimed.attempt - 1))
+            transitions.requeue(self.sp, claimed, f"{outcome.error}; retry {claimed.attempt + 1} in {backoff:.0f} s",
+                                not_before=datetime.now(UTC) + timedelta(seconds=backoff))
             return
         status = "done" if outcome.kind == "done" else "failed"
         error = outcome.error
         if outcome.kind == "retry":
-            error = f"{error} (gave up after {task.attempts} attempts; `spoold retry {task.id}` to try again)"
-        result = Result(
-            id=task.id, status=status, answer=outcome.answer, model=task.model, model_resolved=outcome.model_resolved,
-            submitted_at=task.submitted_at, started_at=task.started_at, finished_at=datetime.now(UTC),
+            error = f"{error} (gave up after {claimed.attempt} attempts; `spoold retry {task.id}` to try again)"
+        result = transitions.result_for(
+            claimed, status, error, outcome.answer, model_resolved=outcome.model_resolved,
             duration_s=round(proc.duration_s, 3), cost_usd=outcome.cost_usd, input_tokens=outcome.input_tokens,
             output_tokens=outcome.output_tokens, cache_read_tokens=outcome.cache_read_tokens,
             cache_creation_tokens=outcome.cache_creation_tokens, session_id=outcome.session_id,
-            attempts=task.attempts, error=error, continues=task.resume,
-            structured=True if outcome.structured is not None else None,
-        )
-        queue.finish(self.sp, claimed, result)
+            structured=True if outcome.structured is not None else None)
+        transitions.finish(self.sp, claimed, result)
         ledger.record_finish(self.sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None, seen)
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spoold import options, queue, spool
+from spoold import options, spool, transitions
 from spoold.config import Settings
 from spoold.errors import BadInput
 from spoold.spool import Spool
@@ -206,7 +206,7 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
         report.pending.append(name)  # still being written, or a writer's link-then-unlink is under way
         return None
     task_id = spool.new_id(Path(name).stem)
-    claimed = queue.claim_intake(sp, path, task_id)
+    claimed = transitions.claim_intake(sp, path, task_id)
     if claimed is None:
         return None  # another daemon took it first
     shown = os.fsencode(name).decode("utf-8", "replace")  # a name that is not UTF-8 still gets a readable source
@@ -231,13 +231,13 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
                     accepted.append(t.claimed)
             except OSError:  # the spool cannot be written: leave the files where the user put them
                 for rest in taken[i:]:
-                    queue.unclaim_intake(sp, rest.claimed, rest.original)
+                    transitions.unclaim_intake(sp, rest.claimed, rest.original)
                 raise
     finally:
         if accepted:
             spool.fsync_dir(sp.dir("queued"))
             for claimed in accepted:
-                queue.drop_intake_copy(claimed)
+                transitions.drop_intake_copy(claimed)
 
 
 def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: str, max_bytes: int,
@@ -245,12 +245,12 @@ def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: 
     """Queue (True: its claimed copy can go once queued/ is synced) or reject one taken entry."""
     if not stat.S_ISREG(t.mode):
         kind = _kind(t.mode)
-        queue.reject_intake(sp, t.claimed, t.task_id, t.name,
+        transitions.reject_intake(sp, t.claimed, t.task_id, t.name,
                             f"{t.name!r} is a {kind}, not a file; spoold never follows or reads it")
         report.failed.append(t.task_id)
         return False
     if os.lstat(t.claimed).st_nlink > 1:
-        queue.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name!r} is a hard link to a file elsewhere; "
+        transitions.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name!r} is a hard link to a file elsewhere; "
                             "spoold reads only files of its own: copy it into inbox/ instead")
         report.failed.append(t.task_id)
         return False
@@ -260,10 +260,10 @@ def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: 
         if settings is not None:
             options.resolve(sp, settings, task)
     except BadInput as e:
-        queue.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name}: {e}")
+        transitions.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name}: {e}")
         report.failed.append(t.task_id)
         return False
-    queue.accept_intake(sp, task)
+    transitions.accept_intake(sp, task)
     report.queued.append(t.task_id)
     return True
 

@@ -175,22 +175,28 @@ def _rebuild(sp: Spool, path: Path, err: Exception) -> HostLedger:
 
 
 def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
-    """`started_at` of recent tasks, read from running/, the newest done/ partitions and failed/."""
-    from spoold.task import (  # local: only a damaged ledger needs it
-        parse_text,
-        parse_time,
-    )
+    """Recent starts, from what the spool says: running/ names, the records of requeued attempts, and the
+    results in the newest done/ partitions and failed/."""
+    from spoold.task import parse_result  # local: only a damaged ledger needs it
 
-    paths = [spool.running_file(sp, e.name) for e in spool.list_running(sp)]
-    paths += list(spool.terminal_task_files(sp, "done", days=since_days))
-    out = []
-    for p in paths:
+    out = [e.started.timestamp() for e in spool.list_running(sp)]
+    results = [spool.result_path_for(p.parent, p.stem) for p in spool.terminal_task_files(sp, "done", days=since_days)]
+    results += [spool.result_path_for(p.parent, p.stem) for p in spool.terminal_task_files(sp, "failed")]
+    for p in results:
         try:
-            meta, _ = parse_text(spool.read_bytes(p).decode("utf-8"))
-            if meta.get("started_at"):
-                out.append(parse_time(meta["started_at"], "started_at").timestamp())
+            started = parse_result(spool.read_bytes(p).decode("utf-8")).started_at
         except Exception:
             continue
+        if started is not None:
+            out.append(started.timestamp())
+    root = spool.attempts_root(sp)
+    for task_id in os.listdir(root) if root.is_dir() else []:
+        for r in spool.attempt_records(sp, task_id) if spool.ID_RE.match(task_id) else []:
+            if r.kind == "requeued":
+                try:
+                    out.append(datetime.fromisoformat(json.loads(spool.read_bytes(r.path))["started_at"]).timestamp())
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
     return sorted(out)
 
 
@@ -339,12 +345,14 @@ def try_start(
 def start_many(
     sp: Spool, settings: Settings, candidates: Iterable[E], claim: Callable[[E, float], T | None], want: int,
     *, now: Callable[[], float] = time.time, finishing: frozenset[str] = frozenset(),
+    undo: Callable[[list[T]], None] | None = None,
 ) -> tuple[list[T], Gate]:
     """Admit and claim up to `want` candidates in order, under one lock and with one ledger write.
 
     Each start is gated as if the ones before it in the batch were already counted. Stops at
     the first gate that says wait (returned), or when the candidates run out. `finishing` are
     ids of our running/ files whose process has already exited: they hold no concurrency slot.
+    If the starts cannot be written (a full disk), `undo` gets the claims back before the error is raised.
     """
     out: list[T] = []
     with locked(sp):
@@ -373,7 +381,12 @@ def start_many(
                 raise
             log.warning("a claim failed after %d succeeded in the same batch; they start, the rest waits", len(out))
         if out:
-            _update_own(sp, lambda h: h.starts.extend([t] * len(out)), settings, t, hosts.get(host_file(sp).name))
+            try:
+                _update_own(sp, lambda h: h.starts.extend([t] * len(out)), settings, t, hosts.get(host_file(sp).name))
+            except OSError:
+                if undo is not None:  # starts that cannot be counted must not run: the limit holds first
+                    undo(out)
+                raise
     return out, g
 
 
@@ -496,7 +509,7 @@ def estimate(
     ids = full.untimed_ids(limit) if isinstance(full, spool.QueuedListing) else None
     dur = typical_duration(usage)
     starts = in_window(usage.starts, settings, now)
-    running_started = [_started(sp, e) or now for e in spool.list_running(sp)]
+    running_started = [e.started.timestamp() for e in spool.list_running(sp)]
     workers = sorted(max(now, t + dur) for t in running_started)[: settings.concurrency]
     workers += [now] * (settings.concurrency - len(workers))
     floor = now
@@ -551,9 +564,3 @@ def _schedule(k: int, floor: float, workers: list[float], starts: list[float], n
     return out
 
 
-def _started(sp: Spool, entry: spool.RunningEntry) -> float | None:
-    """When a running task started: its file's mtime (rewritten at claim), not a parse."""
-    try:
-        return spool.running_file(sp, entry.name).stat().st_mtime
-    except OSError:
-        return None

@@ -34,7 +34,10 @@ TERMINAL = ("done", "failed", "cancelled")
 ID_RE = re.compile(r"^\d{8}T\d{9}Z-[a-z2-7]{6}(?:-[a-z0-9][a-z0-9-]{0,39})?$")
 _NO_TIME = "00000000T000000Z"
 _QUEUED_RE = re.compile(r"^([0-3])\.(\d{8}T\d{6}Z)\.(" + ID_RE.pattern[1:-1] + r")\.md$")  # the id checked in the same pass
-_RUNNING_RE = re.compile(r"^(.+)@([A-Za-z0-9-]+)-(\d+)\.md$")
+_STAMP_MS = r"\d{8}T\d{9}Z"  # YYYYmmddTHHMMSSfffZ, as in ids
+_RUNNING_RE = re.compile(r"^(" + ID_RE.pattern[1:-1] + r")\.(\d{1,6})\.(" + _STAMP_MS + r")@([A-Za-z0-9-]+)-(\d+)\.md$")
+_RECORD_RE = re.compile(r"^(\d{1,6})\.(requeued|retried|waited)(?:\.(" + _STAMP_MS + r"))?@([A-Za-z0-9-]+-\d+)\.(?:json|md)$")
+FORMAT = 2  # the spool format this spoold writes; `.spoold/format` says which one a spool is in
 _DATE_DIR_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -71,7 +74,21 @@ def open_spool(root: Path | str, create: bool = True) -> Spool:
             raise SpoolError(f"{d} is a symbolic link; keep every spool directory inside {sp.root} (link the spool itself)")
         if d.exists():
             check_private(d)
+    fmt = read_format(sp)
+    if fmt is not None and fmt > FORMAT:
+        raise SpoolError(f"{sp.root} is in spool format {fmt}, made by a newer spoold; upgrade spoold to use it")
+    if fmt is None and create and _holds_no_task(sp):
+        write_new(sp, format_path(sp), f"{FORMAT}\n".encode())  # a new spool: nothing to migrate
     return sp
+
+
+def needs_migration(sp: Spool) -> bool:
+    """A spool spoold 1 made (no `.spoold/format`) that holds tasks; spoold.migrate brings it to this format."""
+    return read_format(sp) is None and not _holds_no_task(sp)
+
+
+def _holds_no_task(sp: Spool) -> bool:
+    return not any(sp.dir(s).is_dir() and os.listdir(sp.dir(s)) for s in ("queued", "running", *TERMINAL))
 
 
 def check_private(root: Path) -> None:
@@ -231,8 +248,12 @@ def owner_tag() -> str:
 
 @dataclass(frozen=True)
 class RunningEntry:
+    """What a running/ name says: `ID.N.STARTED@HOST-PID.md`, the task, its attempt, when it started, who runs it."""
+
     name: str
     task_id: str
+    attempt: int  # counted over the task's whole life (a retry does not reset it; see attempts_since_retry)
+    started: datetime
     host: str
     pid: int
 
@@ -240,6 +261,16 @@ class RunningEntry:
     def owner(self) -> str:
         """`host-pid`: the process that claimed it, as in owner locks and staging names."""
         return f"{self.host}-{self.pid}"
+
+
+def stamp_ms(when: datetime) -> str:
+    """`YYYYmmddTHHMMSSfffZ` (UTC, milliseconds): a time inside a file name."""
+    w = when.astimezone(UTC)
+    return w.strftime("%Y%m%dT%H%M%S") + f"{w.microsecond // 1000:03d}Z"
+
+
+def _parse_stamp_ms(s: str) -> datetime:
+    return _stamp(s[:15]).replace(microsecond=int(s[15:18]) * 1000)
 
 
 def owner_host(owner: str) -> str:
@@ -265,9 +296,13 @@ def owner_pid(owner: str) -> int | None:
 
 def parse_running_name(name: str) -> RunningEntry | None:
     m = _RUNNING_RE.match(name)
-    if not m or not ID_RE.match(m.group(1)):
+    if not m:
         return None
-    return RunningEntry(name, m.group(1), m.group(2), int(m.group(3)))
+    try:
+        started = _parse_stamp_ms(m.group(3))
+    except ValueError:
+        return None
+    return RunningEntry(name, m.group(1), int(m.group(2)), started, m.group(4), int(m.group(5)))
 
 
 def date_dir(sp: Spool, state: str, when: datetime) -> Path:
@@ -291,6 +326,17 @@ def fault(point: str) -> None:
         if _fault_hits[name] == int(nth):
             os.kill(os.getpid(), signal.SIGKILL)
 
+
+
+def make_dir(path: Path) -> None:
+    """Create a directory (0700) durably: its parent is fsynced, so a power cut cannot drop it with what it holds."""
+    if not path.parent.is_dir():
+        make_dir(path.parent)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
@@ -324,7 +370,7 @@ def write_new(sp: Spool, dest: Path, data: bytes, *, sync_dir: bool = True) -> P
     sync_dir=False leaves the directory fsync to the caller, who batches it for many files.
     """
     if not dest.parent.is_dir():
-        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dir(dest.parent)
     tmp = _write_tmp(sp, data)
     fault("write:staged")
     try:
@@ -400,33 +446,6 @@ def rename_noreplace(src: Path, dest: Path) -> None:
     os.rename(src, dest)
 
 
-def stage(sp: Spool, data: bytes) -> Path:
-    """Write data to a new file in tmp/ and fsync it, ready to be renamed into place."""
-    return _write_tmp(sp, data)
-
-
-def move_with(src: Path, dest: Path, staged: Path, *, inode: int) -> bool:
-    """Move src to dest (never clobbering) and give it the staged content: a claim with its rewrite.
-
-    One pair of directory fsyncs for both steps. False, touching nothing more, if src was
-    replaced since it was read (`inode` differs); then dest holds that newer file.
-    FileNotFoundError/FileExistsError as for move. The staged file is consumed or removed.
-    """
-    try:
-        fault("move:before")
-        rename_noreplace(src, dest)
-        fault("move:after")
-        same = os.lstat(dest).st_ino == inode
-        if same:
-            os.replace(staged, dest)
-            fault("rewrite:replaced")
-    finally:
-        staged.unlink(missing_ok=True)
-    fsync_dir(dest.parent)
-    fsync_dir(src.parent)
-    return same
-
-
 def move(src: Path, dest: Path, *, sync: str = "both") -> Path:
     """One transition: rename src to dest, whose name is unique by task id.
 
@@ -439,7 +458,7 @@ def move(src: Path, dest: Path, *, sync: str = "both") -> Path:
     batches them.
     """
     if not dest.parent.is_dir():
-        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_dir(dest.parent)
     fault("move:before")
     rename_noreplace(src, dest)
     fault("move:after")
@@ -575,8 +594,9 @@ def task_path_for(directory: Path, task_id: str) -> Path:
     return directory / f"{task_id}.md"
 
 
-def running_path(sp: Spool, task_id: str, owner: str | None = None) -> Path:
-    return sp.dir("running") / f"{task_id}@{owner or owner_tag()}.md"
+def running_path(sp: Spool, task_id: str, attempt: int, started: datetime, owner: str | None = None) -> Path:
+    """`running/ID.N.STARTED@OWNER.md`: a claim is this one rename, and the name carries all it changes."""
+    return sp.dir("running") / f"{task_id}.{attempt}.{stamp_ms(started)}@{owner or owner_tag()}.md"
 
 
 SCHEMAS_DIR = "schemas"  # the owner's JSON Schemas, named by tasks' `schema: NAME.json`
@@ -724,6 +744,103 @@ def work_dir(sp: Spool) -> Path:
     return sp.state_dir / "work"
 
 
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One write-once record in `.spoold/attempts/ID/`: `N.requeued@OWNER.json` (attempt N ended and the task
+    went back to the queue, and why), `N.waited.STAMP@OWNER.json` (claimed for attempt N but sent back
+    uncounted: a hold, a wait, a stop; N is used again) or `N.retried.STAMP@OWNER.md` (the result a retry
+    after attempt N set aside)."""
+
+    path: Path
+    attempt: int
+    kind: str  # "waited", "requeued" or "retried", in the order they happen for one N
+    owner: str
+
+
+def attempts_dir(sp: Spool, task_id: str) -> Path:
+    return sp.state_dir / "attempts" / check_id(task_id)
+
+
+def attempts_root(sp: Spool) -> Path:
+    return sp.state_dir / "attempts"
+
+
+def requeued_record_path(sp: Spool, task_id: str, attempt: int) -> Path:
+    return attempts_dir(sp, task_id) / f"{attempt}.requeued@{owner_tag()}.json"
+
+
+def waited_record_path(sp: Spool, task_id: str, attempt: int, when: datetime) -> Path:
+    return attempts_dir(sp, task_id) / f"{attempt}.waited.{stamp_ms(when)}@{owner_tag()}.json"
+
+
+def retried_result_path(sp: Spool, task_id: str, attempt: int, when: datetime) -> Path:
+    return attempts_dir(sp, task_id) / f"{attempt}.retried.{stamp_ms(when)}@{owner_tag()}.md"
+
+
+def attempt_records(sp: Spool, task_id: str) -> list[AttemptRecord]:
+    """A task's records, oldest first; none for a task that never went back to the queue (the usual case)."""
+    d = attempts_dir(sp, task_id)
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    out = []
+    for n in names:
+        m = _RECORD_RE.match(n)
+        if m:
+            out.append(AttemptRecord(d / n, int(m.group(1)), m.group(2), m.group(4)))
+    order = {"waited": 0, "requeued": 1, "retried": 2}
+    return sorted(out, key=lambda r: (r.attempt, order[r.kind], r.path.name))  # the order they were written in
+
+
+def last_attempt(records: list[AttemptRecord]) -> int:
+    """The highest attempt number the records know of (0 for none)."""
+    return max((r.attempt for r in records if r.kind != "waited"), default=0)
+
+
+def retry_base(records: list[AttemptRecord]) -> int:
+    """Attempts made before the latest retry: they do not count against max_attempts."""
+    return max((r.attempt for r in records if r.kind == "retried"), default=0)
+
+
+def migrate_lock_path(sp: Spool) -> Path:
+    """`.spoold/migrate.lock`: held (flock) by the one process migrating the spool to this format."""
+    return sp.state_dir / "migrate.lock"
+
+
+def lock_owners(sp: Spool) -> list[str]:
+    """The owners whose lock files are in `.spoold/locks/` (live or not: owner liveness decides)."""
+    d = sp.state_dir / "locks"
+    return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".lock")) if d.is_dir() else []
+
+
+_V1_RUNNING_RE = re.compile(r"^(" + ID_RE.pattern[1:-1] + r")@([A-Za-z0-9-]+-\d+)\.(md|partial)$")
+
+
+def parse_v1_running_name(name: str) -> tuple[str, str, str] | None:
+    """(task id, owner, suffix) of a format-1 running/ name `ID@OWNER.md` (or its `.partial`)."""
+    m = _V1_RUNNING_RE.match(name)
+    return (m.group(1), m.group(2), m.group(3)) if m else None
+
+
+def format_path(sp: Spool) -> Path:
+    """`.spoold/format`: the spool format's version, one line (`2`); written once, by init or a migration."""
+    return sp.state_dir / "format"
+
+
+def read_format(sp: Spool) -> int | None:
+    """The spool's format version; None when no file says (a spool made by spoold 1)."""
+    try:
+        text = read_bytes(format_path(sp), 64).decode().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpoolError(f"{format_path(sp)} cannot be read ({e}); it should hold one line: {FORMAT}") from None
+    if not text.isdigit():
+        raise SpoolError(f"{format_path(sp)} says {text[:20]!r}; it should hold one line: {FORMAT}")
+    return int(text)
+
+
 def watch_probe_path(sp: Spool) -> Path:
     """`running/.watch-probe-OWNER`: a daemon touches it to learn that its watcher sees events."""
     return sp.dir("running") / f".watch-probe-{owner_tag()}"
@@ -837,7 +954,7 @@ def resolve_id(sp: Spool, text: str) -> str:
 
 def find_result(sp: Spool, task_id: str) -> Path | None:
     """A result already written for a task (the task file may not have moved yet)."""
-    for state in ("done", "failed"):
+    for state in TERMINAL:
         for d in terminal_dirs(sp, state):
             p = result_path_for(d, task_id)
             if p.exists():

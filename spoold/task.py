@@ -18,7 +18,8 @@ USER_KEYS = ("model", "priority", "system", "title", "tags", "timeout", "not_bef
              "schema", "max_budget_usd", "fallback_model", "effort", "max_turns", "profile")
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a profile name, a schema file name
-SPOOLD_KEYS = ("id", "status", "submitted_at", "source", "attempts", "started_at", "finished_at", "error", "warnings")
+SPOOLD_KEYS = ("id", "submitted_at", "source", "warnings")
+FORMAT1_KEYS = ("status", "attempts", "started_at", "finished_at", "error")  # what spoold 1 rewrote into task files
 MAX_FRONTMATTER = 64 * 1024
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]@-]{0,199}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
@@ -27,24 +28,23 @@ _UNITS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
 
 @dataclass
 class Task:
-    """A normalized task: what the daemon runs and what the task file records."""
+    """A normalized task: what the daemon runs and what its file records, written once at intake.
+
+    What changes over its life is not here: its state is its directory, and its attempts, start
+    and outcome are in its running/ name, its records and its result (see spoold.transitions).
+    """
 
     id: str
     prompt: str
     model: str = "sonnet"
     priority: str = "normal"
     submitted_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    status: str = "queued"
     source: str | None = None
     title: str | None = None
     system: str | None = None
     tags: list[str] = field(default_factory=list)
     timeout: float | None = None
     not_before: datetime | None = None
-    attempts: int = 0
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    error: str | None = None
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     # options mapped to the CLI's own flags (see spoold/options.py)
@@ -165,15 +165,17 @@ def _text(meta: dict[str, Any], key: str) -> str | None:
 def from_user(meta: dict[str, Any], body: str, *, task_id: str, default_model: str) -> Task:
     """A dropped file or a `spoold submit`: only the user's keys count. spoold's own (`attempts`, `status`,
     `started_at`, ...) are ignored with a warning, so a file copied back from failed/ starts afresh."""
-    own = [k for k in SPOOLD_KEYS if k in meta and k != "id"]
-    user = {k: v for k, v in meta.items() if k not in SPOOLD_KEYS}
+    own = [k for k in (*SPOOLD_KEYS, *FORMAT1_KEYS) if k in meta and k != "id"]
+    user = {k: v for k, v in meta.items() if k not in SPOOLD_KEYS and k not in FORMAT1_KEYS}
     task = _from_keys(user, body, task_id=task_id, default_model=default_model, warnings=[])
     task.warnings += [f"`{k}` is spoold's own key; ignored in a new task" for k in own]
     return task
 
 
 def from_stored(meta: dict[str, Any], body: str, *, task_id: str, default_model: str = "sonnet") -> Task:
-    """A task file spoold wrote: the user's keys and spoold's own."""
+    """A task file spoold wrote: the user's keys and spoold's own (a format-1 file's runtime keys are ignored:
+    the migration records what they said)."""
+    meta = {k: v for k, v in meta.items() if k not in FORMAT1_KEYS}
     stored = meta.get("warnings")
     warnings = [w for w in stored if isinstance(w, str)] if isinstance(stored, list) else []
     task = _from_keys(meta, body, task_id=task_id, default_model=default_model, warnings=warnings)
@@ -193,7 +195,7 @@ def _from_keys(meta: dict[str, Any], body: str, *, task_id: str, default_model: 
         tags = [t.strip() for t in tags.split(",") if t.strip()]
     if not isinstance(tags, list) or any(isinstance(t, (dict, list)) for t in tags):
         raise BadInput("`tags` must be a list such as [research, long]")
-    known = set(USER_KEYS) | set(SPOOLD_KEYS)
+    known = set(USER_KEYS) | set(SPOOLD_KEYS) | set(FORMAT1_KEYS)
     extra = {k: v for k, v in meta.items() if k not in known}
     warnings = warnings + [f"unknown frontmatter key `{k}` kept but ignored" for k in extra
                            if not _already_warned(warnings, k)]
@@ -288,14 +290,7 @@ def _stored_fields(task: Task, meta: dict[str, Any]) -> None:
     """Fields spoold itself wrote (present when re-reading a stored task)."""
     if meta.get("submitted_at"):
         task.submitted_at = parse_time(meta["submitted_at"], "submitted_at")
-    for key in ("started_at", "finished_at"):
-        if meta.get(key):
-            setattr(task, key, parse_time(meta[key], key))
     task.source = _text(meta, "source")
-    task.error = _text(meta, "error")
-    task.status = str(meta.get("status") or "queued")
-    attempts = meta.get("attempts", 0)
-    task.attempts = attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -306,16 +301,12 @@ def task_meta(task: Task) -> dict[str, Any]:
     """The frontmatter spoold writes for a task: user keys normalized, spoold keys added."""
     meta: dict[str, Any] = {
         "id": task.id,
-        "status": task.status,
         "title": task.title,
         "model": task.model,
         "priority": task.priority,
         "submitted_at": _iso(task.submitted_at),
         "not_before": _iso(task.not_before),
         "source": task.source,
-        "attempts": task.attempts,
-        "started_at": _iso(task.started_at),
-        "finished_at": _iso(task.finished_at),
         "timeout": task.timeout,
         "system": task.system,
         "tags": task.tags or None,
@@ -326,7 +317,6 @@ def task_meta(task: Task) -> dict[str, Any]:
         "fallback_model": task.fallback_model,
         "effort": task.effort,
         "max_turns": task.max_turns,
-        "error": task.error,
         "warnings": task.warnings or None,
     }
     meta = {k: v for k, v in meta.items() if v is not None}

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from spoold import api, ledger, queue, spool
+from spoold import api, ledger, spool, transitions
 from spoold.config import Settings
 from spoold.errors import BadInput, TaskNotFound
 from spoold.task import Result
@@ -55,11 +55,11 @@ def test_windows_and_the_reserve_hold_from_the_ledger_alone(sp: spool.Spool) -> 
 def test_a_running_tasks_answer_so_far(sp: spool.Spool) -> None:
     tid = api.submit(sp, "long one").id
     [entry] = spool.list_queued(sp)
-    claimed = queue.claim(sp, entry, "sonnet")
+    claimed = transitions.claim(sp, entry, "sonnet")
     assert api.info(sp, tid).partial_answer is None
     spool.rewrite(sp, spool.partial_path(claimed.path), b"The first words")
     assert api.info(sp, tid).partial_answer == "The first words"
-    queue.finish(sp, claimed, Result(id=tid, status="done", answer="The first words, then the rest.\n"))
+    transitions.finish(sp, claimed, Result(id=tid, status="done", answer="The first words, then the rest.\n"))
     assert spool.find_partial(sp, tid) is None and not spool.partial_path(claimed.path).exists()
     assert api.result(sp, tid)[1] == "The first words, then the rest.\n"
 

@@ -26,7 +26,8 @@ WRITERS = 50
 PER_WINDOW, WINDOW_S = 60, 1.0
 BACKEND = """#!/bin/sh
 id="$SPOOLD_TASK_ID"
-started=$(sed -n 's/^started_at: //p' "$CONC_SPOOL"/running/"$id"@*.md 2>/dev/null | head -n 1)
+# the start is in the running/ name, ID.N.YYYYmmddTHHMMSSfffZ@OWNER.md: as ISO
+started=$(ls "$CONC_SPOOL"/running | sed -n "s/^$id\\.[0-9]*\\.\\([0-9]\\{4\\}\\)\\([0-9][0-9]\\)\\([0-9][0-9]\\)T\\([0-9][0-9]\\)\\([0-9][0-9]\\)\\([0-9][0-9]\\)\\([0-9]\\{3\\}\\)Z@.*\\.md$/\\1-\\2-\\3T\\4:\\5:\\6.\\7Z/p" | head -n 1)
 prompt=$(cat)
 echo "$prompt $started" >> "$CONC_LOG/runs"
 echo "answer: $prompt"

@@ -34,7 +34,8 @@ id="$SPOOLD_TASK_ID"
 for f in "$CRASH_SPOOL"/done/*/"$id".result.md "$CRASH_SPOOL"/failed/"$id".result.md; do
   [ -e "$f" ] && echo "$id" >> "$CRASH_LOG/rerun-after-result"
 done
-started=$(sed -n 's/^started_at: //p' "$CRASH_SPOOL"/running/"$id"@*.md 2>/dev/null | head -n 1)
+# the start is in the running/ name, ID.N.YYYYmmddTHHMMSSfffZ@OWNER.md: as ISO
+started=$(ls "$CRASH_SPOOL"/running | sed -n "s/^$id\\.[0-9]*\\.\\([0-9]\\{4\\}\\)\\([0-9][0-9]\\)\\([0-9][0-9]\\)T\\([0-9][0-9]\\)\\([0-9][0-9]\\)\\([0-9][0-9]\\)\\([0-9]\\{3\\}\\)Z@.*\\.md$/\\1-\\2-\\3T\\4:\\5:\\6.\\7Z/p" | head -n 1)
 echo "$id $started" >> "$CRASH_LOG/starts"
 rm "$CRASH_LOG/kill-on-run" 2>/dev/null && kill -9 $PPID
 printf 'answer: '

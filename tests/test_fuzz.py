@@ -21,7 +21,7 @@ from conftest import ECHO_COMMAND, fake_claude_script, results, terminal_files, 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spoold import intake, spool
+from spoold import intake, spool, transitions
 from spoold.task import MODEL_RE, parse_result, parse_task
 
 MAX_BYTES = 64 * 1024
@@ -96,7 +96,7 @@ def _check(sp: spool.Spool, where: str, name: bytes, data: bytes) -> None:
         return
     [e] = spool.list_queued(sp)
     task = parse_task((sp.dir("queued") / e.name).read_bytes().decode("utf-8"), task_id=e.task_id)
-    assert task.prompt.strip() and task.status == "queued" and task.attempts == 0
+    assert task.prompt.strip() and transitions.history(sp, task.id).attempts == 0
     assert MODEL_RE.match(task.model) and task.priority in spool.PRIORITIES
     assert data.decode("utf-8-sig").endswith(task.prompt)  # the prompt is the user's own text, exactly
 
@@ -218,7 +218,7 @@ def test_daemon_survives_a_hostile_inbox_and_still_serves(sp: spool.Spool, daemo
 
 def test_links_and_fifos_under_a_valid_queued_name_fail_unread(sp: spool.Spool, tmp_path: Path) -> None:
     """A foreign tool (or an attacker with write access) naming a link like a real queued task."""
-    from spoold import queue
+    from spoold import transitions
 
     outside = _outside(tmp_path)
     link = spool.queued_name(spool.new_id("link"), "urgent", None)
@@ -226,7 +226,7 @@ def test_links_and_fifos_under_a_valid_queued_name_fail_unread(sp: spool.Spool, 
     (sp.dir("queued") / link).symlink_to(outside / "secret.md")
     os.mkfifo(sp.dir("queued") / fifo)
     for entry in spool.list_queued(sp):
-        assert queue.claim(sp, entry, "sonnet") is None  # never runs
+        assert transitions.claim(sp, entry, "sonnet") is None  # never runs
     assert spool.list_queued(sp) == [] and spool.list_running(sp) == []
     errors = [parse_result(r.read_text()).error for r in results(sp, "failed")]
     assert len(errors) == 2 and all("cannot be read" in e for e in errors)

@@ -6,7 +6,7 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from spoold import history, queue, spool
+from spoold import history, recovery, spool, transitions
 from spoold.task import Result, Task
 
 OLD = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
@@ -16,11 +16,11 @@ def _finished(sp: spool.Spool, when: datetime, status: str = "done", cost: float
               duration: float = 5.0, model: str = "claude-sonnet-5", error: str | None = None,
               session: str | None = None) -> str:
     t = Task(id=spool.new_id("t", now=when), prompt="q\n")
-    queue.enqueue(sp, t)
+    transitions.enqueue(sp, t)
     [entry] = [e for e in spool.list_queued(sp) if e.task_id == t.id]
-    claimed = queue.claim(sp, entry, "sonnet")
+    claimed = transitions.claim(sp, entry, "sonnet")
     assert claimed
-    queue.finish(sp, claimed, Result(id=t.id, status=status, answer="a\n" if status == "done" else "", cost_usd=cost,
+    transitions.finish(sp, claimed, Result(id=t.id, status=status, answer="a\n" if status == "done" else "", cost_usd=cost,
                                      duration_s=duration, model="sonnet", model_resolved=model, error=error,
                                      finished_at=when + timedelta(seconds=duration), session_id=session))
     return t.id
@@ -48,7 +48,7 @@ def test_prune_takes_old_finished_tasks_with_results_and_transcripts(sp: spool.S
     _finished(sp, datetime.now(UTC), session="s-shared")  # a recent follow-up of the same conversation
     recent = _finished(sp, datetime.now(UTC), session="s-new")
     waiting = Task(id=spool.new_id("q", now=OLD), prompt="still queued\n")
-    queue.enqueue(sp, waiting)
+    transitions.enqueue(sp, waiting)
     for s in ("s-old", "s-shared", "s-new"):
         (claude / "projects" / "-some-cwd" / f"{s}.jsonl").write_text("{}\n")
     cutoff = datetime(2026, 6, 1, tzinfo=UTC)
@@ -73,5 +73,5 @@ def test_a_prune_interrupted_midway_is_finished_by_recovery(sp: spool.Spool) -> 
     done = spool.locate(sp, tid).path
     staged = sp.dir("tmp") / f"prune~{spool.host_id()}-999999999~{done.name}"  # a pruner that died after moving it
     os.rename(done, staged)
-    assert queue.recover(sp, max_attempts=3) == [f"finished pruning {done.name}"]
+    assert recovery.recover(sp, max_attempts=3) == [f"finished pruning {done.name}"]
     assert not staged.exists()

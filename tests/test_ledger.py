@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from spoold import ledger, queue, spool
+from spoold import ledger, spool, transitions
 from spoold.config import Settings
 from spoold.task import Task
 from spoold.units import family_of
@@ -81,7 +81,7 @@ def _queue(sp: spool.Spool, n: int) -> list[str]:
     ids = []
     for i in range(n):
         t = Task(id=spool.new_id(f"t{i}"), prompt=f"t{i}\n")
-        queue.enqueue(sp, t)
+        transitions.enqueue(sp, t)
         ids.append(t.id)
     return ids
 
@@ -120,7 +120,7 @@ def test_try_start_records_the_start_under_the_lock(sp: spool.Spool) -> None:
 def test_damaged_ledger_is_kept_aside_and_rebuilt_not_emptied(sp: spool.Spool) -> None:
     s = settings(max_requests=1)
     _queue(sp, 1)
-    claimed, _ = ledger.try_start(sp, s, lambda t: queue.claim(sp, spool.list_queued(sp)[0], "sonnet", started=t))
+    claimed, _ = ledger.try_start(sp, s, lambda t: transitions.claim(sp, spool.list_queued(sp)[0], "sonnet", started=t))
     assert claimed is not None
     path = ledger.host_file(sp)
     path.write_text("{not json")
@@ -215,10 +215,10 @@ def test_a_batch_skips_what_others_took_and_stops_at_concurrency(sp: spool.Spool
     s = settings(max_requests=100, concurrency=2)
     _queue(sp, 3)
     [a, b, c] = spool.list_queued(sp)
-    out, g = ledger.start_many(sp, s, iter([a, b, c]), lambda e, t: queue.claim(sp, e, "sonnet", started=t), 10)
+    out, g = ledger.start_many(sp, s, iter([a, b, c]), lambda e, t: transitions.claim(sp, e, "sonnet", started=t), 10)
     assert [x.task.id for x in out] == [a.task_id, b.task_id] and g.wait_until == float("inf")
     # A running task whose process has exited (its outcome is being written) holds no slot.
-    out, _ = ledger.start_many(sp, s, iter([c]), lambda e, t: queue.claim(sp, e, "sonnet", started=t), 1,
+    out, _ = ledger.start_many(sp, s, iter([c]), lambda e, t: transitions.claim(sp, e, "sonnet", started=t), 1,
                                finishing=frozenset({a.task_id}))
     assert [x.task.id for x in out] == [c.task_id]
 

@@ -7,7 +7,7 @@ import sys
 from conftest import terminal_files, wait_for, worst_window, write_config
 
 from spoold import api, spool
-from spoold.task import parse_task
+from spoold.task import parse_result
 
 QUICK = [sys.executable, "-c", "import sys; sys.stdin.read(); print('ok')"]
 
@@ -15,8 +15,9 @@ QUICK = [sys.executable, "-c", "import sys; sys.stdin.read(); print('ok')"]
 def _started(sp: spool.Spool) -> list[tuple[float, str]]:
     out = []
     for p in terminal_files(sp, "done"):
-        t = parse_task(p.read_text(), task_id=p.name[:-3])
-        out.append((t.started_at.timestamp(), t.id))
+        res = parse_result(spool.result_path_for(p.parent, p.name[:-3]).read_text())
+        assert res.started_at is not None
+        out.append((res.started_at.timestamp(), res.id))
     return sorted(out)
 
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from spoold import api, history, queue, search, spool
+from spoold import api, history, search, spool, transitions
 from spoold.errors import BadInput
 from spoold.task import Result, Task
 
@@ -17,11 +17,11 @@ WHEN = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 def _done(sp: spool.Spool, prompt: str, answer: str, *, title: str | None = None, tags: list[str] | None = None,
           when: datetime = WHEN, status: str = "done") -> str:
     t = Task(id=spool.new_id("t", now=when), prompt=prompt, title=title, tags=tags or [])
-    queue.enqueue(sp, t)
+    transitions.enqueue(sp, t)
     [e] = [e for e in spool.list_queued(sp) if e.task_id == t.id]
-    c = queue.claim(sp, e, "sonnet")
+    c = transitions.claim(sp, e, "sonnet")
     assert c
-    queue.finish(sp, c, Result(id=t.id, status=status, answer=answer, finished_at=when, error=None if status == "done" else "x"))
+    transitions.finish(sp, c, Result(id=t.id, status=status, answer=answer, finished_at=when, error=None if status == "done" else "x"))
     return t.id
 
 

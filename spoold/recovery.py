@@ -1,0 +1,115 @@
+"""Recovery: put everything a dead process left in flight back in a true state.
+
+Run by a daemon at start and every scan interval. Each step is a transition of its own
+(spoold.transitions), so recovery interrupted at any point is finished by the next one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from spoold import owners, spool, transitions
+from spoold.errors import TaskNotFound
+from spoold.spool import Spool
+
+
+def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = None) -> list[str]:
+    """Recover dead owners' claims, staged writes and intake claims, and stray markers. Returns what was done.
+
+    `running_here` (the ids this process is running) also recovers our own claims a
+    failed write left behind, as if their owner had died.
+    """
+    actions: list[str] = []
+    mine = spool.owner_tag()
+    for entry in spool.list_running(sp):
+        stray = running_here is not None and entry.owner == mine and entry.task_id not in running_here
+        if stray or not owners.owner_alive(sp, entry.owner):
+            actions.append(recover_running(sp, entry, max_attempts=max_attempts))
+    for name in spool.tmp_names(sp):
+        actions.extend(_recover_tmp(sp, name, ours_stray=running_here is not None))
+    running = {e.task_id: e for e in spool.list_running(sp)}
+    for name in spool.running_names(sp):
+        path = spool.running_file(sp, name)
+        if name.endswith(spool.PARTIAL_SUFFIX) and not path.with_suffix(".md").exists():
+            path.unlink(missing_ok=True)  # its task left running/ (a crash between the two)
+        tid = spool.parse_cancel_marker(name)
+        if tid is not None and tid not in running:
+            path.unlink(missing_ok=True)  # its task already ended
+    return [a for a in actions if a]
+
+
+def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int) -> str:
+    """A dead owner's task: finish it if its result exists, else requeue it (or fail it after max_attempts)."""
+    path = spool.running_file(sp, entry.name)
+    result_path = spool.find_result(sp, entry.task_id)
+    if result_path is not None:
+        done = spool.task_path_for(result_path.parent, entry.task_id)
+        try:
+            spool.move(path, done)
+        except FileExistsError:  # it had finished; a power cut brought back its running/ copy
+            path.unlink(missing_ok=True)
+            spool.fsync_dir(path.parent)
+            return f"dropped a stale running/ copy of {entry.task_id} (it had already finished)"
+        except FileNotFoundError:
+            return ""
+        return f"finished {entry.task_id} (its result was already written)"
+    claimed = transitions.take_over(sp, entry)
+    if claimed is None:
+        return f"failed {entry.task_id}: its task file could not be read" if _failed(sp, entry.task_id) else ""
+    if spool.cancel_marker(sp, entry.task_id).exists():
+        transitions.cancel_running(sp, claimed, "cancelled")
+        return f"cancelled {entry.task_id}"
+    if claimed.attempt >= max_attempts:
+        msg = f"interrupted {claimed.attempt} times (the daemon died while it ran); run `spoold retry {entry.task_id}`"
+        transitions.finish(sp, claimed, transitions.result_for(claimed, "failed", msg))
+        return f"failed {entry.task_id}: {msg}"
+    transitions.requeue(sp, claimed, f"interrupted on {entry.host} (pid {entry.pid}); requeued")
+    return f"requeued {entry.task_id}"
+
+
+def _failed(sp: Spool, task_id: str) -> bool:
+    return spool.result_path_for(sp.dir("failed"), task_id).exists()
+
+
+def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]:
+    """A dead process's staged write or intake claim; with ours_stray, also our own (intake never spans a turn)."""
+    path = spool.tmp_path(sp, name)
+    pruner = spool.parse_prune_name(name)
+    if pruner is not None:  # a prune's intent is deletion: finish it once its process is gone
+        if not owners.owner_alive(sp, pruner) or (ours_stray and pruner == spool.owner_tag()):
+            _remove(path)
+            return [f"finished pruning {name.partition('~')[2].partition('~')[2]}"]
+        return []
+    claim_parts = spool.parse_intake_claim(name)
+    if claim_parts is None:
+        # A staged write that never became visible: nothing was promised. Writers such as
+        # `spoold submit` hold no owner lock, so their liveness is their pid.
+        staged_by = spool.staging_owner(name)
+        pid = spool.owner_pid(staged_by) if staged_by else None
+        if staged_by and not owners.owner_alive(sp, staged_by) and not (pid is not None and spool.pid_alive(pid)):
+            path.unlink(missing_ok=True)
+        return []
+    owner, task_id, source = claim_parts
+    if owners.owner_alive(sp, owner) and not (ours_stray and owner == spool.owner_tag()):
+        return []
+    try:
+        spool.locate(sp, task_id)
+        if not path.is_dir() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        return [f"dropped the intake copy of {task_id} (already queued)"]
+    except TaskNotFound:
+        pass
+    if _failed(sp, task_id):
+        transitions.move_rejected(sp, path, task_id)
+        return [f"moved {source} to failed (its result was already written)"]
+    spool.move(path, spool.returned_path(sp, source, task_id))
+    return [f"returned {source} to inbox (intake was interrupted)"]
+
+
+def _remove(path: Path) -> None:
+    """A pruned file, or a pruned task's records directory."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

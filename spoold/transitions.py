@@ -1,0 +1,316 @@
+"""Task transitions, each one rename: enqueue, claim, finish, requeue, cancel, retry.
+
+A task file is written once, into queued/, and never changed again: its directory is its
+state, and what changes over its life lives in names (the running/ name carries the attempt,
+the start and the owner) and in write-once files (the result; `.spoold/attempts/ID/` records).
+Only the process that claimed a task (its owner, named in the running/ name) moves it; others
+ask through a `.cancel` marker, or take it over once its owner is proven dead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from spoold import owners, spool
+from spoold.errors import BadInput, InvalidState
+from spoold.spool import Spool
+from spoold.task import Result, Task, parse_result, render_result, render_task
+from spoold.task import read as read_task
+
+log = logging.getLogger("spoold")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---- into the queue ------------------------------------------------------------
+
+
+def enqueue(sp: Spool, task: Task, *, sync_dir: bool = True) -> Path:
+    """Write a new task straight into queued/ (submit, the adapter, intake): the one write of its file."""
+    dest = spool.queued_path_for(sp, task.id, task.priority, task.not_before)
+    return spool.write_new(sp, dest, render_task(task), sync_dir=sync_dir)
+
+
+def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
+    """Move a dropped entry into tmp/ under our name before reading it: nobody else takes it, nothing is lost.
+
+    Not synced here: intake fsyncs tmp/ and the source directory once for a whole scan.
+    """
+    dest = spool.intake_claim_path(sp, task_id, path.name)
+    try:
+        return spool.move(path, dest, sync="none")
+    except FileNotFoundError:
+        return None
+
+
+def unclaim_intake(sp: Spool, claimed: Path, original: Path) -> None:
+    """Undo claim_intake when the task could not be written; recovery does it if even this fails."""
+    try:
+        spool.move(claimed, original)
+    except OSError as e:
+        log.warning("left %s in tmp/ (%s); recovery returns it to %s", claimed.name, e.strerror or e, original.parent.name)
+
+
+def accept_intake(sp: Spool, task: Task) -> Path:
+    """Write a taken entry's task into queued/; the caller syncs queued/, then drops the intake copy."""
+    path = enqueue(sp, task, sync_dir=False)
+    log.info("queued %s (from %s)", task.id, task.source)
+    return path
+
+
+def drop_intake_copy(claimed: Path) -> None:
+    try:
+        claimed.unlink()  # no fsync: if a power cut brings the copy back, recovery sees the task and drops it
+    except OSError as e:  # queued already: recovery drops the copy
+        log.warning("left the intake copy %s in tmp/ (%s)", claimed.name, e.strerror or e)
+
+
+def reject_intake(sp: Spool, claimed: Path, task_id: str, source: str, message: str) -> None:
+    """Keep the bad entry in failed/ untouched, with a result that says what to fix."""
+    t = now()
+    result = Result(id=task_id, status="failed", submitted_at=t, finished_at=t, attempts=0, error=message)
+    spool.write_new(sp, spool.result_path_for(sp.dir("failed"), task_id), render_result(result))
+    try:
+        move_rejected(sp, claimed, task_id)
+    except OSError as e:  # the result is written: recovery moves the entry beside it
+        log.warning("left the rejected %s in tmp/ (%s)", claimed.name, e.strerror or e)
+    log.warning("failed %s (%s): %s", task_id, source, message)
+
+
+def move_rejected(sp: Spool, claimed: Path, task_id: str) -> None:
+    regular = claimed.is_file() and not claimed.is_symlink()
+    spool.move(claimed, spool.rejected_path(sp, task_id, regular))
+
+
+# ---- what a task's records say -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class History:
+    """A task's attempts, from its records alone: how many so far (since the last retry), the next
+    attempt's number over its whole life, and why it last went back to the queue."""
+
+    attempts: int
+    next_number: int
+    base: int  # attempts before the latest retry
+    last_reason: str | None
+
+
+def history(sp: Spool, task_id: str) -> History:
+    records = spool.attempt_records(sp, task_id)
+    last, base = spool.last_attempt(records), spool.retry_base(records)
+    reason = None
+    since = [r for r in records if r.kind != "retried" and r.attempt > base]
+    if since:
+        try:
+            reason = json.loads(spool.read_bytes(since[-1].path, 64 * 1024)).get("reason")
+        except (OSError, ValueError, AttributeError):
+            reason = None
+    return History(last - base, last + 1, base, reason)
+
+
+# ---- dispatch ------------------------------------------------------------------
+
+
+@dataclass
+class Claimed:
+    """A task we run: its file in running/ under our name, and what the name says."""
+
+    path: Path
+    task: Task
+    attempt: int  # since the last retry: what max_attempts counts (1 on a first run)
+    number: int  # over the task's life, as in the running/ name
+    started: datetime
+
+
+def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: float | None = None) -> Claimed | None:
+    """queued/ → running/ under our owner name: one rename. None if another process won, or the file is bad
+    (then it is failed, with the reason). The file is read after the move, so what runs is what was claimed."""
+    h = history(sp, entry.task_id)
+    t = datetime.fromtimestamp(started, UTC) if started is not None else now()
+    dest = spool.running_path(sp, entry.task_id, h.next_number, t)
+    try:
+        spool.move(spool.queued_path(sp, entry.name), dest)
+    except (FileNotFoundError, FileExistsError):
+        return None  # another process took it
+    claimed = _read_claimed(sp, dest, entry.task_id, default_model, h.next_number - h.base, h.next_number, t)
+    if claimed is not None:
+        log.info("running %s (attempt %d, model %s)", claimed.task.id, claimed.attempt, claimed.task.model)
+    return claimed
+
+
+def _read_claimed(sp: Spool, path: Path, task_id: str, default_model: str, attempt: int, number: int,
+                  started: datetime) -> Claimed | None:
+    """Read a task we now own in running/; one that cannot be read is failed with the reason."""
+    try:
+        task = read_task(path, task_id, default_model)
+    except (BadInput, OSError) as e:
+        msg = f"the queued task file cannot be read: {e}"
+        result = Result(id=task_id, status="failed", finished_at=now(), attempts=attempt - 1, error=msg)
+        _write_result(sp, sp.dir("failed"), result)
+        spool.move(path, spool.task_path_for(sp.dir("failed"), task_id))
+        log.warning("failed %s: %s", task_id, msg)
+        return None
+    return Claimed(path, task, attempt, number, started)
+
+
+def unclaim(sp: Spool, claimed: Claimed) -> None:
+    """Undo a claim whose start could not be counted (the disk is full): one rename back, no record, so the
+    attempt does not count and its number is used again."""
+    task = claimed.task
+    spool.move(claimed.path, spool.queued_path_for(sp, task.id, task.priority, None))
+
+
+def take_over(sp: Spool, entry: spool.RunningEntry, default_model: str = "sonnet") -> Claimed | None:
+    """Make a dead owner's running/ task ours (one rename, same attempt and start), so that only its owner
+    moves it on. None if another process took it over first, or it could not be read (then failed)."""
+    h = history(sp, entry.task_id)
+    mine = spool.running_path(sp, entry.task_id, entry.attempt, entry.started)
+    path = spool.running_file(sp, entry.name)
+    if path != mine:
+        try:
+            spool.move(path, mine)
+        except (FileNotFoundError, FileExistsError):
+            return None
+    return _read_claimed(sp, mine, entry.task_id, default_model, entry.attempt - h.base, entry.attempt, entry.started)
+
+
+def result_for(claimed: Claimed, status: str, error: str | None = None, answer: str = "",
+               **measured: Any) -> Result:
+    """A result with what the claim knows (the task's own fields, its attempt and start) and what the run
+    measured (tokens, cost, model_resolved, ...): the one place a finished attempt becomes a Result."""
+    task = claimed.task
+    return Result(id=task.id, status=status, answer=answer, model=task.model, submitted_at=task.submitted_at,
+                  started_at=claimed.started, finished_at=now(), attempts=claimed.attempt, error=error,
+                  continues=task.resume, **measured)
+
+
+def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
+    """running/ → done/DATE/ or failed/, the result file first so a finished answer is never lost.
+
+    Three fsyncs: the result, the result's name (before the task can land beside it), and the task's
+    name. running/ is not synced: a copy a power cut brings back there is dropped by recovery.
+    """
+    finished = result.finished_at or now()
+    dest_dir = spool.date_dir(sp, "done", finished) if result.status == "done" else sp.dir("failed")
+    _write_result(sp, dest_dir, result)
+    spool.fault("finish:result-written")
+    dest = spool.move(claimed.path, spool.task_path_for(dest_dir, claimed.task.id), sync="dest")
+    _drop_partial(claimed.path)
+    log.info("%s %s%s", result.status, claimed.task.id, f": {result.error}" if result.error else "")
+    return dest
+
+
+def _drop_partial(running: Path) -> None:
+    """The answer so far is the owner's scratch: once the task has left running/, its result says it all."""
+    spool.partial_path(running).unlink(missing_ok=True)
+
+
+def _write_result(sp: Spool, dest_dir: Path, result: Result) -> None:
+    path = spool.result_path_for(dest_dir, result.id)
+    try:
+        spool.write_new(sp, path, render_result(result))
+    except FileExistsError:
+        log.warning("kept the existing result %s (not overwritten)", path)
+
+
+def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = True,
+            not_before: datetime | None = None) -> Path:
+    """running/ → queued/: the task waits again (a transient error; or, not counted, a hold, a wait, a stop).
+
+    A record comes first (its one writer us), so the count and the reason survive the rename:
+    `N.requeued@OWNER.json` for a counted attempt, `N.waited.STAMP@OWNER.json` for one that is not
+    (the next claim uses its number again).
+    """
+    task, ended = claimed.task, now()
+    record = {"attempt": claimed.number, "owner": spool.owner_tag(), "started_at": _iso(claimed.started),
+              "ended_at": _iso(ended), "counted": count_attempt, "reason": reason}
+    path = (spool.requeued_record_path(sp, task.id, claimed.number) if count_attempt
+            else spool.waited_record_path(sp, task.id, claimed.number, ended))
+    try:
+        spool.write_new(sp, path, (json.dumps(record) + "\n").encode())
+    except FileExistsError:
+        pass  # written before a crash that stopped this requeue halfway
+    dest = spool.move(claimed.path, spool.queued_path_for(sp, task.id, task.priority, not_before))
+    _drop_partial(claimed.path)
+    log.info("requeued %s: %s", task.id, reason)
+    return dest
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def cancel_running(sp: Spool, claimed: Claimed, reason: str, answer: str = "") -> Path:
+    """Owner side of a cancel: running/ → cancelled/, keeping any partial answer."""
+    _write_result(sp, sp.dir("cancelled"), result_for(claimed, "cancelled", reason, answer))
+    dest = spool.move(claimed.path, spool.task_path_for(sp.dir("cancelled"), claimed.task.id))
+    _drop_partial(claimed.path)
+    spool.cancel_marker(sp, claimed.task.id).unlink(missing_ok=True)
+    log.info("cancelled %s", claimed.task.id)
+    return dest
+
+
+def cancel(sp: Spool, task_id: str) -> str:
+    """Cancel a queued task at once, or ask a running task's owner to stop it. Returns the new state."""
+    for _ in range(5):  # a task can move between looking and acting: look again
+        loc = spool.locate(sp, task_id)
+        if loc.state == "queued":
+            dest = spool.task_path_for(sp.dir("cancelled"), task_id)
+            try:
+                spool.move(loc.path, dest)
+            except FileNotFoundError:
+                continue  # claimed meanwhile: cancel it as running
+            h = history(sp, task_id)
+            result = Result(id=task_id, status="cancelled", finished_at=now(), attempts=h.attempts,
+                            error="cancelled before it ran" if not h.attempts else "cancelled while queued")
+            _write_result(sp, sp.dir("cancelled"), result)
+            log.info("cancelled %s", task_id)
+            return "cancelled"
+        if loc.state == "running":
+            entry = spool.parse_running_name(loc.path.name)
+            if entry and not owners.owner_alive(sp, entry.owner):
+                claimed = take_over(sp, entry)
+                if claimed is None:
+                    continue
+                cancel_running(sp, claimed, "cancelled")
+                return "cancelled"
+            marker = spool.cancel_marker(sp, task_id)
+            if not marker.exists():
+                try:
+                    spool.write_new(sp, marker, f"cancel requested {_iso(now())}\n".encode())
+                except FileExistsError:
+                    pass  # someone else asked first
+            return "cancelling"
+        raise InvalidState(f"task {task_id} is already {loc.state}; nothing to cancel")
+    raise InvalidState(f"task {task_id} kept moving while it was being cancelled; try again")
+
+
+def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
+    """failed/ or cancelled/ → queued/ with a fresh attempt count: two renames, no write. The old result
+    is set aside in the task's records (`N.retried.STAMP@OWNER.md`), which is what resets the count."""
+    loc = spool.locate(sp, task_id)
+    if loc.state not in ("failed", "cancelled"):
+        raise InvalidState(f"task {task_id} is {loc.state}; only failed or cancelled tasks can be retried")
+    try:
+        task = read_task(loc.path, task_id, default_model)
+    except (BadInput, OSError) as e:
+        raise InvalidState(f"task {task_id} cannot be retried as it is ({e}); fix {loc.path} and drop it into inbox/") from None
+    h = history(sp, task_id)
+    if loc.result_path.exists():
+        try:
+            ran = parse_result(spool.read_bytes(loc.result_path).decode("utf-8")).attempts or 0
+        except (OSError, UnicodeDecodeError, BadInput):
+            ran = 0
+        upto = max(h.next_number - 1, h.base + ran)
+        spool.move(loc.result_path, spool.retried_result_path(sp, task_id, upto, now()))
+    dest = spool.move(loc.path, spool.queued_path_for(sp, task_id, task.priority, None))
+    log.info("retry %s", task_id)
+    return dest
