@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -114,7 +115,7 @@ def prune(sp: Spool, older_than: datetime, states: tuple[str, ...] = spool.TERMI
     """Remove finished tasks submitted before `older_than`, each with its result, and the CLI's transcripts of
     their conversations that no kept task continues. Never a queued or running task.
 
-    Crash-safe: a task's files move into tmp/ under a prune name first (gone from every listing at once),
+    Crash-safe: a task's files (and its attempt records) move into tmp/ under a prune name first (gone from every listing at once),
     then are deleted; recovery deletes what a pruner that died left there.
     """
     for s in states:
@@ -130,12 +131,16 @@ def prune(sp: Spool, older_than: datetime, states: tuple[str, ...] = spool.TERMI
     transcripts = _transcripts(sessions, claude_dir or _claude_dir())
     if not dry_run:
         for f in old:
-            for path in (f.task_path, spool.result_path_for(f.task_path.parent, f.task_id)):
+            records = spool.attempts_dir(sp, f.task_id)
+            for path in (f.task_path, spool.result_path_for(f.task_path.parent, f.task_id), records):
                 try:
                     staged = spool.move(path, spool.prune_path(sp, path), sync="none")
                 except FileNotFoundError:
                     continue
-                staged.unlink(missing_ok=True)
+                if path == records:
+                    shutil.rmtree(staged, ignore_errors=True)
+                else:
+                    staged.unlink(missing_ok=True)
         for d in {f.task_path.parent for f in old}:
             spool.fsync_dir(d)
         for t in transcripts:

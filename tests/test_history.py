@@ -14,9 +14,14 @@ OLD = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 
 def _finished(sp: spool.Spool, when: datetime, status: str = "done", cost: float | None = 0.01,
               duration: float = 5.0, model: str = "claude-sonnet-5", error: str | None = None,
-              session: str | None = None) -> str:
+              session: str | None = None, requeues: int = 0) -> str:
     t = Task(id=spool.new_id("t", now=when), prompt="q\n")
     transitions.enqueue(sp, t)
+    for _ in range(requeues):
+        [entry] = [e for e in spool.list_queued(sp) if e.task_id == t.id]
+        again = transitions.claim(sp, entry, "sonnet")
+        assert again
+        transitions.requeue(sp, again, "transient")
     [entry] = [e for e in spool.list_queued(sp) if e.task_id == t.id]
     claimed = transitions.claim(sp, entry, "sonnet")
     assert claimed
@@ -43,7 +48,8 @@ def test_stats_add_up_cost_durations_and_failures(sp: spool.Spool) -> None:
 def test_prune_takes_old_finished_tasks_with_results_and_transcripts(sp: spool.Spool, tmp_path: Path) -> None:
     claude = tmp_path / "claude-config"
     (claude / "projects" / "-some-cwd").mkdir(parents=True)
-    old = _finished(sp, OLD, session="s-old")
+    old = _finished(sp, OLD, session="s-old", requeues=1)
+    assert spool.attempt_records(sp, old)
     continued = _finished(sp, OLD, session="s-shared")
     _finished(sp, datetime.now(UTC), session="s-shared")  # a recent follow-up of the same conversation
     recent = _finished(sp, datetime.now(UTC), session="s-new")
@@ -57,7 +63,7 @@ def test_prune_takes_old_finished_tasks_with_results_and_transcripts(sp: spool.S
     out = history.prune(sp, cutoff, claude_dir=claude)
     assert sorted(out.task_ids) == sorted([old, continued])
     for gone in (old, continued):
-        assert spool.find_result(sp, gone) is None
+        assert spool.find_result(sp, gone) is None and not spool.attempts_dir(sp, gone).exists()
         try:
             spool.locate(sp, gone)
             raise AssertionError("still there")
