@@ -97,7 +97,7 @@ def _durable(path: str, data: bytes) -> None:
 
 
 def _floor(n: int, conc: int) -> float:
-    """spoold's file protocol for n tasks, replayed with nothing else: no parsing, no daemon, no asyncio.
+    """spoold's file protocol (format 2) for n tasks, replayed with nothing else: no parsing, no daemon, no asyncio.
 
     The same creates, fsyncs and renames per task as spoold does (intake batched as for a bulk
     drop; then per task the claim and ledger write under one lock, the same `sh` job, and finish),
@@ -132,10 +132,8 @@ def _floor(n: int, conc: int) -> float:
                     if i is None:
                         return
                     run, done = f"{d['running']}/r{i}", f"{d['done']}/r{i}"
-                    Path(d["queued"], f"q{i}").read_bytes()
-                    _durable(f"{d['tmp']}/b{i}", body)
-                    os.rename(f"{d['queued']}/q{i}", run)
-                    os.replace(f"{d['tmp']}/b{i}", run)
+                    os.rename(f"{d['queued']}/q{i}", run)  # format 2: a claim is a rename, then a read
+                    Path(run).read_bytes()
                     _fsync_dir(d["running"])
                     _fsync_dir(d["queued"])
                     _durable(f"{d['tmp']}/l{i}", b'{"starts":[1]}')
@@ -143,9 +141,7 @@ def _floor(n: int, conc: int) -> float:
                     _fsync_dir(d["ledger"])
                 subprocess.run([*MARK[:3], str(base / "starts"), str(base / "end")], stdin=subprocess.DEVNULL,
                                capture_output=True, check=True)
-                _durable(f"{d['tmp']}/f{i}", body)  # finish: final text, result, then the move
-                os.replace(f"{d['tmp']}/f{i}", run)
-                _durable(f"{d['tmp']}/e{i}", body)
+                _durable(f"{d['tmp']}/e{i}", body)  # finish: the result, then the task's move beside it
                 os.link(f"{d['tmp']}/e{i}", f"{d['done']}/e{i}")
                 os.unlink(f"{d['tmp']}/e{i}")
                 _fsync_dir(d["done"])
