@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,12 @@ def _read_task(path: Path, task_id: str) -> Task | None:
 
 def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_estimate: bool = True) -> TaskInfo:
     """Everything about one task, from its file and its result (and the ledger's estimate while queued)."""
+    return info_and_result(sp, task_id, settings=settings, with_estimate=with_estimate)[0]
+
+
+def info_and_result(sp: Spool, task_id: str, *, settings: Settings | None = None,
+                    with_estimate: bool = True) -> tuple[TaskInfo, Result | None]:
+    """A task's info and, once it has one, its result as written: each file read once."""
     loc = spool.locate(sp, task_id)
     out = TaskInfo(id=task_id, state=loc.state, path=str(loc.path))
     task = _read_task(loc.path, task_id) if loc.path.is_file() and not loc.path.is_symlink() else None
@@ -217,12 +223,25 @@ def info(sp: Spool, task_id: str, *, settings: Settings | None = None, with_esti
     res = _in_flight(sp, out, loc.path, with_reason=True)
     if res:
         out.input_tokens, out.output_tokens = res.input_tokens, res.output_tokens
-        out.answer_chars = 0 if is_failure_note(res.answer) else len(res.answer)
+        out.answer_chars = len(answer_of(res))
     if loc.state == "running":
         out.partial_answer = partial_answer(sp, task_id)
     if loc.state == "queued" and with_estimate:
         _estimate_into(sp, out, settings or load_settings(sp))
-    return out
+    return out, res
+
+
+def result_fields(res: Result | None) -> dict[str, Any]:
+    """A result file's fields as JSON values (times in ISO), without the answer: for `--json`."""
+    if res is None:
+        return {}
+    out = {f.name: getattr(res, f.name) for f in fields(Result) if f.name != "answer"}
+    return {k: iso(v) if isinstance(v, datetime) else v for k, v in out.items()}
+
+
+def answer_of(res: Result | None) -> str:
+    """A result's answer ('' when it has none: a failure's note in the file is not an answer)."""
+    return "" if res is None or is_failure_note(res.answer) else res.answer
 
 
 def partial_answer(sp: Spool, task_id: str) -> str | None:
@@ -240,7 +259,7 @@ def _apply_estimate(out: TaskInfo, est: ledger.Estimate) -> None:
     out.estimated_wait_seconds = round(max(0.0, est.start - time.time()), 1)
 
 
-def _read_result(path: Path):
+def _read_result(path: Path) -> Result | None:
     try:
         return parse_result(spool.read_bytes(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, BadInput):
@@ -248,23 +267,11 @@ def _read_result(path: Path):
 
 
 def result(sp: Spool, task_id: str) -> tuple[TaskInfo, str]:
-    """(info, answer text) of a finished task (empty when it failed without one); InvalidState while it runs."""
-    ti = info(sp, task_id, with_estimate=False)
+    """(info, answer text) of a finished task (empty when it has none); InvalidState while it is not finished."""
+    ti, res = info_and_result(sp, task_id, with_estimate=False)
     if ti.state not in spool.TERMINAL:
         raise InvalidState(f"task {task_id} is {ti.state}; no result yet (`spoold wait {task_id}`)")
-    if not ti.result_path:
-        return ti, ""  # cancelled before it ran: nothing was answered
-    res = _read_result(Path(ti.result_path))
-    answer = res.answer if res else Path(ti.result_path).read_text(encoding="utf-8", errors="replace")
-    return ti, "" if is_failure_note(answer) else answer  # the reason is ti.error; the answer is only an answer
-
-
-def result_meta(sp: Spool, task_id: str) -> dict[str, Any]:
-    ti = info(sp, task_id, with_estimate=False)
-    if not ti.result_path:
-        return {}
-    meta, _ = parse_text(Path(ti.result_path).read_text(encoding="utf-8"))
-    return meta
+    return ti, answer_of(res)
 
 
 def structured(answer: str) -> Any:
@@ -280,13 +287,15 @@ def structured(answer: str) -> Any:
         return None
 
 
-def wait(sp: Spool, task_id: str, timeout_s: float | None = None, poll_s: float = 0.1) -> TaskInfo:
-    """Block until the task ends (or the timeout passes); returns its info either way."""
+def wait(sp: Spool, task_id: str, timeout_s: float | None = None, poll_s: float = 0.1, *,
+         with_estimate: bool = True) -> TaskInfo:
+    """Block until the task ends (or the timeout passes); returns its info either way (with its estimate
+    when it is still queued, unless asked not to). The one wait: the CLI and the adapter both call it."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         ti = info(sp, task_id, with_estimate=False)
         if ti.state in spool.TERMINAL or (deadline is not None and time.monotonic() >= deadline):
-            return ti if ti.state in spool.TERMINAL else info(sp, task_id)
+            return ti if ti.state in spool.TERMINAL or not with_estimate else info(sp, task_id)
         time.sleep(poll_s)
 
 

@@ -337,11 +337,12 @@ def cmd_result(args: argparse.Namespace) -> int:
         else:
             print(f"spoold: {task_id} is {ti.state}{_eta(ti)}; no answer yet (`spoold wait {args.id}`)", file=sys.stderr)
         return EXIT_NOT_FINISHED
-    _, answer = api.result(sp, task_id)
+    ti, res = api.info_and_result(sp, task_id, with_estimate=False)
+    answer = api.answer_of(res)
     if args.json:
-        meta = api.result_meta(sp, task_id)
+        meta = {k: v for k, v in api.result_fields(res).items() if v is not None}
         data = {"info": ti.to_dict(), "meta": meta, "answer": answer}
-        if meta.get("structured"):
+        if res is not None and res.structured:
             data["structured"] = api.structured(answer)
         _print_json(data)
     else:

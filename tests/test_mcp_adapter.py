@@ -102,26 +102,26 @@ async def test_submit_returns_at_once_with_position_and_estimate(sp: Spool) -> N
     async with connect(sp) as client:
         first = await call(client, "async_submit", query="Summarise the plot of Hamlet", title="hamlet")
         second = await call(client, "async_submit", query="second", priority="low", model="haiku")
-    assert first["status"] == "queued" and first["queue_position"] == 1
+    assert first["state"] == "queued" and first["position"] == 1
     assert first["estimated_start"] and first["estimated_wait_seconds"] is not None
-    assert second["queue_position"] == 2 and second["model"] == "haiku" and second["priority"] == "low"
-    assert first["task_id"].endswith("-hamlet")
-    assert [t.id for t in api.list_tasks(sp, "queued")] == [first["task_id"], second["task_id"]]
+    assert second["position"] == 2 and second["model"] == "haiku" and second["priority"] == "low"
+    assert first["id"].endswith("-hamlet")
+    assert [t.id for t in api.list_tasks(sp, "queued")] == [first["id"], second["id"]]
 
 
 async def test_submit_passes_system_and_not_before(sp: Spool) -> None:
     async with connect(sp) as client:
         out = await call(client, "async_submit", query="later", system="be brief", not_before="2099-01-01T00:00:00Z")
-        status = await call(client, "async_status", task_id=out["task_id"])
+        status = await call(client, "async_status", task_id=out["id"])
     assert out["not_before"] == status["not_before"] == "2099-01-01T00:00:00Z"
-    assert "be brief" in Path(api.info(sp, out["task_id"]).path).read_text()
+    assert "be brief" in Path(api.info(sp, out["id"]).path).read_text()
 
 
 @pytest.mark.parametrize("query", ["---\nmodel: opus\n---\nhello", "---\nsection one\n---\nmore", "---\n\nrule"])
 async def test_a_leading_rule_in_the_query_is_text_not_settings(sp: Spool, query: str) -> None:
     async with connect(sp) as client:
         out = await call(client, "async_submit", query=query)
-    task = parse_task(Path(api.info(sp, out["task_id"]).path).read_text(), task_id=out["task_id"])
+    task = parse_task(Path(api.info(sp, out["id"]).path).read_text(), task_id=out["id"])
     assert task.prompt == query and task.model == "sonnet"
 
 
@@ -142,17 +142,17 @@ async def test_submit_refuses_bad_input_with_the_reason(sp: Spool) -> None:
 
 async def test_status_and_result_of_a_queued_task(sp: Spool) -> None:
     async with connect(sp) as client:
-        tid = (await call(client, "async_submit", query="not yet"))["task_id"]
+        tid = (await call(client, "async_submit", query="not yet"))["id"]
         status = await call(client, "async_status", task_id=tid)
         result = await call(client, "async_result", task_id=tid)
-    assert status["state"] == "queued" and status["queue_position"] == 1 and status["queue_held_until"] is None
+    assert status["state"] == "queued" and status["position"] == 1 and status["queue_held_until"] is None
     assert result["finished"] is False and result["answer"] is None and result["next_offset"] is None
-    assert result["status"]["queue_position"] == 1
+    assert result["position"] == 1
 
 
 async def test_wait_returns_when_the_daemon_finishes_the_task(echo_sp: Spool) -> None:
     async with connect(echo_sp) as client:
-        tid = (await call(client, "async_submit", query="ping"))["task_id"]
+        tid = (await call(client, "async_submit", query="ping"))["id"]
         started = time.monotonic()
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_daemon_once, echo_sp)
@@ -169,17 +169,17 @@ async def test_wait_returns_when_the_daemon_finishes_the_task(echo_sp: Spool) ->
 
 async def test_wait_returns_the_status_at_the_timeout(sp: Spool) -> None:
     async with connect(sp) as client:
-        tid = (await call(client, "async_submit", query="nobody runs me"))["task_id"]
+        tid = (await call(client, "async_submit", query="nobody runs me"))["id"]
         started = time.monotonic()
         out = await call(client, "async_wait", task_id=tid, timeout_seconds=0.3)
     assert 0.25 <= time.monotonic() - started < 3
-    assert out["state"] == "queued" and out["finished"] is False and out["status"]["queue_position"] == 1
+    assert out["state"] == "queued" and out["finished"] is False and out["position"] == 1
 
 
 async def test_wait_caps_the_timeout(sp: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(adapter, "MAX_WAIT_S", 0.2)
     async with connect(sp) as client:
-        tid = (await call(client, "async_submit", query="q"))["task_id"]
+        tid = (await call(client, "async_submit", query="q"))["id"]
         started = time.monotonic()
         await call(client, "async_wait", task_id=tid, timeout_seconds=3600)
     assert time.monotonic() - started < 3
@@ -188,17 +188,17 @@ async def test_wait_caps_the_timeout(sp: Spool, monkeypatch: pytest.MonkeyPatch)
 async def test_result_of_a_failed_task_carries_the_error(sp: Spool) -> None:
     write_config(sp, backend="command", max_attempts=1, command=[sys.executable, "-c", "import sys; sys.exit('boom')"])
     async with connect(sp) as client:
-        tid = (await call(client, "async_submit", query="fail please"))["task_id"]
+        tid = (await call(client, "async_submit", query="fail please"))["id"]
         await run_daemon_once(sp)
         result = await call(client, "async_result", task_id=tid)
     assert result["state"] == "failed" and result["finished"] is True
-    assert "boom" in result["error"] and "boom" in result["status"]["error"]
+    assert "boom" in result["error"]
 
 
 async def test_a_long_answer_comes_in_parts_that_join_to_the_whole(echo_sp: Spool) -> None:
     query = "".join(f"line {i}: é ✓ {'x' * (i % 70)}\n" for i in range(1200))  # about 55,000 characters
     async with connect(echo_sp) as client:
-        tid = (await call(client, "async_submit", query=query))["task_id"]
+        tid = (await call(client, "async_submit", query=query))["id"]
         await run_daemon_once(echo_sp)
         whole = api.result(echo_sp, tid)[1]
         first = await call(client, "async_wait", task_id=tid, timeout_seconds=5)
@@ -243,27 +243,27 @@ async def test_unknown_id_is_a_tool_error(sp: Spool, tool: str) -> None:
 
 async def test_list_orders_filters_and_bounds(echo_sp: Spool) -> None:
     async with connect(echo_sp) as client:
-        done_id = (await call(client, "async_submit", query="one"))["task_id"]
+        done_id = (await call(client, "async_submit", query="one"))["id"]
         await run_daemon_once(echo_sp)
-        queued = [(await call(client, "async_submit", query=f"q{i}", title=f"title {i}"))["task_id"] for i in range(3)]
+        queued = [(await call(client, "async_submit", query=f"q{i}", title=f"title {i}"))["id"] for i in range(3)]
         everything = await call(client, "async_list")
         only_queued = await call(client, "async_list", state="queued", limit=2)
         too_many = await call_error(client, "async_list", limit=adapter.MAX_LIST + 1)
         bad_state = await call_error(client, "async_list", state="exploded")
-    assert [t["task_id"] for t in everything["tasks"]] == [*queued, done_id]
+    assert [t["id"] for t in everything["tasks"]] == [*queued, done_id]
     assert everything["counts"]["queued"] == 3 and everything["counts"]["done"] == 1
-    assert [t["task_id"] for t in only_queued["tasks"]] == queued[:2]
-    assert only_queued["tasks"][1]["queue_position"] == 2 and only_queued["tasks"][1]["title"] == "title 1"
+    assert [t["id"] for t in only_queued["tasks"]] == queued[:2]
+    assert only_queued["tasks"][1]["position"] == 2 and only_queued["tasks"][1]["title"] == "title 1"
     assert "200" in too_many and "state" in bad_state
 
 
 async def test_cancel_a_queued_task_then_again(sp: Spool) -> None:
     async with connect(sp) as client:
-        tid = (await call(client, "async_submit", query="never mind"))["task_id"]
+        tid = (await call(client, "async_submit", query="never mind"))["id"]
         out = await call(client, "async_cancel", task_id=tid)
         again = await call_error(client, "async_cancel", task_id=tid)
         result = await call(client, "async_result", task_id=tid)
-    assert out == {"task_id": tid, "state": "cancelled"}
+    assert out == {"id": tid, "state": "cancelled"}
     assert "already cancelled" in again
     assert api.info(sp, tid).state == "cancelled"
     assert result["finished"] is True and result["answer"] is None
@@ -293,10 +293,10 @@ async def test_reading_tools_do_not_create_a_spool(tmp_path: Path) -> None:
     missing = Spool(tmp_path / "nowhere")
     async with connect(missing) as client:
         message = await call_error(client, "async_list")
-        tid = (await call(client, "async_submit", query="creates it"))["task_id"]
+        tid = (await call(client, "async_submit", query="creates it"))["id"]
         listed = await call(client, "async_list")
     assert "no spool at" in message
-    assert [t["task_id"] for t in listed["tasks"]] == [tid]
+    assert [t["id"] for t in listed["tasks"]] == [tid]
 
 
 # ---- resources --------------------------------------------------------------------
@@ -306,7 +306,7 @@ async def test_result_and_queue_resources(echo_sp: Spool) -> None:
     async with connect(echo_sp) as client:
         templates = (await client.list_resource_templates()).resource_templates
         static = (await client.list_resources()).resources
-        tid = (await call(client, "async_submit", query="resource me"))["task_id"]
+        tid = (await call(client, "async_submit", query="resource me"))["id"]
         uri = adapter.RESULT_URI.format(task_id=tid)
         with pytest.raises(MCPError, match="no result yet"):
             await client.read_resource(uri)
@@ -319,7 +319,7 @@ async def test_result_and_queue_resources(echo_sp: Spool) -> None:
             await client.read_resource("spoold://task/..%2F..%2Fetc%2Fpasswd/result")
     assert [t.uri_template for t in templates] == [adapter.RESULT_URI]
     assert [str(r.uri) for r in static] == [adapter.QUEUE_URI]
-    assert queue["counts"]["queued"] == 1 and queue["tasks"][0]["task_id"] == tid
+    assert queue["counts"]["queued"] == 1 and queue["tasks"][0]["id"] == tid
     assert answer.text.strip() == "answer: resource me" and answer.mime_type == "text/markdown"
 
 
@@ -353,7 +353,7 @@ async def test_stdio_server_end_to_end(echo_sp: Spool, tmp_path: Path) -> None:
             tools = (await client.list_tools()).tools
             assert {t.name for t in tools} == ALL_TOOLS
             assert all(t.input_schema and t.output_schema for t in tools)
-            tid = (await call(client, "async_submit", query="over stdio"))["task_id"]
+            tid = (await call(client, "async_submit", query="over stdio"))["id"]
             assert "not a task id" in await call_error(client, "async_status", task_id="../../etc/passwd")
             await run_daemon_once(echo_sp)
             waited = await call(client, "async_wait", task_id=tid, timeout_seconds=20)
@@ -395,7 +395,7 @@ def test_stdout_carries_only_the_protocol(sp: Spool, tmp_path: Path) -> None:
     rest, _ = proc.communicate(timeout=30)
     stderr = errlog.read_text()
     assert [r.get("id") for r in replies] == [1, 2, 3]
-    assert replies[1]["result"]["structuredContent"]["status"] == "queued"
+    assert replies[1]["result"]["structuredContent"]["state"] == "queued"
     assert replies[2]["result"]["isError"] is True
     assert rest == "" and proc.returncode == 0 and "queued" in stderr
     loaded = {ln.rpartition("|")[2].strip() for ln in stderr.splitlines() if ln.startswith("import time:")}
@@ -408,7 +408,7 @@ async def test_status_says_when_the_queue_is_held_and_why(sp: Spool) -> None:
 
     ledger.set_hold(sp, api.load_settings(sp), time.time() + 3600, "subscription usage limit: resets 7pm")
     async with connect(sp) as client:
-        tid = (await call(client, "async_submit", query="later"))["task_id"]
+        tid = (await call(client, "async_submit", query="later"))["id"]
         status = await call(client, "async_status", task_id=tid)
     assert "usage limit" in status["queue_hold_reason"] and status["queue_held_until"]
     assert status["estimated_wait_seconds"] > 3500  # the estimate waits for the hold too

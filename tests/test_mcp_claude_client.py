@@ -43,7 +43,7 @@ def test_claude_code_loads_the_adapter_and_submits_through_it(sp, fake_api, clau
     mains = fake_api.main_requests()
     second = mains[1]
     tool_result = json.dumps(second["body"]["messages"])
-    assert "task_id" in tool_result and "queue_position" in tool_result
+    assert '\\"position\\":1' in tool_result and '\\"estimated_start\\"' in tool_result  # the task record
     [task] = api.list_tasks(sp, "queued")
     assert task.title.startswith("Summarize the history of tea") and task.priority == "high"
     assert task.id in tool_result
