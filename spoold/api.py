@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.spool import Spool
 from spoold.task import Result, Task, from_user, is_failure_note, parse_result, parse_text, title_of
 from spoold.task import read as read_task
+from spoold.units import iso
 
 MAX_QUERY_BYTES_DEFAULT = 1024 * 1024
 
@@ -96,13 +97,6 @@ def windows(sp: Spool, usage: ledger.Usage | None = None) -> list[WindowInfo]:
     usage = usage or ledger.read_usage(sp)
     return [WindowInfo(name, w.status, w.utilization, iso(w.resets_at), iso(w.seen_at), w.task_id)
             for name, w in sorted(usage.windows.items())]
-
-
-def iso(ts: float | datetime | None) -> str | None:
-    if ts is None:
-        return None
-    dt = ts if isinstance(ts, datetime) else datetime.fromtimestamp(ts, UTC)
-    return dt.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # What a front end needs of the spool itself (with the Spool type), so the adapter imports api alone.
@@ -442,7 +436,7 @@ def hold(sp: Spool, settings: Settings | None = None) -> tuple[str | None, str |
     settings = settings or load_settings(sp)
     now = time.time()
     g = ledger.gate(ledger.read_usage(sp, now), settings, 0, now)
-    until = iso(g.wait_until) if g.wait_until and g.wait_until != float("inf") else None
+    until = iso(g.wait_until)
     return until, g.reason if until else None
 
 
@@ -465,7 +459,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     return QueueStatus(
         spool=str(sp.root), counts=counts,
         running=[_summary(sp, spool.running_file(sp, e.name), e.task_id, "running") for e in spool.list_running(sp)],
-        held_until=iso(g.wait_until) if g.wait_until and g.wait_until != float("inf") else None,
+        held_until=iso(g.wait_until),
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
         settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),
         daemons=daemons, serving=bool(here),

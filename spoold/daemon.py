@@ -25,7 +25,7 @@ from spoold import config, intake, ledger, options, owners, recovery, spool, tra
 from spoold.backends import Outcome, ProcResult, Progress, get_backend, run_process
 from spoold.errors import BadInput, CliUnusable, SpooldError
 from spoold.spool import Spool
-from spoold.units import family_of
+from spoold.units import family_of, iso
 
 if TYPE_CHECKING:
     from watchfiles import Change
@@ -209,7 +209,7 @@ class Daemon:
             timeout = self.settings.scan_interval_s
             if pending:
                 timeout = min(timeout, 0.0 if self._more_intake else PENDING_RECHECK_S)
-            if wait_until is not None and wait_until != float("inf"):
+            if wait_until is not None:
                 timeout = min(timeout, max(0.0, wait_until - time.time()) + 0.001)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
@@ -231,8 +231,8 @@ class Daemon:
 
     def _drained(self, wait_until: float | None) -> bool:
         """--once ends when no queued task can start now: the queue is empty, or it waits on the limit."""
-        if wait_until is not None and wait_until != float("inf"):
-            log.info("--once: stopping; the next start waits until %s", _fmt(wait_until))
+        if wait_until is not None:
+            log.info("--once: stopping; the next start waits until %s", iso(wait_until))
             return True
         return ledger.next_eligible(spool.list_queued(self.sp), time.time()) is None
 
@@ -317,7 +317,7 @@ class Daemon:
             free = settings.concurrency - self._busy()
             if free <= 0:
                 if not await self._slot_freed():
-                    return float("inf"), started
+                    return None, started  # a running task's end (ours or another daemon's) comes as news
                 continue
             claimed, gate = await asyncio.to_thread(
                 ledger.start_many, self.sp, settings, candidates, self._claimer(settings), free,
@@ -326,9 +326,9 @@ class Daemon:
             for c in claimed:
                 started += 1
                 self.running[c.task.id] = Running(c, asyncio.ensure_future(self._execute(c)))
-            if gate.wait_until is not None:
+            if gate.waits:
                 if self._held_logged != gate.reason:
-                    log.info("waiting until %s: %s", _fmt(gate.wait_until), gate.reason)
+                    log.info("waiting until %s: %s", iso(gate.wait_until) or "a running task ends", gate.reason)
                     self._held_logged = gate.reason
                 return gate.wait_until, started
             self._held_logged = None
@@ -509,7 +509,7 @@ class Daemon:
         if outcome.kind == "hold":
             until = outcome.hold_until or datetime.now(UTC) + timedelta(minutes=30)
             ledger.set_hold(self.sp, settings, until.timestamp(), outcome.error or "held", seen)
-            log.warning("holding the queue until %s: %s", _fmt(until.timestamp()), outcome.error)
+            log.warning("holding the queue until %s: %s", iso(until), outcome.error)
             transitions.requeue(self.sp, claimed, outcome.error or "held", count_attempt=False)
             return
         if outcome.kind == "wait":
@@ -517,8 +517,7 @@ class Daemon:
                 ledger.record_finish(self.sp, settings, outcome.cost_usd, None, seen)
             transitions.requeue(self.sp, claimed, outcome.error or "waiting", count_attempt=False,
                                 not_before=outcome.hold_until)
-            log.info("%s waits until %s: %s", task.id, _fmt(outcome.hold_until.timestamp()) if outcome.hold_until
-                     else "later", outcome.error)
+            log.info("%s waits until %s: %s", task.id, iso(outcome.hold_until) or "later", outcome.error)
             return
         if outcome.kind == "retry" and claimed.attempt < settings.max_attempts:
             if seen or outcome.cost_usd:  # a failed try may still have cost something
@@ -570,12 +569,6 @@ async def _to_thread_to_the_end(fn: Callable[..., None], *args: object) -> None:
             await fut
             return
         raise
-
-
-def _fmt(ts: float) -> str:
-    if ts == float("inf"):
-        return "a running task ends"  # another daemon's tasks fill the spool-wide concurrency
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def serve(sp: Spool, overrides: dict[str, object] | None = None, *, once: bool = False) -> int:

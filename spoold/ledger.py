@@ -245,10 +245,15 @@ def _month_start(now: float) -> datetime:
 
 @dataclass
 class Gate:
-    """Why dispatch must wait, and until when (None: it may start now)."""
+    """Whether the next start must wait (a reason), and until when: `wait_until` is None when it may start
+    now, and also while it waits for a running task to end (concurrency), which has no time."""
 
     wait_until: float | None
     reason: str | None
+
+    @property
+    def waits(self) -> bool:
+        return self.reason is not None
 
 
 def in_window(starts: list[float], settings: Settings, now: float) -> list[float]:
@@ -274,7 +279,7 @@ def gate(usage: Usage, settings: Settings, running: int, now: float) -> Gate:
         if t > now:
             waits.append((t, f"min_interval {settings.min_interval_s:g} s between starts"))
     if running >= settings.concurrency:
-        waits.append((float("inf"), f"concurrency {settings.concurrency}: waiting for a running task"))
+        return Gate(None, f"concurrency {settings.concurrency}: waiting for a running task")
     if not waits:
         return Gate(None, None)
     t, reason = max(waits)
@@ -368,7 +373,7 @@ def start_many(
         try:
             for c in candidates:
                 g = gate(usage, settings, running + len(out), t)
-                if g.wait_until is not None:
+                if g.waits:
                     break
                 claimed = claim(c, t)
                 if claimed is not None:

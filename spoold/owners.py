@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from spoold import spool
 from spoold.spool import Spool
+from spoold.units import iso
 
 if TYPE_CHECKING:
     import filelock
@@ -34,7 +35,7 @@ def announce_daemon(sp: Spool, overrides: dict[str, Any]) -> Path:
     """Say, beside our owner lock, that this process serves the spool: since when, and the settings its flags
     and environment set (so `spoold status` shows what the daemon uses, not what the caller's shell says)."""
     owner = spool.owner_tag()
-    info = {"owner": owner, "host": spool.host_id(), "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    info = {"owner": owner, "host": spool.host_id(), "pid": os.getpid(), "since": iso(datetime.now(UTC)),
             "overrides": {k: v for k, v in overrides.items() if v is not None}}
     path = spool.daemon_info_path(sp, owner)
     path.unlink(missing_ok=True)  # a pid reused after a crash: the file was a dead daemon's, now ours

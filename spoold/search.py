@@ -22,6 +22,7 @@ from spoold import spool
 from spoold.errors import BadInput
 from spoold.spool import Spool
 from spoold.task import parse_result, parse_task, title_of
+from spoold.units import iso
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, sig TEXT NOT NULL, rid INTEGER, dir TEXT);
@@ -154,7 +155,7 @@ def _row(task_id: str, state: str, path: Path) -> tuple[str, ...] | None:
         answer = parse_result(spool.read_bytes(rp).decode("utf-8", "replace")).answer
     except (OSError, BadInput):
         pass
-    submitted = spool.id_time(task_id).isoformat(timespec="seconds").replace("+00:00", "Z")  # the id's time
+    submitted = iso(spool.id_time(task_id))  # the id's time
     return task_id, state, submitted, title_of(task), " ".join(task.tags), task.prompt, answer
 
 
@@ -181,7 +182,7 @@ def query(sp: Spool, text: str, *, limit: int = 20, states: list[str] | None = N
             args += states
         if since is not None:
             sql += " AND submitted >= ?"
-            args.append(since.isoformat(timespec="seconds").replace("+00:00", "Z"))
+            args.append(iso(since))
         sql += " ORDER BY bm25(fts, 0, 0, 0, 4.0, 2.0, 1.0, 1.0) LIMIT ?"
         args.append(limit)
         return [Hit(*row) for row in db.execute(sql, args)]

@@ -13,6 +13,7 @@ from typing import Any
 
 from spoold.errors import BadInput
 from spoold.spool import PRIORITIES, read_bytes
+from spoold.units import iso
 
 USER_KEYS = ("model", "priority", "system", "title", "tags", "timeout", "not_before", "resume", "follow_up",
              "schema", "max_budget_usd", "fallback_model", "effort", "max_turns", "profile")
@@ -305,8 +306,8 @@ def _stored_fields(task: Task, meta: dict[str, Any]) -> None:
     task.source = _text(meta, "source")
 
 
-def _iso(dt: datetime | None) -> str | None:
-    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") if dt else None
+def _ms(dt: datetime | None) -> str | None:
+    return iso(dt, ms=True)
 
 
 def task_meta(task: Task) -> dict[str, Any]:
@@ -316,8 +317,8 @@ def task_meta(task: Task) -> dict[str, Any]:
         "title": task.title,
         "model": task.model,
         "priority": task.priority,
-        "submitted_at": _iso(task.submitted_at),
-        "not_before": _iso(task.not_before),
+        "submitted_at": _ms(task.submitted_at),
+        "not_before": _ms(task.not_before),
         "source": task.source,
         "timeout": task.timeout,
         "system": task.system,
@@ -348,7 +349,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple, set)):
         return [_plain(v) for v in value]
     if isinstance(value, datetime):
-        return _iso(value) if value.tzinfo else value.isoformat()
+        return _ms(value) if value.tzinfo else value.isoformat()
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
@@ -417,7 +418,7 @@ class Result:
 
 def render_result(result: Result) -> bytes:
     meta = {f.name: getattr(result, f.name) for f in fields(Result) if f.name != "answer"}
-    meta = {k: (_iso(v) if isinstance(v, datetime) else v) for k, v in meta.items() if v is not None}
+    meta = {k: (_ms(v) if isinstance(v, datetime) else v) for k, v in meta.items() if v is not None}
     body = result.answer if result.answer.endswith("\n") or not result.answer else result.answer + "\n"
     if result.status == "failed" and not result.answer:
         body = f"{FAILURE_NOTE}{result.error}\n"

@@ -21,8 +21,13 @@ from spoold.errors import BadInput, InvalidState
 from spoold.spool import Spool
 from spoold.task import Result, Task, parse_result, render_result, render_task
 from spoold.task import read as read_task
+from spoold.units import iso
 
 log = logging.getLogger("spoold")
+
+
+def iso_ms(dt: datetime) -> str | None:
+    return iso(dt, ms=True)
 
 
 def now() -> datetime:
@@ -230,8 +235,8 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
     (the next claim uses its number again).
     """
     task, ended = claimed.task, now()
-    record = {"attempt": claimed.number, "owner": spool.owner_tag(), "started_at": _iso(claimed.started),
-              "ended_at": _iso(ended), "counted": count_attempt, "reason": reason}
+    record = {"attempt": claimed.number, "owner": spool.owner_tag(), "started_at": iso_ms(claimed.started),
+              "ended_at": iso_ms(ended), "counted": count_attempt, "reason": reason}
     path = (spool.requeued_record_path(sp, task.id, claimed.number) if count_attempt
             else spool.waited_record_path(sp, task.id, claimed.number, ended))
     try:
@@ -242,10 +247,6 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
     _drop_partial(claimed.path)
     log.info("requeued %s: %s", task.id, reason)
     return dest
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def cancel_running(sp: Spool, claimed: Claimed, reason: str, answer: str = "") -> Path:
@@ -285,7 +286,7 @@ def cancel(sp: Spool, task_id: str) -> str:
             marker = spool.cancel_marker(sp, task_id)
             if not marker.exists():
                 try:
-                    spool.write_new(sp, marker, f"cancel requested {_iso(now())}\n".encode())
+                    spool.write_new(sp, marker, f"cancel requested {iso_ms(now())}\n".encode())
                 except FileExistsError:
                     pass  # someone else asked first
             return "cancelling"

@@ -1,8 +1,23 @@
-"""Amounts and names as a person reads them: dollars without exponents, windows in words."""
+"""Amounts, times and names as a person (or a file) reads them: dollars without exponents, ISO times in
+UTC, windows in words."""
 
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
+from typing import overload
+
+
+@overload
+def iso(when: float | datetime, *, ms: bool = False) -> str: ...
+@overload
+def iso(when: float | datetime | None, *, ms: bool = False) -> str | None: ...
+def iso(when: float | datetime | None, *, ms: bool = False) -> str | None:
+    """`2026-11-24T16:18:16Z` (or `...16.123Z` with ms): the one way spoold writes a time, always UTC."""
+    if when is None:
+        return None
+    dt = when if isinstance(when, datetime) else datetime.fromtimestamp(when, UTC)
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds" if ms else "seconds").replace("+00:00", "Z")
 
 
 def usd(amount: float | None) -> str:
