@@ -47,7 +47,7 @@ MAX_PAGE_CHARS = 100_000
 RESULT_URI = "spoold://task/{task_id}/result"
 QUEUE_URI = "spoold://queue"
 
-State = Literal["queued", "running", "done", "failed", "cancelled"]
+State = Literal["running", "queued", "done", "failed", "cancelled"]  # the task states (a test holds them to the spool's)
 Priority = Literal["urgent", "high", "normal", "low"]
 Offset = Annotated[int, Field(ge=0, description="Start of the answer part to return, in characters "
                                                "(the next_offset of the previous call)")]
@@ -197,7 +197,7 @@ def resource_errors() -> Iterator[None]:
 
 def task_detail(sp: api.Spool, task_id: str, ti: TaskInfo | None = None) -> TaskDetail:
     ti = ti or api.info(sp, task_id)
-    until, why = api.hold(sp) if ti.state in ("queued", "running") else (None, None)
+    until, why = api.hold(sp) if ti.state in api.PENDING else (None, None)
     out = _extend(TaskDetail, ti, queue_held_until=until, queue_hold_reason=why)
     out.partial_answer = ti.partial_answer[-PARTIAL_TAIL:] if ti.partial_answer else None
     return out

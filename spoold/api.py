@@ -101,6 +101,7 @@ def windows(sp: Spool, usage: ledger.Usage | None = None) -> list[WindowInfo]:
 
 # What a front end needs of the spool itself (with the Spool type), so the adapter imports api alone.
 FINISHED = spool.TERMINAL  # done, failed, cancelled
+PENDING = spool.PENDING  # queued, running
 
 
 def open_spool(root: Path | str, *, create: bool = False) -> Spool:
@@ -295,7 +296,7 @@ def wait(sp: Spool, task_id: str, timeout_s: float | None = None, poll_s: float 
 
 def list_tasks(sp: Spool, state: str | None = None, limit: int = 20) -> list[TaskInfo]:
     """Tasks by state (queued in dispatch order with estimates; finished newest first)."""
-    states = [state] if state else ["running", "queued", "done", "failed", "cancelled"]
+    states = [state] if state else list(spool.TASK_STATES)
     out: list[TaskInfo] = []
     for st in states:
         if len(out) >= limit:
@@ -379,9 +380,9 @@ def recent(sp: Spool, *, limit: int = 20, states: list[str] | None = None, since
            tag: str | None = None, model: str | None = None) -> list[TaskInfo]:
     """The newest tasks across states, newest first (ids sort by submission), filtered; names are listed,
     and only the files of rows that may be shown are read. The queue alone comes in start order."""
-    states = states or ["running", "queued", *spool.TERMINAL]
+    states = states or list(spool.TASK_STATES)
     for s in states:
-        if s not in ("running", "queued", *spool.TERMINAL):
+        if s not in spool.TASK_STATES:
             raise BadInput(f"unknown state {s!r}; use queued, running, done, failed or cancelled")
     if states == ["queued"] and not (tag or model or since):
         return _list_state(sp, "queued", limit)  # the queue alone reads best in start order: what runs next
@@ -452,7 +453,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     now = time.time()
     queued = spool.list_queued(sp)  # once: a deep queue is the expensive listing
     counts = {st: len(queued) if st == "queued" else _count(sp, st)
-              for st in ("inbox", "queued", "running", "done", "failed", "cancelled")}
+              for st in spool.COUNTED}
     usage = ledger.read_usage(sp, now)
     g = ledger.gate(usage, settings, 0, now)
     nxt = ledger.estimate(sp, settings, queued, limit=1, now=now, usage=usage) if queued else []

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from spoold import __version__
+from spoold import __version__, api, config, spool, task
 from spoold.errors import SpooldError
 
 # One contract for result, wait, show, cancel and retry (the README's table); errors carry their own
@@ -25,7 +25,6 @@ STATE_EXIT = {"done": 0, "failed": EXIT_FAILED_TASK, "cancelled": EXIT_CANCELLED
 
 
 def _spool(args: argparse.Namespace, create: bool = False):
-    from spoold import api, config
 
     return api.open_spool(config.spool_root(args.spool or getattr(args, "spool_first", None)), create=create)
 
@@ -33,7 +32,6 @@ def _spool(args: argparse.Namespace, create: bool = False):
 def _task_id(sp: Any, args: argparse.Namespace, wait_s: float = 0.0) -> str:
     """The task the user named: an id, a prefix, its random part, a file name, or @last. A file still in the
     inbox is not a task yet: `wait` waits (up to `wait_s`) for the daemon to take it; the others say so."""
-    from spoold import spool
     from spoold.errors import NotTakenYet, TaskNotFound
 
     deadline = time.monotonic() + wait_s
@@ -85,7 +83,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from spoold import api
 
     sp = _spool(args, create=True)
     source = None
@@ -133,7 +130,6 @@ def _looks_like_a_path(text: str) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from spoold import api
 
     st = api.status(_spool(args))
     if args.json:
@@ -167,7 +163,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from spoold import api
 
     sp = _spool(args)
     states = [s.strip() for s in args.state.split(",")] if args.state else None
@@ -200,12 +195,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def _changes(watch: Any, sp: Any) -> Any:
     """Once at once, then once per burst of changes in the spool (or every 5 s, for the ETAs)."""
     yield None
-    dirs = [sp.dir(s) for s in ("inbox", "queued", "running", "done", "failed", "cancelled")]
+    dirs = [sp.dir(s) for s in spool.COUNTED]
     yield from watch(*dirs, debounce=300, rust_timeout=5000, yield_on_timeout=True, recursive=True)
 
 
 def _print_listing(sp: Any, items: list[Any], filtered: bool = False) -> None:
-    from spoold import api, terminal
+    from spoold import terminal
 
     color = terminal.use_color(sys.stdout)
     header = ["ID", "STATE", "MODEL", "SUBMITTED", "WHEN", "TITLE / WHY"]
@@ -278,7 +273,7 @@ def _at(iso_time: str | None) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """The whole picture of one task, in words; --json for the record."""
-    from spoold import api, terminal
+    from spoold import terminal
     from spoold.units import usd
 
     sp = _spool(args)
@@ -324,7 +319,6 @@ def _head(text: str, limit: int = 300) -> str:
 
 def cmd_result(args: argparse.Namespace) -> int:
     """Only the answer on stdout; why there is none (failed, cancelled, not finished) on stderr."""
-    from spoold import api, spool
 
     sp = _spool(args)
     task_id = _task_id(sp, args)
@@ -371,7 +365,6 @@ def _follow(sp: Any, task_id: str, *, show: bool = True, poll_s: float = 0.25) -
     """Print a running task's answer as it grows, until the task ends. Then the final answer's rest, when the
     shown part is its start; when it is not (a schema task's JSON, or only the last turn), a rule and the
     whole answer. With `show=False` (--json) it only waits, and the caller prints the JSON."""
-    from spoold import api, spool
 
     shown = ""
     while (ti := api.info(sp, task_id, with_estimate=False)).state not in spool.TERMINAL:
@@ -392,7 +385,6 @@ def _follow(sp: Any, task_id: str, *, show: bool = True, poll_s: float = 0.25) -
 
 
 def _finish_wait(sp: Any, task_id: str, args: argparse.Namespace, timeout: float | None) -> int:
-    from spoold import api
 
     ti = api.wait(sp, task_id, timeout)
     finished = ti.state in STATE_EXIT
@@ -427,7 +419,6 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from spoold import api
 
     sp = _spool(args)
     task_id = _task_id(sp, args)
@@ -440,7 +431,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from spoold import api
 
     sp = _spool(args)
     ti = api.retry(sp, _task_id(sp, args))
@@ -452,7 +442,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from spoold import api, config
 
     changes = {"max_requests": args.max_requests, "window_minutes": args.window, "concurrency": args.concurrency,
                "min_interval_s": args.min_interval, "budget_day_usd": args.budget_day,
@@ -490,7 +479,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from spoold import api, terminal
+    from spoold import terminal
 
     sp = _spool(args)
     if args.rebuild:
@@ -548,7 +537,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from spoold import history
 
     cutoff = _since(args.older_than, "--older-than")
-    states = tuple(s.strip() for s in args.state.split(",")) if args.state else ("done", "failed", "cancelled")
+    states = tuple(s.strip() for s in args.state.split(",")) if args.state else spool.TERMINAL
     out = history.prune(_spool(args), cutoff, states, dry_run=args.dry_run)
     if args.json:
         _print_json(asdict(out))
@@ -568,7 +557,6 @@ def _yaml_value(v: Any) -> str:
 
 
 def cmd_mcp_config(args: argparse.Namespace) -> int:
-    from spoold import config
 
     beside = Path(sys.executable).with_name("spoold-mcp")  # the script installed with this Python, not a shim
     exe = str(beside) if beside.exists() else shutil.which("spoold-mcp") or str(beside)
@@ -614,13 +602,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrency", type=int, help="tasks running at once (overrides config.yaml)")
     r.add_argument("--max-requests", type=int, help="task starts allowed per window (overrides config.yaml)")
     r.add_argument("--window", type=float, help="the window's length in minutes")
-    r.add_argument("--backend", choices=["claude", "command"], help="what runs a task")
+    r.add_argument("--backend", choices=config.BACKENDS, help="what runs a task")
     r.add_argument("--claude-bin", help="path of the claude executable")
     s = add("submit", cmd_submit, "queue a prompt (text, a file, or - for stdin)")
     s.add_argument("prompt", nargs="?", help="the prompt, a file to read it from, or - for stdin")
     s.add_argument("--text", action="store_true", help="treat PROMPT as text even if a file has that name")
     s.add_argument("-m", "--model", help="sonnet, opus, haiku or a full model id")
-    s.add_argument("-p", "--priority", choices=["low", "normal", "high", "urgent"], help="default normal")
+    s.add_argument("-p", "--priority", choices=list(spool.PRIORITIES)[::-1], help="default normal")
     s.add_argument("--system", help="text appended to Claude's system prompt")
     s.add_argument("--title", help="a short label for `spoold ls`")
     s.add_argument("--not-before", help="ISO time before which it must not start")
@@ -630,7 +618,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", help="a profile of the spool's config.yaml (cwd, tools, ...)")
     s.add_argument("--schema", metavar="NAME.json|JSON", help="a JSON Schema the answer must match: inline, or a "
                    "file in the spool's schemas/")
-    s.add_argument("--effort", choices=["low", "medium", "high", "xhigh", "max"], help="how hard the model thinks")
+    s.add_argument("--effort", choices=task.EFFORTS, help="how hard the model thinks")
     s.add_argument("--max-turns", type=int, help="a cap on agent turns")
     s.add_argument("--max-budget", type=float, metavar="USD", help="a spending cap for this task")
     s.add_argument("--fallback-model", help="a model to use when the main one is busy")
@@ -663,7 +651,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--min-interval", type=float, help="seconds between starts")
     c.add_argument("--budget-day", type=float, help="USD per day")
     c.add_argument("--budget-month", type=float, help="USD per month")
-    c.add_argument("--strategy", choices=["priority", "fifo", "lifo"], help="dispatch order")
+    c.add_argument("--strategy", choices=config.STRATEGIES, help="dispatch order")
     c.add_argument("--reserve", type=float, help="share of each subscription window kept for you, e.g. 0.2")
     c.add_argument("--unset", action="append", metavar="KEY", help="remove a setting from config.yaml")
     c.add_argument("--clear-hold", action="store_true", help="lift a usage-limit or login hold now")

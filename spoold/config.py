@@ -68,6 +68,7 @@ ENV = {
     "scan_interval_s": "SPOOLD_SCAN_INTERVAL",
 }
 STRATEGIES = ("priority", "fifo", "lifo")
+BACKENDS = ("claude", "command")
 
 
 def spool_root(flag: str | None = None) -> Path:
@@ -146,7 +147,7 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("concurrency must be at least 1")
     if s.strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}")
-    if s.backend not in ("claude", "command"):
+    if s.backend not in BACKENDS:
         raise ConfigError("backend must be claude or command")
     if s.backend == "command" and not s.command:
         raise ConfigError("backend `command` needs `command:` (an argv list such as [llm, -m, '{model}'])")

@@ -217,7 +217,7 @@ class Daemon:
     def _cannot_write(self, e: OSError) -> float:
         """Say once why the spool cannot be written; return how long to wait before trying again."""
         self._write_failures += 1
-        delay = min(self.settings.scan_interval_s, WRITE_RETRY_S * 2 ** min(self._write_failures - 1, 10))
+        delay = backoff(self._write_failures, WRITE_RETRY_S, self.settings.scan_interval_s)
         if self._write_failures == 1:
             log.error("cannot write to the spool (%s: %s); holding, every task stays where it is; "
                       "retrying every %g s", e.strerror or e, e.filename or self.sp.root, self.settings.scan_interval_s)
@@ -499,7 +499,7 @@ class Daemon:
                 if failures == 1:
                     log.error("cannot record the outcome of %s (%s); keeping it and retrying", claimed.task.id,
                               e.strerror or e)
-                await asyncio.sleep(min(self.settings.scan_interval_s, WRITE_RETRY_S * 2 ** min(failures - 1, 10)))
+                await asyncio.sleep(backoff(failures, WRITE_RETRY_S, self.settings.scan_interval_s))
 
     def _settle(self, claimed: transitions.Claimed, outcome: Outcome, proc: ProcResult) -> None:
         """Move the task where its outcome puts it, and tell the ledger."""
@@ -522,9 +522,9 @@ class Daemon:
         if outcome.kind == "retry" and claimed.attempt < settings.max_attempts:
             if seen or outcome.cost_usd:  # a failed try may still have cost something
                 ledger.record_finish(self.sp, settings, outcome.cost_usd, None, seen)
-            backoff = min(MAX_BACKOFF_S, settings.retry_backoff_s * 2 ** (claimed.attempt - 1))
-            transitions.requeue(self.sp, claimed, f"{outcome.error}; retry {claimed.attempt + 1} in {backoff:.0f} s",
-                                not_before=datetime.now(UTC) + timedelta(seconds=backoff))
+            delay = backoff(claimed.attempt, settings.retry_backoff_s, MAX_BACKOFF_S)
+            transitions.requeue(self.sp, claimed, f"{outcome.error}; retry {claimed.attempt + 1} in {delay:.0f} s",
+                                not_before=datetime.now(UTC) + timedelta(seconds=delay))
             return
         status = "done" if outcome.kind == "done" else "failed"
         error = outcome.error
@@ -554,6 +554,11 @@ def _watch_children_by_pidfd() -> None:
     watcher = asyncio.PidfdChildWatcher()
     asyncio.set_child_watcher(watcher)
     watcher.attach_loop(asyncio.get_running_loop())
+
+
+def backoff(n: int, base: float, cap: float) -> float:
+    """The wait before try n+1 after n failures: base, 2*base, 4*base, ... up to cap (the one backoff rule)."""
+    return min(cap, base * 2 ** min(max(n, 1) - 1, 30))
 
 
 async def _to_thread_to_the_end(fn: Callable[..., None], *args: object) -> None:

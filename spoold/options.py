@@ -101,7 +101,7 @@ def session_to_resume(sp: Spool, task: Task) -> str:
         loc = spool.locate(sp, task.resume)
     except SpooldError:
         raise BadInput(f"the task it continues ({task.resume}) is no longer in the spool") from None
-    if loc.state in ("queued", "running"):
+    if loc.state in spool.PENDING:
         raise NotYet(f"waiting for {task.resume}, the task it continues, to finish")
     try:
         result = parse_result(spool.read_bytes(loc.result_path).decode("utf-8"))

@@ -30,6 +30,9 @@ STATES = ("inbox", "tmp", "queued", "running", "done", "failed", "cancelled")
 PRIORITIES = {"urgent": 0, "high": 1, "normal": 2, "low": 3}
 PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
 TERMINAL = ("done", "failed", "cancelled")
+PENDING = ("queued", "running")
+TASK_STATES = ("running", "queued", *TERMINAL)  # a task's states, in the order listings show them
+COUNTED = ("inbox", "queued", "running", *TERMINAL)  # what `status` counts
 
 ID_RE = re.compile(r"^\d{8}T\d{9}Z-[a-z2-7]{6}(?:-[a-z0-9][a-z0-9-]{0,39})?$")
 _NO_TIME = "00000000T000000Z"
@@ -88,7 +91,7 @@ def needs_migration(sp: Spool) -> bool:
 
 
 def _holds_no_task(sp: Spool) -> bool:
-    return not any(sp.dir(s).is_dir() and os.listdir(sp.dir(s)) for s in ("queued", "running", *TERMINAL))
+    return not any(sp.dir(s).is_dir() and os.listdir(sp.dir(s)) for s in TASK_STATES)
 
 
 def check_private(root: Path) -> None:

@@ -420,3 +420,10 @@ def test_the_adapter_goes_through_api_alone() -> None:
 
     source = (ROOT / "mcp_adapter" / "server.py").read_text()
     assert "from spoold import __version__, api, config\n" in source and not re.search(r"\bspool\.[A-Za-z_]", source)
+
+
+def test_the_tools_states_and_priorities_are_the_spools() -> None:
+    from typing import get_args
+
+    assert set(get_args(adapter.State)) == set(api.spool.TASK_STATES)
+    assert set(get_args(adapter.Priority)) == set(api.spool.PRIORITIES)
