@@ -76,8 +76,7 @@ class QueueStatus:
     serving: bool = False  # a daemon on this host is alive (another host's may be, unseen from here)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
 
 @dataclass
@@ -470,8 +469,6 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
 def _count(sp: Spool, state: str) -> int:
     from spoold import intake
 
-    if state == "queued":
-        return len(spool.list_queued(sp))
     if state == "running":
         return len(spool.list_running(sp))
     if state == "inbox":

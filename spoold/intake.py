@@ -197,7 +197,7 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     except FileNotFoundError:
         return None
     regular = stat.S_ISREG(st.st_mode)
-    if regular and not name.lower().endswith(TASK_SUFFIXES):
+    if regular and not is_task_name(name):
         return None  # not a task (a PDF, an image): left where the user put it; `status` lists it
     if present and locked_by_editor(path.parent, name, present):
         report.editing.append(name)
@@ -306,6 +306,6 @@ def ignored_files(sp: Spool) -> list[str]:
     """Visible inbox files spoold leaves alone because they are not tasks (shown by `status`)."""
     out = []
     for name in sorted(os.listdir(sp.dir("inbox"))):
-        if not is_ignored(name) and not name.lower().endswith(TASK_SUFFIXES):
+        if not is_ignored(name) and not is_task_name(name):
             out.append(name)
     return out

@@ -332,21 +332,6 @@ def reserve_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, s
     return reserve_holds(usage, settings, now).get(None)
 
 
-def try_start(
-    sp: Spool, settings: Settings, claim: Callable[[float], T | None], now: Callable[[], float] = time.time,
-    finishing: frozenset[str] = frozenset(),
-) -> tuple[T | None, Gate]:
-    """Admission and claim as one step under the lock: no two processes take the last slot.
-
-    `claim(t)` gets the admission time, so the task's `started_at` is the very stamp the ledger counts.
-    """
-    def claim_one(_: None, t: float) -> T | None:
-        return claim(t)
-
-    out, g = start_many(sp, settings, [None], claim_one, 1, now=now, finishing=finishing)
-    return (out[0] if out else None), g
-
-
 def start_many(
     sp: Spool, settings: Settings, candidates: Iterable[E], claim: Callable[[E, float], T | None], want: int,
     *, now: Callable[[], float] = time.time, finishing: frozenset[str] = frozenset(),

@@ -115,7 +115,7 @@ def slugify(text: str, limit: int = 40) -> str:
         if len(nxt) > limit:
             break
         out = nxt
-    return out or ""
+    return out
 
 
 _last_ms = 0

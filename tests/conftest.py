@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -248,3 +249,11 @@ def terminal(tmp_path: Path):
     yield start
     for t in started:
         t.stop()
+
+
+def start_one(sp: Spool, settings: Any, claim: Any, now: Any = time.time) -> tuple[Any, Any]:
+    """Admit and claim one start through ledger.start_many, as the daemon does for a batch of one."""
+    from spoold import ledger
+
+    out, g = ledger.start_many(sp, settings, [None], lambda _c, t: claim(t), 1, now=now)
+    return (out[0] if out else None), g

@@ -22,12 +22,13 @@ from conftest import (
     ROOT,
     drop,
     results,
+    start_one,
     terminal_files,
     wait_for,
     write_config,
 )
 
-from spoold import api, ledger, spool
+from spoold import api, spool
 from spoold.config import Settings
 from spoold.errors import SpoolError
 from spoold.task import parse_result
@@ -217,21 +218,21 @@ def test_clock_going_back_stalls_one_window_not_the_size_of_the_jump(sp) -> None
     s = Settings(max_requests=2, window_minutes=1)
     before = 1_000_000.0
     for t in (before, before + 1):
-        ledger.try_start(sp, s, lambda _t: object(), now=lambda t=t: t)
+        start_one(sp, s, lambda _t: object(), now=lambda t=t: t)
     back = before - 3600  # the clock jumped back an hour
-    _, g = ledger.try_start(sp, s, lambda _t: object(), now=lambda: back)
+    _, g = start_one(sp, s, lambda _t: object(), now=lambda: back)
     assert g.wait_until == pytest.approx(back + 60)  # the future stamps count as now: one window
-    claimed, g = ledger.try_start(sp, s, lambda _t: "ran", now=lambda: back + 61)
+    claimed, g = start_one(sp, s, lambda _t: "ran", now=lambda: back + 61)
     assert claimed == "ran" and g.wait_until is None
 
 
 def test_clock_going_forward_never_runs_a_task_twice(sp) -> None:
     s = Settings(max_requests=2, window_minutes=1)
     t0 = 1_000_000.0
-    ledger.try_start(sp, s, lambda _t: object(), now=lambda: t0)
-    ledger.try_start(sp, s, lambda _t: object(), now=lambda: t0)
-    assert ledger.try_start(sp, s, lambda _t: object(), now=lambda: t0)[1].wait_until == t0 + 60
-    claimed, _ = ledger.try_start(sp, s, lambda _t: "ok", now=lambda: t0 + 86_400)  # a day ahead
+    start_one(sp, s, lambda _t: object(), now=lambda: t0)
+    start_one(sp, s, lambda _t: object(), now=lambda: t0)
+    assert start_one(sp, s, lambda _t: object(), now=lambda: t0)[1].wait_until == t0 + 60
+    claimed, _ = start_one(sp, s, lambda _t: "ok", now=lambda: t0 + 86_400)  # a day ahead
     assert claimed == "ok"
 
 

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import start_one
 
 from spoold import ledger, spool, transitions
 from spoold.config import Settings
@@ -110,18 +111,18 @@ def test_estimates_respect_workers_and_holds(sp: spool.Spool) -> None:
     assert ledger.estimate(sp, s, now=now, usage=u)[0].start == now + 1000
 
 
-def test_try_start_records_the_start_under_the_lock(sp: spool.Spool) -> None:
+def test_a_start_is_recorded_under_the_lock(sp: spool.Spool) -> None:
     s = settings(max_requests=1)
-    claimed, g = ledger.try_start(sp, s, lambda t: "x", now=lambda: 100.0)
+    claimed, g = start_one(sp, s, lambda t: "x", now=lambda: 100.0)
     assert claimed == "x" and ledger.read_usage(sp, 100.0).starts == [100.0]
-    claimed, g = ledger.try_start(sp, s, lambda t: "y", now=lambda: 101.0)
+    claimed, g = start_one(sp, s, lambda t: "y", now=lambda: 101.0)
     assert claimed is None and g.wait_until == 100.0 + W
 
 
 def test_damaged_ledger_is_kept_aside_and_rebuilt_not_emptied(sp: spool.Spool) -> None:
     s = settings(max_requests=1)
     _queue(sp, 1)
-    claimed, _ = ledger.try_start(sp, s, lambda t: transitions.claim(sp, spool.list_queued(sp)[0], "sonnet", started=t))
+    claimed, _ = start_one(sp, s, lambda t: transitions.claim(sp, spool.list_queued(sp)[0], "sonnet", started=t))
     assert claimed is not None
     path = ledger.host_file(sp)
     path.write_text("{not json")
@@ -168,7 +169,7 @@ def _hammer(root: str, until: float, out: Any) -> None:
     s = settings(max_requests=10, window_minutes=0.5 / 60)
     mine: list[float] = []
     while time.time() < until:
-        token, g = ledger.try_start(sp, s, lambda t: t)
+        token, g = start_one(sp, s, lambda t: t)
         if token is not None:
             mine.append(token)
         elif g.wait_until:

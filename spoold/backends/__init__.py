@@ -71,7 +71,6 @@ class ProcResult:
     stderr: bytes  # the last STDERR_KEEP bytes
     timed_out: bool = False
     duration_s: float = 0.0
-    started_at: float = field(default_factory=time.time)
 
 
 class Progress(Protocol):
@@ -84,8 +83,6 @@ class Progress(Protocol):
 
 
 class Backend(Protocol):
-    name: str
-
     def check(self, settings: Settings) -> list[str]:
         """Problems worth saying at daemon start (raises CliUnusable for one that stops every task)."""
         ...
@@ -142,11 +139,10 @@ async def _pipes_closed(proc: asyncio.subprocess.Process, readers: list[asyncio.
             t.cancel()
 
 
-async def run_process(inv: Invocation, timeout_s: float, on_start: object = None,
+async def run_process(inv: Invocation, timeout_s: float,
                       on_stdout: Callable[[bytes], None] | None = None) -> ProcResult:
     """Run one invocation in its own process group; on timeout or cancel the group is terminated, then killed."""
     t0 = time.monotonic()
-    started = time.time()
     proc = await asyncio.create_subprocess_exec(
         *inv.argv,
         stdin=asyncio.subprocess.PIPE,
@@ -156,8 +152,6 @@ async def run_process(inv: Invocation, timeout_s: float, on_start: object = None
         cwd=inv.cwd,
         start_new_session=True,
     )
-    if callable(on_start):
-        on_start(proc.pid)
     assert proc.stdin and proc.stdout and proc.stderr
     stdin = proc.stdin
 
@@ -190,7 +184,7 @@ async def run_process(inv: Invocation, timeout_s: float, on_start: object = None
     finally:
         exited.cancel()
     await _pipes_closed(proc, [out_task, err_task, feed_task])
-    return ProcResult(proc.returncode, bytes(out), bytes(err[-STDERR_KEEP:]), timed_out, time.monotonic() - t0, started)
+    return ProcResult(proc.returncode, bytes(out), bytes(err[-STDERR_KEEP:]), timed_out, time.monotonic() - t0)
 
 
 async def kill_group(proc: asyncio.subprocess.Process, grace_s: float = 3.0) -> None:

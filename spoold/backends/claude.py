@@ -64,8 +64,6 @@ MONTHS = {m: i for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", 
 
 
 class ClaudeBackend:
-    name = "claude"
-
     def __init__(self) -> None:
         self.info: CliInfo | None = None
 

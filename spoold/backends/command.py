@@ -29,8 +29,6 @@ class StdoutSoFar:
 class CommandBackend:
     """`command: [llm, -m, "{model}"]`; `{model}`, `{id}` and `{title}` are filled in per task."""
 
-    name = "command"
-
     def __init__(self, template: list[str]) -> None:
         self.template = template
 
