@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -88,7 +86,6 @@ class Daemon:
         except OSError as e:  # a full or read-only spool: serve all the same; only `status` misses the note
             note = None
             log.warning("could not note this daemon for `spoold status` (%s)", e.strerror or e)
-        _watch_children_by_pidfd()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
@@ -538,22 +535,6 @@ class Daemon:
             structured=True if outcome.structured is not None else None)
         transitions.finish(self.sp, claimed, result)
         ledger.record_finish(self.sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None, seen)
-
-
-def _watch_children_by_pidfd() -> None:
-    """On Python 3.11, learn of a child's exit from a pidfd instead of a thread per child (3.12 does this itself).
-
-    Measured: 0.4 ms less CPU and 0.4 ms less wall time per task.
-    """
-    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
-        return
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except OSError:  # an old kernel or a sandbox without pidfds: keep the default watcher
-        return
-    watcher = asyncio.PidfdChildWatcher()
-    asyncio.set_child_watcher(watcher)
-    watcher.attach_loop(asyncio.get_running_loop())
 
 
 def backoff(n: int, base: float, cap: float) -> float:

@@ -179,6 +179,18 @@ def queued_name(task_id: str, priority: str, not_before: datetime | None) -> str
     return f"{PRIORITIES[priority]}.{nb}.{task_id}.md"
 
 
+# The fields of a queued name `P.NOTBEFORE.ID.md` sit at fixed offsets (P one digit, NOTBEFORE 16
+# characters): a listing of 100,000 names reads them by slicing, ~10x faster than the regex.
+def queued_id(name: str) -> str:
+    """The task id in a valid queued name."""
+    return name[19:-3]
+
+
+def untimed(name: str) -> bool:
+    """A valid queued name with no not_before."""
+    return name[2:18] == _NO_TIME
+
+
 def parse_queued_name(name: str) -> QueuedEntry | None:
     m = _QUEUED_RE.match(name)
     if not m:
@@ -519,12 +531,9 @@ class QueuedListing(Sequence[QueuedEntry]):
         e = self._entries[i]
         if e is None:
             n = self.names[i]  # checked when listed; most carry no time, and then slicing is the parse
-            e = QueuedEntry(n, int(n[0]), None, n[19:-3]) if n[2:18] == _NO_TIME else parse_queued_name(n)
+            e = QueuedEntry(n, int(n[0]), None, queued_id(n)) if untimed(n) else parse_queued_name(n)
             self._entries[i] = e
         return e  # type: ignore[return-value]
-
-    def __eq__(self, other: object) -> bool:
-        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
 
     def index_of(self, task_id: str) -> int | None:
         """Position of a task, by name alone."""
@@ -534,27 +543,27 @@ class QueuedListing(Sequence[QueuedEntry]):
     def untimed_ids(self, limit: int | None = None) -> list[str] | None:
         """The ids of the first `limit` tasks, if none of them has a not_before (else None)."""
         names = self.names[:limit]
-        if any(n[2:18] != _NO_TIME for n in names):
+        if not all(untimed(n) for n in names):
             return None
-        return [n[19:-3] for n in names]
+        return [queued_id(n) for n in names]
 
     def timed(self) -> list[QueuedEntry]:
         """Entries with a not_before (the rest of the names say 00000000T000000Z)."""
-        return [self[i] for i, n in enumerate(self.names) if n[2:18] != _NO_TIME]
+        return [self[i] for i, n in enumerate(self.names) if not untimed(n)]
 
     def newest(self, n: int | None) -> list[tuple[str, str]]:
         """(id, name) of the `n` most recently submitted (all with None), by name alone: for listings."""
-        pairs = [(name[19:-3], name) for name in self.names]
+        pairs = [(queued_id(name), name) for name in self.names]
         return heapq.nlargest(n, pairs) if n is not None else pairs
 
     def by_id(self, *, reverse: bool = False) -> QueuedListing:
         """The same tasks in submission order (fifo, lifo): ids sort by time, and sit at a fixed offset."""
-        return QueuedListing(sorted(self.names, key=lambda n: n[19:-3], reverse=reverse))
+        return QueuedListing(sorted(self.names, key=queued_id, reverse=reverse))
 
 
 def list_queued(sp: Spool) -> QueuedListing:
     """The queue in dispatch order, from names alone (a file with any other name is not queued yet)."""
-    names = [n for n in os.listdir(sp.dir("queued")) if _QUEUED_RE.match(n) and (n[2:18] == _NO_TIME or
+    names = [n for n in os.listdir(sp.dir("queued")) if _QUEUED_RE.match(n) and (untimed(n) or
                                                                               parse_queued_name(n))]
     names.sort()
     return QueuedListing(names)

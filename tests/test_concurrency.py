@@ -95,7 +95,7 @@ def test_fifty_writers_three_daemons_every_task_exactly_once(sp, daemon, tmp_pat
     stamps = [api.datetime.fromisoformat(line.split()[1].strip("'\"").replace("Z", "+00:00")).timestamp()
               for line in runs]
     assert worst_window(stamps, WINDOW_S) <= PER_WINDOW
-    assert os.listdir(sp.dir("inbox")) == [] and spool.list_queued(sp) == [] and spool.list_running(sp) == []
+    assert os.listdir(sp.dir("inbox")) == [] and not spool.list_queued(sp) and spool.list_running(sp) == []
     assert os.listdir(sp.dir("tmp")) == []
     shared = sum(1 for d in daemons if "spoold: running " in d.log)
     print(f"\nconcurrency: {n} tasks from {WRITERS + len(extra)} writers through 3 daemons in {elapsed:.1f} s; "

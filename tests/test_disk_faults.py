@@ -120,7 +120,7 @@ def test_submit_on_a_full_disk_is_a_clear_error(sp, monkeypatch) -> None:
     monkeypatch.setattr(spool, "_write_tmp", full)
     with pytest.raises(SpoolError, match="No space left on device.*free space"):
         api.submit(sp, "q")
-    assert spool.list_queued(sp) == [] and os.listdir(sp.dir("tmp")) == []
+    assert not spool.list_queued(sp) and os.listdir(sp.dir("tmp")) == []
 
 
 # ---- a really full filesystem ----------------------------------------------------------

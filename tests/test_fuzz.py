@@ -176,7 +176,7 @@ def test_links_fifos_sockets_and_directories_are_moved_aside_unread(sp: spool.Sp
     before = (outside / "secret.md").stat()
     wait_for(lambda: not intake.scan(sp, default_model="sonnet", max_bytes=MAX_BYTES).pending,
              what="every entry to be settled (a fresh hard link waits a moment)")
-    assert os.listdir(sp.dir("inbox")) == [] and spool.list_queued(sp) == []
+    assert os.listdir(sp.dir("inbox")) == [] and not spool.list_queued(sp)
     by_source = {}
     for res in results(sp, "failed"):
         r = parse_result(res.read_text())
@@ -227,7 +227,7 @@ def test_links_and_fifos_under_a_valid_queued_name_fail_unread(sp: spool.Spool, 
     os.mkfifo(sp.dir("queued") / fifo)
     for entry in spool.list_queued(sp):
         assert transitions.claim(sp, entry, "sonnet") is None  # never runs
-    assert spool.list_queued(sp) == [] and spool.list_running(sp) == []
+    assert not spool.list_queued(sp) and spool.list_running(sp) == []
     errors = [parse_result(r.read_text()).error for r in results(sp, "failed")]
     assert len(errors) == 2 and all("cannot be read" in e for e in errors)
     assert (outside / "secret.md").read_text() == SECRET

@@ -252,15 +252,15 @@ def test_run_times_ride_along_but_spend_is_written_at_once(sp: spool.Spool) -> N
     assert json.loads(path.read_text())["durations"] == [3.0, 12.5, 7.0]
 
 
-def test_the_fast_schedule_agrees_with_the_full_simulation(sp: spool.Spool) -> None:
-    """Without not_before the estimate takes a shortcut (names only); it must give the very same times."""
+def test_the_estimate_from_names_alone_agrees_with_the_one_from_entries(sp: spool.Spool) -> None:
+    """Without not_before the estimate reads ids from the names alone; it must give the very same times."""
     _queue(sp, 40)
     s = settings(max_requests=7, window_minutes=1, concurrency=3, min_interval_s=2.0)
     u = usage([1000.0, 1001.0, 1030.0])
     u.durations = [12.0]
     listing = spool.list_queued(sp)
     fast = ledger.estimate(sp, s, listing, now=1040.0, usage=u)
-    slow = ledger.estimate(sp, s, list(listing), now=1040.0, usage=u)  # a plain list: the general loop
+    slow = ledger.estimate(sp, s, list(listing), now=1040.0, usage=u)  # a plain list: parsed entries
     assert fast == slow and len(fast) == 40 and fast[0].start == 1040.0
     assert ledger.estimate(sp, s, listing, limit=5, now=1040.0, usage=u) == slow[:5]
 
