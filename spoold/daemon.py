@@ -1,39 +1,35 @@
-"""The daemon: recovery, the watch loop, dispatch under the ledger, and graceful stop.
+"""The daemon: recovery, the serving loop, dispatch under the ledger, and graceful stop.
 
-The only asynchronous part of spoold. Filesystem events are hints that wake
-the loop; a periodic full scan covers anything the watcher missed.
+The only asynchronous part of spoold, in three parts a reader can hold one at a time: the
+watcher (spoold.watcher: events wake the loop; a periodic scan covers what they miss), this
+loop (intake, recovery, cancels, dispatch), and the runner (spoold.runner: one task, start to
+outcome). The rule for threads: every call that touches the spool runs in a worker thread
+(`asyncio.to_thread`); the event loop only waits, decides and keeps the state of `Daemon`,
+so it never stalls on an fsync or a 100,000-name listing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from functools import partial
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from spoold import config, intake, ledger, options, owners, recovery, spool, transitions
-from spoold.backends import Outcome, ProcResult, Progress, get_backend, run_process
-from spoold.errors import BadInput, CliUnusable, SpooldError
+from spoold import config, intake, ledger, options, owners, recovery, runner, spool, transitions
+from spoold.backends import get_backend
+from spoold.errors import CliUnusable, SpooldError
+from spoold.runner import WRITE_RETRY_S, backoff, to_thread_to_the_end
 from spoold.spool import Spool
 from spoold.units import family_of, iso
-
-if TYPE_CHECKING:
-    from watchfiles import Change
+from spoold.watcher import Watcher
 
 log = logging.getLogger("spoold")
 PENDING_RECHECK_S = 0.05
-EXEC_HOLD_S = 60.0
-PARTIAL_EVERY_S = 2.0  # how often a running task's answer so far is written
-MAX_BACKOFF_S = 900.0
-WRITE_RETRY_S = 0.2
 INTAKE_BATCH = 256  # files taken in per turn: a dropped corpus starts running while it is still taken in
 
 
@@ -58,15 +54,12 @@ class Daemon:
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._last_scan = 0.0
         self._held_logged: str | None = None
-        self._watching = asyncio.Event()
-        self._probe = spool.watch_probe_path(sp)
         self._write_failures = 0
-        self._foreign_in_queued = False
         self._finishing: set[str] = set()  # ids whose process exited; their outcome is being written
         self.news = asyncio.Event()  # the watcher saw something that may be new work (or stop was asked)
         self.slot_freed = asyncio.Event()
-        self._owner = spool.owner_tag()
         self._more_intake = False  # the last intake stopped at its batch limit
+        self.watcher = Watcher(sp, self._news)
 
     @staticmethod
     def _mtime(path: Path) -> float | None:
@@ -94,9 +87,9 @@ class Daemon:
                 log.info("recovery: %s", action)
         except OSError as e:
             self._cannot_write(e)  # the loop's first turn recovers again once it can
-        watcher = asyncio.ensure_future(self._watch())
+        watcher = asyncio.ensure_future(self.watcher.run(self.stopping))
         checking = asyncio.ensure_future(self._check_backend())  # alongside serving: it may take seconds
-        await self._watcher_ready()
+        await self.watcher.ready(self.settings.scan_interval_s)
         log.info("serving %s (backend %s, %d per %g min, concurrency %d)", self.sp.root, self.settings.backend,
                  self.settings.max_requests, self.settings.window_minutes, self.settings.concurrency)
         try:
@@ -125,6 +118,10 @@ class Daemon:
         except CliUnusable as e:
             log.error("tasks cannot run yet: %s", e)
 
+    def _news(self) -> None:
+        self.news.set()
+        self.wake.set()
+
     def request_stop(self) -> None:
         if not self.stopping.is_set():
             log.info("stopping: no new tasks; waiting up to %g s for running ones", self.settings.grace_s)
@@ -132,66 +129,14 @@ class Daemon:
         self.news.set()
         self.wake.set()
 
-    async def _watch(self) -> None:
-        from watchfiles import (
-            awatch,  # lazy: `spoold submit` must not pay for the watcher
-        )
-
-        queued = self.sp.dir("queued")
-        paths = [self.sp.dir("inbox"), queued, self.sp.dir("running"), self.sp.root]
-        async for changes in awatch(*paths, watch_filter=None, debounce=200, step=2, recursive=False,
-                                    stop_event=self.stopping, ignore_permission_denied=True):
-            news = False
-            for change, p in changes:
-                path = Path(p)
-                if path.name == self._probe.name:
-                    self._watching.set()
-                    news = True
-                elif self._is_news(change, path):
-                    news = True
-                    if path.parent == queued and not spool.parse_queued_name(path.name):
-                        self._foreign_in_queued = True  # a file a foreign tool wrote straight into queued/
-            if news:
-                self.news.set()
-                self.wake.set()
-
-    def _is_news(self, change: Change, path: Path) -> bool:
-        """Whether an event can mean new work; our own claims and moves (one per task) are not news."""
-        from watchfiles import Change
-
-        if path.parent == self.sp.dir("inbox") and change == Change.deleted and intake.lock_target(path.name):
-            return True  # an editor let go of a file: it may be a task now
-        if path.parent in (self.sp.dir("queued"), self.sp.dir("inbox")):
-            return change != Change.deleted  # a file leaving the inbox or the queue never makes work
-        if path.parent == self.sp.dir("running"):
-            if spool.parse_cancel_marker(path.name) is not None:
-                return True
-            entry = spool.parse_running_name(path.name)
-            mine = entry is not None and entry.owner == self._owner
-            return change == Change.deleted and not mine  # a slot another daemon held is free
-        return True
-
-    async def _watcher_ready(self, timeout_s: float = 5.0) -> None:
-        """Touch a probe until the watcher reports it, so no drop falls between the first scan and the watch."""
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not self._watching.is_set() and time.monotonic() < deadline:
-                self._probe.touch(mode=0o600)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._watching.wait(), 0.05)
-        finally:
-            self._probe.unlink(missing_ok=True)
-        if not self._watching.is_set():
-            log.warning("the file watcher did not answer; relying on a scan every %g s", self.settings.scan_interval_s)
-
     async def _serve(self) -> None:
         while not self.stopping.is_set():
             self.wake.clear()
             self.news.clear()  # before this turn looks at anything: news from now on ends its dispatch pass
-            self._maybe_reload()
+            await self._maybe_reload()
             try:
                 pending = await self._intake_and_recover()
-                self._check_cancels()
+                await self._check_cancels()
                 wait_until, started = await self._dispatch()
                 if not started and not self.running:  # idle: make recent run times visible to estimates
                     await asyncio.to_thread(ledger.flush, self.sp, self.settings)
@@ -201,7 +146,7 @@ class Daemon:
                     await asyncio.wait_for(self.stopping.wait(), delay)
                 continue
             self._can_write()
-            if self.once and not self.running and self._drained(wait_until):
+            if self.once and not self.running and await self._drained(wait_until):
                 return
             timeout = self.settings.scan_interval_s
             if pending:
@@ -226,12 +171,13 @@ class Daemon:
             log.info("the spool is writable again; resuming")
             self._write_failures = 0
 
-    def _drained(self, wait_until: float | None) -> bool:
+    async def _drained(self, wait_until: float | None) -> bool:
         """--once ends when no queued task can start now: the queue is empty, or it waits on the limit."""
         if wait_until is not None:
             log.info("--once: stopping; the next start waits until %s", iso(wait_until))
             return True
-        return ledger.next_eligible(spool.list_queued(self.sp), time.time()) is None
+        listing = await asyncio.to_thread(spool.list_queued, self.sp)
+        return ledger.next_eligible(listing, time.time()) is None
 
     async def _shutdown(self) -> None:
         if not self.running:
@@ -247,13 +193,13 @@ class Daemon:
 
     # ---- each turn of the loop -------------------------------------------------
 
-    def _maybe_reload(self) -> None:
+    async def _maybe_reload(self) -> None:
         mtime = self._mtime(self.sp.config_path)
         if mtime == self._config_mtime:
             return
         self._config_mtime = mtime
         try:
-            self.settings = config.load(self.sp.config_path, self.overrides)
+            self.settings = await asyncio.to_thread(config.load, self.sp.config_path, self.overrides)
             log.info("config reloaded: %d per %g min, concurrency %d", self.settings.max_requests,
                      self.settings.window_minutes, self.settings.concurrency)
         except SpooldError as e:
@@ -265,8 +211,8 @@ class Daemon:
         A thread, so that fsyncs here overlap with finished tasks being written in other threads.
         Everything it needs from the loop's state is copied first.
         """
-        full = time.monotonic() - self._last_scan > self.settings.scan_interval_s or self._foreign_in_queued
-        self._foreign_in_queued = False
+        full = time.monotonic() - self._last_scan > self.settings.scan_interval_s or self.watcher.foreign_in_queued
+        self.watcher.foreign_in_queued = False
         settings, running_here = self.settings, set(self.running)
 
         def work() -> intake.IntakeReport:
@@ -284,9 +230,14 @@ class Daemon:
             self._last_scan = time.monotonic()
         return pending
 
-    def _check_cancels(self) -> None:
+    async def _check_cancels(self) -> None:
+        """Stop the runs someone asked to cancel (a `running/ID.cancel` marker): one listing of running/."""
+        if not self.running:
+            return
+        names = await asyncio.to_thread(spool.running_names, self.sp)
+        asked = {tid for tid in map(spool.parse_cancel_marker, names) if tid is not None}
         for task_id, r in list(self.running.items()):
-            if r.stop_reason is None and task_id not in self._finishing and spool.cancel_marker(self.sp, task_id).exists():
+            if r.stop_reason is None and task_id not in self._finishing and task_id in asked:
                 r.stop_reason = "cancel"
                 r.job.cancel()
 
@@ -298,7 +249,7 @@ class Daemon:
         Claims run in a worker thread (their fsyncs must not stall the loop).
         """
         settings = self.settings
-        listing = spool.list_queued(self.sp)
+        listing = await asyncio.to_thread(spool.list_queued, self.sp)
         entries = ledger.dispatch_order(listing, settings.strategy)
         started = 0
 
@@ -339,10 +290,13 @@ class Daemon:
         """transitions.claim, except for a task that must not start yet; it goes back to the queue with a not_before
         and counts as no start: a model family whose own window is rejected or past the reserve (weekly Opus:
         other families' tasks still start), or a follow-up whose earlier task has not finished."""
-        families = ledger.reserve_holds(ledger.read_usage(self.sp), settings, time.time())
-        families.pop(None, None)
+        read: list[dict[str | None, tuple[float, str]]] = []
 
-        def claim(entry: spool.QueuedEntry, t: float) -> transitions.Claimed | None:
+        def claim(entry: spool.QueuedEntry, t: float) -> transitions.Claimed | None:  # runs in a worker thread
+            if not read:  # once per batch, in the batch's thread (a file read: not on the loop)
+                read.append(ledger.reserve_holds(ledger.read_usage(self.sp), settings, time.time()))
+                read[0].pop(None, None)
+            families = read[0]
             c = transitions.claim(self.sp, entry, settings.default_model, started=t)
             if c is None:
                 return None
@@ -393,168 +347,27 @@ class Daemon:
     # ---- one task ----------------------------------------------------------------
 
     async def _execute(self, claimed: transitions.Claimed) -> None:
-        task = claimed.task
-        settings = self.settings
-        backend = get_backend(settings)
-        try:
-            try:
-                ctx = options.context(self.sp, settings, task, self.workdir)
-                inv = await asyncio.to_thread(partial(backend.invocation, task, settings, ctx.cwd,
-                                                      profile=ctx.profile, session=ctx.session))
-                feed, drain = self._partial_writer(claimed, backend.progress())
-                try:
-                    proc = await run_process(inv, task.timeout or settings.timeout_s, on_stdout=feed)
-                finally:
-                    await drain()
-            except (CliUnusable, options.NotYet, BadInput, OSError) as e:  # the CLI never ran this task
-                outcome, proc = self._not_run(e, settings), ProcResult(None, b"", b"")
-                await asyncio.to_thread(ledger.forget_start, self.sp, settings, claimed.started.timestamp())
-            else:
-                outcome = backend.classify(task, proc)
-            self._finishing.add(task.id)
-            self.slot_freed.set()
-            self.wake.set()  # its slot is free: the next task may start while this one is written
-            await self._settle_when_writable(claimed, outcome, proc)
-        except asyncio.CancelledError:
-            reason = self.running[task.id].stop_reason if task.id in self.running else "stop"
-            if reason == "cancel":
-                transitions.cancel_running(self.sp, claimed, "cancelled by request")
-            else:
-                transitions.requeue(self.sp, claimed, "the daemon stopped while it ran", count_attempt=False)
-        except Exception:
-            log.exception("internal error on %s; requeued", task.id)
-            with contextlib.suppress(Exception):
-                transitions.requeue(self.sp, claimed, "internal error in spoold (see its log)", count_attempt=True)
-        finally:
-            self.running.pop(task.id, None)
-            self._finishing.discard(task.id)
+        task_id = claimed.task.id
+
+        def exited() -> None:  # its slot is free: the next task may start while this one's outcome is written
+            self._finishing.add(task_id)
             self.slot_freed.set()
             self.wake.set()
 
-    def _partial_writer(self, claimed: transitions.Claimed, progress: Progress
-                        ) -> tuple[Callable[[bytes], None], Callable[[], Awaitable[None]]]:
-        """Keep `running/ID@OWNER.partial` up to date: written whole (tmp, fsync, rename) at most every
-        PARTIAL_EVERY_S, in a worker thread, never two writes at once: an fsync per few seconds, not per token.
-        `drain` waits for a write in flight and stops new ones, so none lands after the task has moved on."""
-        path = spool.partial_path(claimed.path)
-        state: dict[str, object] = {"last": 0.0, "busy": False, "closed": False}
-        jobs: list[asyncio.Future[None]] = []
-
-        def write(text: str) -> None:
-            try:
-                spool.rewrite(self.sp, path, text.encode(), sync_dir=False)
-            except OSError as e:
-                log.warning("answer so far of %s not written (%s)", claimed.task.id, e.strerror or e)
-            finally:  # the next write waits its full interval from the end of this one, however slow the disk
-                state["last"], state["busy"] = time.monotonic(), False
-
-        def feed(chunk: bytes) -> None:
-            if not progress.feed(chunk) or state["busy"] or state["closed"]:
-                return
-            if time.monotonic() - float(state["last"]) < PARTIAL_EVERY_S:  # type: ignore[arg-type]
-                return
-            state["busy"] = True  # the answer is built only here, every few seconds, never per token
-            jobs[:] = [asyncio.get_running_loop().run_in_executor(None, write, progress.text())]
-
-        async def drain() -> None:
-            state["closed"] = True
-            if jobs:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(jobs[0])
-
-        return feed, drain
-
-    @staticmethod
-    def _not_run(e: Exception, settings: config.Settings) -> Outcome:
-        """Why the CLI never ran a task, as an outcome: the queue waits for a CLI that cannot run (the task
-        loses nothing), a follow-up waits for its earlier task, a task that cannot run as asked fails."""
-        later = datetime.now(UTC) + timedelta(seconds=EXEC_HOLD_S)
-        if isinstance(e, CliUnusable):  # missing, broken, or unable to isolate the task
-            return Outcome("hold", error=str(e), hold_until=later)
-        if isinstance(e, options.NotYet):
-            return Outcome("wait", error=str(e), hold_until=datetime.now(UTC) + timedelta(seconds=options.RESUME_WAIT_S))
-        if isinstance(e, BadInput):  # its profile or the task it continues is gone: say so, don't guess
-            return Outcome("failed", error=str(e))
-        assert isinstance(e, OSError)
-        if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):  # the CLI itself is missing or not executable
-            return Outcome("hold", error=f"cannot start {settings.claude_bin!r}: {e.strerror}; install it or set claude_bin",
-                           hold_until=later)
-        return Outcome("failed", error=f"the task could not be started ({e.strerror or e}): its schema or system "
-                       "prompt may be too long for one command-line argument; make it shorter")
-
-    async def _settle_when_writable(self, claimed: transitions.Claimed, outcome: Outcome, proc: ProcResult) -> None:
-        """Settle a finished run; while the spool cannot be written, keep its answer here and try again."""
-        failures = 0
-        while True:
-            if failures and not claimed.path.exists():
-                return  # the move itself went through before the error: settled
-            try:
-                await _to_thread_to_the_end(self._settle, claimed, outcome, proc)
-                return
-            except OSError as e:
-                failures += 1
-                if failures == 1:
-                    log.error("cannot record the outcome of %s (%s); keeping it and retrying", claimed.task.id,
-                              e.strerror or e)
-                await asyncio.sleep(backoff(failures, WRITE_RETRY_S, self.settings.scan_interval_s))
-
-    def _settle(self, claimed: transitions.Claimed, outcome: Outcome, proc: ProcResult) -> None:
-        """Move the task where its outcome puts it, and tell the ledger."""
-        task, settings = claimed.task, self.settings
-        seen = {w.name: ledger.WindowSeen(w.status, w.resets_at, w.utilization, time.time(), task.id)
-                for w in outcome.windows}
-        if outcome.kind == "hold":
-            until = outcome.hold_until or datetime.now(UTC) + timedelta(minutes=30)
-            ledger.set_hold(self.sp, settings, until.timestamp(), outcome.error or "held", seen)
-            log.warning("holding the queue until %s: %s", iso(until), outcome.error)
-            transitions.requeue(self.sp, claimed, outcome.error or "held", count_attempt=False)
-            return
-        if outcome.kind == "wait":
-            if seen:  # a family's rejected window: the claimer holds that family's other tasks too
-                ledger.record_finish(self.sp, settings, outcome.cost_usd, None, seen)
-            transitions.requeue(self.sp, claimed, outcome.error or "waiting", count_attempt=False,
-                                not_before=outcome.hold_until)
-            log.info("%s waits until %s: %s", task.id, iso(outcome.hold_until) or "later", outcome.error)
-            return
-        if outcome.kind == "retry" and claimed.attempt < settings.max_attempts:
-            if seen or outcome.cost_usd:  # a failed try may still have cost something
-                ledger.record_finish(self.sp, settings, outcome.cost_usd, None, seen)
-            delay = backoff(claimed.attempt, settings.retry_backoff_s, MAX_BACKOFF_S)
-            transitions.requeue(self.sp, claimed, f"{outcome.error}; retry {claimed.attempt + 1} in {delay:.0f} s",
-                                not_before=datetime.now(UTC) + timedelta(seconds=delay))
-            return
-        status = "done" if outcome.kind == "done" else "failed"
-        error = outcome.error
-        if outcome.kind == "retry":
-            error = f"{error} (gave up after {claimed.attempt} attempts; `spoold retry {task.id}` to try again)"
-        result = transitions.result_for(
-            claimed, status, error, outcome.answer, model_resolved=outcome.model_resolved,
-            duration_s=round(proc.duration_s, 3), cost_usd=outcome.cost_usd, input_tokens=outcome.input_tokens,
-            output_tokens=outcome.output_tokens, cache_read_tokens=outcome.cache_read_tokens,
-            cache_creation_tokens=outcome.cache_creation_tokens, session_id=outcome.session_id,
-            structured=True if outcome.structured is not None else None)
-        transitions.finish(self.sp, claimed, result)
-        ledger.record_finish(self.sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None, seen)
-
-
-def backoff(n: int, base: float, cap: float) -> float:
-    """The wait before try n+1 after n failures: base, 2*base, 4*base, ... up to cap (the one backoff rule)."""
-    return min(cap, base * 2 ** min(max(n, 1) - 1, 30))
-
-
-async def _to_thread_to_the_end(fn: Callable[..., None], *args: object) -> None:
-    """Run fn in a worker thread and wait for it even if cancelled meanwhile: a thread cannot stop halfway.
-
-    A cancel that arrives while fn runs takes effect only if fn failed; work done is not undone.
-    """
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await fut
-            return
-        raise
+        try:
+            await runner.run(self.sp, self.settings, claimed, self.workdir, exited)
+        except asyncio.CancelledError:
+            why = self.running[task_id].stop_reason if task_id in self.running else "stop"
+            await to_thread_to_the_end(runner.interrupted, self.sp, claimed, why or "stop")
+        except Exception:
+            log.exception("internal error on %s; requeued", task_id)
+            with contextlib.suppress(Exception):
+                await to_thread_to_the_end(runner.interrupted, self.sp, claimed, "error")
+        finally:
+            self.running.pop(task_id, None)
+            self._finishing.discard(task_id)
+            self.slot_freed.set()
+            self.wake.set()
 
 
 def serve(sp: Spool, overrides: dict[str, object] | None = None, *, once: bool = False) -> int:
