@@ -45,7 +45,6 @@ EDITOR_LOCKS: tuple[tuple[str, str], ...] = (
 )
 _LOCK_RE = re.compile(r"^\.(?:#(?P<emacs>.+)|(?P<name>.+)\.(?:sw[a-p]|kate-swp))$")
 STALE_LOCK_S = 24 * 3600.0  # a lock whose owner cannot be checked is believed for a day
-_stale_reported: set[str] = set()
 
 
 def is_ignored(name: str) -> bool:
@@ -53,11 +52,12 @@ def is_ignored(name: str) -> bool:
     return bool(_IGNORE_RE.search(name))
 
 
-def locked_by_editor(directory: Path, name: str, present: set[str]) -> str | None:
-    """The editor lock or swap file that says `name` is still being edited, if a live one is there."""
+def locked_by_editor(directory: Path, name: str, present: set[str], reported: set[str] | None = None) -> str | None:
+    """The editor lock or swap file that says `name` is still being edited, if a live one is there
+    (`reported`: stale locks already logged, so each is said once)."""
     for _, pattern in EDITOR_LOCKS:
         lock = pattern.format(name)
-        if lock in present and not _stale(directory / lock):
+        if lock in present and not _stale(directory / lock, set() if reported is None else reported):
             return lock
     return None
 
@@ -68,7 +68,7 @@ def lock_target(lock_name: str) -> str | None:
     return (m.group("emacs") or m.group("name")) if m else None
 
 
-def _stale(lock: Path) -> bool:
+def _stale(lock: Path, reported: set[str]) -> bool:
     """A lock whose editor is gone: its process is dead on this host, or it is older than STALE_LOCK_S."""
     try:
         st = os.lstat(lock)
@@ -78,8 +78,8 @@ def _stale(lock: Path) -> bool:
     here = os.uname().nodename
     dead = owner is not None and owner[0] in (here, here.split(".")[0]) and not spool.pid_alive(owner[1])
     stale = dead or (owner is None and time.time() - st.st_mtime > STALE_LOCK_S)
-    if stale and str(lock) not in _stale_reported:
-        _stale_reported.add(str(lock))
+    if stale and str(lock) not in reported:
+        reported.add(str(lock))
         log.warning("ignoring %s: the editor that left it is gone (delete it to tidy up)", lock.name)
     return stale
 
@@ -199,7 +199,7 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     regular = stat.S_ISREG(st.st_mode)
     if regular and not is_task_name(name):
         return None  # not a task (a PDF, an image): left where the user put it; `status` lists it
-    if present and locked_by_editor(path.parent, name, present):
+    if present and locked_by_editor(path.parent, name, present, sp.local.reported):
         report.editing.append(name)
         return None
     if regular and (not is_settled(path, st) or (st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S)):

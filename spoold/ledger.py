@@ -11,7 +11,6 @@ import heapq
 import json
 import logging
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,9 +31,6 @@ E = TypeVar("E")
 KEEP_DURATIONS = 20
 DEFAULT_DURATION_S = 60.0
 LOCK_TIMEOUT_S = 30.0
-_THREADS = threading.Lock()  # the daemon's threads queue here; filelock would make them poll the flock every 50 ms
-_unsaved: dict[Path, list[float]] = {}  # run times not yet in this host's file, per ledger dir
-_UNSAVED = threading.Lock()  # guards _unsaved alone: a finishing task must not wait for a claim's fsyncs
 
 
 @dataclass
@@ -91,14 +87,14 @@ def locked(sp: Spool) -> Iterator[None]:
     import filelock  # lazy: a submit reads the ledger for its estimate but never locks it
 
     ledger_dir(sp).mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not _THREADS.acquire(timeout=LOCK_TIMEOUT_S):
+    if not sp.local.threads.acquire(timeout=LOCK_TIMEOUT_S):
         raise filelock.Timeout(str(spool.ledger_lock_path(sp)))
     try:
         with filelock.FileLock(spool.ledger_lock_path(sp), timeout=LOCK_TIMEOUT_S, thread_local=False, mode=0o600):
             spool.fault("ledger:locked")
             yield
     finally:
-        _THREADS.release()
+        sp.local.threads.release()
 
 
 def _load_host(path: Path) -> HostLedger:
@@ -223,8 +219,9 @@ def _update_own(
         except (OSError, ValueError, TypeError, KeyError) as e:
             h = _rebuild(sp, path, e)
     change(h)
-    with _UNSAVED:
-        h.durations += _unsaved.pop(ledger_dir(sp), [])
+    with sp.local.unsaved_lock:
+        h.durations += sp.local.unsaved
+        sp.local.unsaved.clear()
     horizon = now - settings.window_minutes * 60 - max(settings.min_interval_s, 0)
     h.starts = [t for t in h.starts if t > horizon]
     month_start = _month_start(now).strftime("%Y-%m-%d")
@@ -398,8 +395,8 @@ def record_finish(sp: Spool, settings: Settings, cost_usd: float | None, duratio
     rides along with this host's next ledger write (or `flush`)."""
     if not cost_usd and not windows:
         if duration_s is not None:
-            with _UNSAVED:
-                _unsaved.setdefault(ledger_dir(sp), []).append(round(duration_s, 3))
+            with sp.local.unsaved_lock:
+                sp.local.unsaved.append(round(duration_s, 3))
         return
 
     def change(h: HostLedger, t: float) -> None:
@@ -415,7 +412,7 @@ def record_finish(sp: Spool, settings: Settings, cost_usd: float | None, duratio
 
 def flush(sp: Spool, settings: Settings) -> None:
     """Write run times still held in memory (the daemon does it when a turn starts nothing, and at exit)."""
-    if _unsaved.get(ledger_dir(sp)):
+    if sp.local.unsaved:
         _locked_update(sp, settings, lambda h, t: None)
 
 

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, overload
@@ -44,11 +44,24 @@ FORMAT = 2  # the spool format this spoold writes; `.spoold/format` says which o
 _DATE_DIR_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
+@dataclass
+class Local:
+    """What one process keeps in memory for a spool it works on: a lock its threads queue on before the
+    ledger's flock (filelock would make them poll it every 50 ms), run times not yet written to the ledger,
+    editor locks already reported. Held by the Spool object, so the library keeps no module-level state."""
+
+    threads: threading.Lock = field(default_factory=threading.Lock)
+    unsaved_lock: threading.Lock = field(default_factory=threading.Lock)  # a finish must not wait for a claim's fsyncs
+    unsaved: list[float] = field(default_factory=list)
+    reported: set[str] = field(default_factory=set)
+
+
 @dataclass(frozen=True)
 class Spool:
     """A spool rooted at `root`; the directories are the truth."""
 
     root: Path
+    local: Local = field(default_factory=Local, compare=False, repr=False, hash=False)
 
     def dir(self, state: str) -> Path:
         return self.root / state
@@ -118,17 +131,20 @@ def slugify(text: str, limit: int = 40) -> str:
     return out
 
 
-_last_ms = 0
-_id_lock = threading.Lock()
+class _IdClock:
+    """Wall time in ms, but never the same or earlier than this process's last id: FIFO within a process.
+    The one process-wide state in the library, because that promise is about the process."""
+
+    def __init__(self) -> None:
+        self._lock, self._last_ms = threading.Lock(), 0
+
+    def now(self) -> datetime:
+        with self._lock:
+            ms = self._last_ms = max(time.time_ns() // 1_000_000, self._last_ms + 1)
+        return datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
 
 
-def _monotonic_now() -> datetime:
-    """Wall time in ms, but never the same or earlier than this process's last id: FIFO within a process."""
-    global _last_ms
-    with _id_lock:
-        ms = max(time.time_ns() // 1_000_000, _last_ms + 1)
-        _last_ms = ms
-    return datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+_monotonic_now = _IdClock().now
 
 
 def new_id(hint: str = "", now: datetime | None = None) -> str:
@@ -202,7 +218,6 @@ def parse_queued_name(name: str) -> QueuedEntry | None:
     return QueuedEntry(name, int(m.group(1)), nb, m.group(3))
 
 
-_owner: tuple[int, str] | None = None
 HOST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
 
@@ -253,12 +268,13 @@ def host_id() -> str:
 
 
 def owner_tag() -> str:
-    """`host-pid` of this process, as it appears in running/ names (remembered per pid: asked per file written)."""
-    global _owner
-    pid = os.getpid()
-    if _owner is None or _owner[0] != pid:
-        _owner = (pid, f"{host_id()}-{pid}")
-    return _owner[1]
+    """`host-pid` of this process, as it appears in running/ names (asked per file written: remembered per pid)."""
+    return _owner_of(os.getpid())
+
+
+@functools.cache
+def _owner_of(pid: int) -> str:
+    return f"{host_id()}-{pid}"
 
 
 @dataclass(frozen=True)

@@ -160,4 +160,25 @@ def test_host_id_is_generated_once_per_installation_and_kept_outside_the_spool(t
             spool.host_id()
     finally:
         spool.host_id.cache_clear()
-        spool._owner = None
+        spool._owner_of.cache_clear()
+
+
+def test_running_names_and_attempt_records_build_and_parse_back(sp: spool.Spool) -> None:
+    from datetime import UTC, datetime
+
+    tid, started = spool.new_id("sky"), datetime(2026, 11, 24, 16, 18, 16, 140000, tzinfo=UTC)
+    path = spool.running_path(sp, tid, 3, started, "laptop-ab12cd-4242")
+    assert path.name == f"{tid}.3.20261124T161816140Z@laptop-ab12cd-4242.md"
+    e = spool.parse_running_name(path.name)
+    assert e is not None and (e.task_id, e.attempt, e.started, e.host, e.pid) == (tid, 3, started, "laptop-ab12cd", 4242)
+    assert e.owner == "laptop-ab12cd-4242" and spool.partial_path(path).name.endswith("@laptop-ab12cd-4242.partial")
+    assert spool.parse_running_name(f"{tid}@laptop-4242.md") is None  # format 1's name: for the migration only
+    assert spool.parse_v1_running_name(f"{tid}@laptop-4242.md") == (tid, "laptop-4242", "md")
+    for path in (spool.requeued_record_path(sp, tid, 2), spool.waited_record_path(sp, tid, 3, started),
+                 spool.retried_result_path(sp, tid, 3, started)):
+        spool.write_new(sp, path, b"{}\n")
+    records = spool.attempt_records(sp, tid)
+    assert [(r.attempt, r.kind, r.owner) for r in records] == [
+        (2, "requeued", spool.owner_tag()), (3, "waited", spool.owner_tag()), (3, "retried", spool.owner_tag())]
+    assert spool.last_attempt(records) == 3 and spool.retry_base(records) == 3
+    assert spool.attempt_records(sp, spool.new_id("none")) == []
