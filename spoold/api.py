@@ -56,6 +56,7 @@ class TaskInfo:
     output_tokens: int | None = None
     answer_chars: int | None = None
     options: dict[str, Any] = field(default_factory=dict)  # `info` only: system, timeout, profile, effort, ...
+    history: list[dict[str, Any]] = field(default_factory=list)  # `info` only: attempts that went back, retries
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,7 +178,20 @@ def _estimate_into(sp: Spool, out: TaskInfo, settings: Settings) -> None:
 
 
 def cancel(sp: Spool, task_id: str) -> str:
-    return transitions.cancel(sp, task_id)
+    """Cancel a task: a queued one at once; a running one by asking its owner, or, when its owner died, by
+    recovering it here (holding an owner lock meanwhile), which keeps an answer that was already written."""
+    state = transitions.cancel(sp, task_id)
+    entry = next((e for e in spool.list_running(sp) if e.task_id == task_id), None) if state == "cancelling" else None
+    if entry is not None and not owners.owner_alive(sp, entry.owner):
+        from spoold import recovery
+
+        with owners.owning(sp):
+            recovery.recover_running(sp, entry, max_attempts=load_settings(sp).max_attempts)
+        state = spool.locate(sp, task_id).state
+        if state not in ("cancelled", "cancelling"):
+            raise InvalidState(f"task {task_id} had already ended {state} (its daemon died after writing its "
+                               "result); nothing to cancel")
+    return state
 
 
 def retry(sp: Spool, task_id: str) -> TaskInfo:
@@ -345,18 +359,21 @@ def _summary(sp: Spool, path: Path, task_id: str, state: str) -> TaskInfo:
 
 def _in_flight(sp: Spool, ti: TaskInfo, path: Path, *, with_reason: bool = False) -> Result | None:
     """What a task's file does not hold: its attempts, start and outcome, from its running/ name, its records
-    and its result (the one place a TaskInfo learns them). Returns the result of a finished task."""
+    and its result (the one place a TaskInfo learns them). `with_reason` (info): the records' log too.
+    Returns the result of a finished task."""
+    h = transitions.history(sp, ti.id, log=True) if with_reason else None
+    if h:
+        ti.history = h.log
     if ti.state == "running":
         entry = spool.parse_running_name(path.name)
         if entry:
-            base = spool.retry_base(spool.attempt_records(sp, ti.id))
+            base = h.base if h else spool.retry_base(spool.attempt_records(sp, ti.id))
             ti.attempts, ti.started_at = entry.attempt - base, iso(entry.started)
         return None
     if ti.state == "queued":
-        entry_ = spool.parse_queued_name(path.name)
-        if entry_ and entry_.not_before:
-            ti.not_before = iso(entry_.not_before)  # a retry's backoff or a hold's wait is in the name
-        h = transitions.history(sp, ti.id) if with_reason else None
+        queued = spool.parse_queued_name(path.name)
+        if queued and queued.not_before:
+            ti.not_before = iso(queued.not_before)  # a retry's backoff or a hold's wait is in the name
         if h:
             ti.attempts, ti.error = h.attempts, h.last_reason
         return None

@@ -70,7 +70,11 @@ def _dur(s: float | None) -> str:
 
 def cmd_init(args: argparse.Namespace) -> int:
     sp = _spool(args, create=True)
-    print(f"spool ready at {sp.root}: drop Markdown files into {sp.dir('inbox')}")
+    if args.json:
+        _print_json({"spool": str(sp.root), "inbox": str(sp.dir("inbox")), "config": str(sp.config_path),
+                     "format": spool.read_format(sp)})
+    else:
+        print(f"spool ready at {sp.root}: drop Markdown files into {sp.dir('inbox')}")
     return 0
 
 
@@ -302,6 +306,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key, value in rows:
         if value:
             print(f"{key:>12}  {value}")
+    for h in ti.history:  # the attempts that went back to the queue, and retries
+        when = terminal.local(h["ended_at"]) if h.get("ended_at") else ""
+        what = {"requeued": "back to the queue", "waited": "waited (not counted)", "retried": "retried"}[h["kind"]]
+        print(f"{'attempt ' + str(h['attempt']):>12}  {what}{', ' + when if when else ''}"
+              f"{': ' + h['reason'] if h.get('reason') else ''}")
     if ti.state == "done" and ti.answer_chars:
         answer = api.result(sp, ti.id)[1]
         print(f"{'answer':>12}  {_head(answer)}" + (f"  ({ti.answer_chars:,} characters: `spoold result {ti.id.split('-')[1]}`)"

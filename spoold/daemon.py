@@ -106,7 +106,7 @@ class Daemon:
                     await background
             if note is not None:
                 note.unlink(missing_ok=True)
-            owner_lock.release()
+            owners.let_go(self.sp, owner_lock)
             log.info("stopped")
         return 0
 

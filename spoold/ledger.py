@@ -188,7 +188,7 @@ def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
     root = spool.attempts_root(sp)
     for task_id in os.listdir(root) if root.is_dir() else []:
         for r in spool.attempt_records(sp, task_id) if spool.ID_RE.match(task_id) else []:
-            if r.kind == "requeued":
+            if r.kind != "retried":  # a `waited` one may not have counted: counting it errs on the limit's side
                 try:
                     out.append(datetime.fromisoformat(json.loads(spool.read_bytes(r.path))["started_at"]).timestamp())
                 except (OSError, ValueError, KeyError, TypeError):

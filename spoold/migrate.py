@@ -36,6 +36,13 @@ def migrate(sp: Spool) -> int:
         if live:
             raise SpoolError(f"{sp.root} is in spool format 1 and a spoold daemon of that version serves it "
                              f"({live[0]}); stop it, then run spoold again to migrate the spool")
+        theirs = [(n, v[1]) for n in spool.running_names(sp) if (v := spool.parse_v1_running_name(n))
+                  and v[2] == "md" and spool.owner_host(v[1]) not in (spool.host_id(), spool.legacy_host())]
+        if theirs:  # its daemon, elsewhere, may still finish it under its format-1 name
+            name, owner = theirs[0]
+            raise SpoolError(f"{sp.root} is in spool format 1 and running/{name} is being run by another host "
+                             f"({spool.owner_host(owner)}); stop spoold there once it is done, then run spoold "
+                             "again (if that host is gone for good, move the file into inbox/ to run it anew)")
         log.info("migrating %s from spool format 1 to %d", sp.root, spool.FORMAT)
         changed = _running(sp)
         changed += _each(sp, [spool.queued_path(sp, e.name) for e in spool.list_queued(sp)], queued=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def hold_owner_lock(sp: Spool) -> filelock.BaseFileLock:
-    """Mark this process alive as an owner of claims until it exits (the OS drops the lock on death)."""
+    """Mark this process alive as an owner of claims until it exits (the OS drops the lock on death);
+    `let_go` ends it early."""
     import filelock  # lazy: `spoold submit` never takes a lock, and filelock costs it 15 ms of start-up
 
     path = spool.owner_lock_path(sp, spool.owner_tag())
@@ -77,6 +80,24 @@ def owner_alive(sp: Spool, owner: str) -> bool:
         probe.acquire()
     except filelock.Timeout:
         return True
-    probe.release()
-    path.unlink(missing_ok=True)
+    probe.release()  # the file stays: only its owner removes it (a new process with a reused pid may hold it now)
     return False
+
+
+def let_go(sp: Spool, lock: filelock.BaseFileLock) -> None:
+    """Release our owner lock and remove its file: we own nothing in running/ any more."""
+    spool.owner_lock_path(sp, spool.owner_tag()).unlink(missing_ok=True)
+    lock.release()
+
+
+@contextmanager
+def owning(sp: Spool) -> Iterator[None]:
+    """Hold an owner lock for a while (a CLI taking over a dead owner's task), so no recovery takes it meanwhile."""
+    import filelock
+
+    path = spool.owner_lock_path(sp, spool.owner_tag())
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = filelock.FileLock(path, timeout=-1, thread_local=False, mode=0o600)
+    with lock:
+        yield
+    path.unlink(missing_ok=True)

@@ -6,12 +6,15 @@ Run by a daemon at start and every scan interval. Each step is a transition of i
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 from spoold import owners, spool, transitions
 from spoold.errors import TaskNotFound
 from spoold.spool import Spool
+
+log = logging.getLogger("spoold")
 
 
 def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = None) -> list[str]:
@@ -22,50 +25,60 @@ def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = Non
     """
     actions: list[str] = []
     mine = spool.owner_tag()
+    markers = [n for n in spool.running_names(sp) if spool.parse_cancel_marker(n) is not None]  # before the tasks
     for entry in spool.list_running(sp):
         stray = running_here is not None and entry.owner == mine and entry.task_id not in running_here
         if stray or not owners.owner_alive(sp, entry.owner):
-            actions.append(recover_running(sp, entry, max_attempts=max_attempts))
+            try:
+                actions.append(recover_running(sp, entry, max_attempts=max_attempts))
+            except (FileNotFoundError, FileExistsError) as e:  # a race with another recoverer: next scan
+                log.warning("recovery of %s left for the next scan (%s)", entry.task_id, e.strerror or e)
     for name in spool.tmp_names(sp):
         actions.extend(_recover_tmp(sp, name, ours_stray=running_here is not None))
-    running = {e.task_id: e for e in spool.list_running(sp)}
+    running = {e.task_id for e in spool.list_running(sp)}
     for name in spool.running_names(sp):
         path = spool.running_file(sp, name)
         if name.endswith(spool.PARTIAL_SUFFIX) and not path.with_suffix(".md").exists():
             path.unlink(missing_ok=True)  # its task left running/ (a crash between the two)
-        tid = spool.parse_cancel_marker(name)
-        if tid is not None and tid not in running:
-            path.unlink(missing_ok=True)  # its task already ended
+    for name in markers:
+        if spool.parse_cancel_marker(name) not in running:
+            spool.running_file(sp, name).unlink(missing_ok=True)  # its task had already ended
     return [a for a in actions if a]
 
 
 def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int) -> str:
-    """A dead owner's task: finish it if its result exists, else requeue it (or fail it after max_attempts)."""
+    """A dead owner's task: finish it if its result exists, else requeue it (or fail it after max_attempts);
+    cancel it if someone asked. A copy a power cut left in running/ beside a queued one is dropped."""
     path = spool.running_file(sp, entry.name)
-    result_path = spool.find_result(sp, entry.task_id)
-    if result_path is not None:
-        done = spool.task_path_for(result_path.parent, entry.task_id)
-        try:
-            spool.move(path, done)
-        except FileExistsError:  # it had finished; a power cut brought back its running/ copy
-            path.unlink(missing_ok=True)
-            spool.fsync_dir(path.parent)
-            return f"dropped a stale running/ copy of {entry.task_id} (it had already finished)"
-        except FileNotFoundError:
-            return ""
-        return f"finished {entry.task_id} (its result was already written)"
+    answered = transitions.to_its_result(sp, path, entry.task_id)
+    if answered is not None:
+        return answered
+    if spool.find_queued(sp, entry.task_id) is not None:  # the claim's rename undone by a power cut, half
+        path.unlink(missing_ok=True)
+        spool.fsync_dir(path.parent)
+        return f"dropped a stale running/ copy of {entry.task_id} (it is queued)"
     claimed = transitions.take_over(sp, entry)
     if claimed is None:
         return f"failed {entry.task_id}: its task file could not be read" if _failed(sp, entry.task_id) else ""
     if spool.cancel_marker(sp, entry.task_id).exists():
         transitions.cancel_running(sp, claimed, "cancelled")
         return f"cancelled {entry.task_id}"
+    if _was_sent_back(sp, entry):  # killed between an uncounted requeue's record and its rename: finish it
+        transitions.requeue(sp, claimed, "sent back before the daemon died", count_attempt=False)
+        return f"requeued {entry.task_id} (not counted)"
     if claimed.attempt >= max_attempts:
         msg = f"interrupted {claimed.attempt} times (the daemon died while it ran); run `spoold retry {entry.task_id}`"
         transitions.finish(sp, claimed, transitions.result_for(claimed, "failed", msg))
         return f"failed {entry.task_id}: {msg}"
     transitions.requeue(sp, claimed, f"interrupted on {entry.host} (pid {entry.pid}); requeued")
     return f"requeued {entry.task_id}"
+
+
+def _was_sent_back(sp: Spool, entry: spool.RunningEntry) -> bool:
+    """Its owner had written a `waited` record for this very attempt: the attempt was not to count."""
+    return any(r.kind == "waited" and r.attempt == entry.attempt and r.owner == entry.owner
+               and r.path.name.split(".")[2] >= spool.stamp_ms(entry.started)
+               for r in spool.attempt_records(sp, entry.task_id))
 
 
 def _failed(sp: Spool, task_id: str) -> bool:

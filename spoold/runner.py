@@ -54,7 +54,10 @@ async def run(sp: Spool, settings: config.Settings, claimed: transitions.Claimed
 
 def interrupted(sp: Spool, claimed: transitions.Claimed, why: str) -> None:
     """A run the daemon stopped: a cancel ends it cancelled; a stop puts it back uncounted; an internal error
-    puts it back counted (so a task that keeps breaking spoold ends failed, not in a loop)."""
+    puts it back counted (so a task that keeps breaking spoold ends failed, not in a loop). One whose result
+    is already written (its move kept failing) goes beside it instead: an answer is never run again."""
+    if transitions.to_its_result(sp, claimed.path, claimed.task.id) is not None:
+        return
     if why == "cancel":
         transitions.cancel_running(sp, claimed, "cancelled by request")
     elif why == "stop":
@@ -65,7 +68,7 @@ def interrupted(sp: Spool, claimed: transitions.Claimed, why: str) -> None:
 
 def partial_writer(sp: Spool, claimed: transitions.Claimed, progress: Progress
                    ) -> tuple[Callable[[bytes], None], Callable[[], Awaitable[None]]]:
-    """Keep `running/ID@OWNER.partial` up to date: written whole (tmp, fsync, rename) at most every
+    """Keep `running/ID.N.STARTED@OWNER.partial` up to date: written whole (tmp, fsync, rename) at most every
     PARTIAL_EVERY_S, in a worker thread, never two writes at once: an fsync per few seconds, not per token.
     `drain` waits for a write in flight and stops new ones, so none lands after the task has moved on."""
     path = spool.partial_path(claimed.path)

@@ -8,6 +8,7 @@ maildir-style (tmp/ + fsync + no-clobber link + directory fsync).
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import functools
 import heapq
@@ -79,6 +80,7 @@ class Spool:
 def open_spool(root: Path | str, create: bool = True) -> Spool:
     """Return the spool at root, creating missing directories (0700) when asked."""
     sp = Spool(Path(root).expanduser().absolute())
+    fresh = create and not sp.dir("queued").is_dir()  # a spool made now: in this format from the start
     if create:
         for d in (sp.root, *(sp.dir(s) for s in STATES), sp.state_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -93,18 +95,16 @@ def open_spool(root: Path | str, create: bool = True) -> Spool:
     fmt = read_format(sp)
     if fmt is not None and fmt > FORMAT:
         raise SpoolError(f"{sp.root} is in spool format {fmt}, made by a newer spoold; upgrade spoold to use it")
-    if fmt is None and create and _holds_no_task(sp):
-        write_new(sp, format_path(sp), f"{FORMAT}\n".encode())  # a new spool: nothing to migrate
+    if fmt is None and fresh:
+        with contextlib.suppress(FileExistsError):  # another process made it at the same moment
+            write_new(sp, format_path(sp), f"{FORMAT}\n".encode())
     return sp
 
 
 def needs_migration(sp: Spool) -> bool:
-    """A spool spoold 1 made (no `.spoold/format`) that holds tasks; spoold.migrate brings it to this format."""
-    return read_format(sp) is None and not _holds_no_task(sp)
-
-
-def _holds_no_task(sp: Spool) -> bool:
-    return not any(sp.dir(s).is_dir() and os.listdir(sp.dir(s)) for s in TASK_STATES)
+    """A spool spoold 1 made (no `.spoold/format`), even an empty one (its daemon may still serve it):
+    spoold.migrate brings it to this format."""
+    return read_format(sp) is None
 
 
 def check_private(root: Path) -> None:
@@ -283,7 +283,7 @@ class RunningEntry:
 
     name: str
     task_id: str
-    attempt: int  # counted over the task's whole life (a retry does not reset it; see attempts_since_retry)
+    attempt: int  # counted over the task's whole life (a retry does not reset it; see retry_base)
     started: datetime
     host: str
     pid: int
@@ -897,7 +897,7 @@ def terminal_task_files(sp: Spool, state: str, *, days: int | None = None) -> It
 
 
 def partial_path(running: Path) -> Path:
-    """`running/ID@OWNER.partial`: a running task's answer so far, written only by the task's owner."""
+    """`running/ID.N.STARTED@OWNER.partial`: a running task's answer so far, written only by its owner."""
     return running.with_suffix(PARTIAL_SUFFIX)
 
 
@@ -978,6 +978,12 @@ def resolve_id(sp: Spool, text: str) -> str:
         shown = ", ".join(found[-5:]) + (f", and {len(found) - 5} more" if len(found) > 5 else "")
         raise BadTaskId(f"{text!r} names {len(found)} tasks ({shown}); give more of the id, or @last for the newest")
     return found[0]
+
+
+def find_queued(sp: Spool, task_id: str) -> Path | None:
+    """The task's file in queued/, if it is there (a listing of queued/: for recovery, not per claim)."""
+    suffix = f".{task_id}.md"
+    return next((queued_path(sp, n) for n in os.listdir(sp.dir("queued")) if n.endswith(suffix)), None)
 
 
 def find_result(sp: Spool, task_id: str) -> Path | None:

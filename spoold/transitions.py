@@ -9,6 +9,7 @@ ask through a `.cancel` marker, or take it over once its owner is proven dead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from spoold import owners, spool
+from spoold import spool
 from spoold.errors import BadInput, InvalidState
 from spoold.spool import Spool
 from spoold.task import Result, Task, parse_result, render_result, render_task
@@ -100,25 +101,37 @@ def move_rejected(sp: Spool, claimed: Path, task_id: str) -> None:
 @dataclass(frozen=True)
 class History:
     """A task's attempts, from its records alone: how many so far (since the last retry), the next
-    attempt's number over its whole life, and why it last went back to the queue."""
+    attempt's number over its whole life, why it last went back to the queue, and (with `log`) each
+    record: an attempt requeued or sent back uncounted, and each retry."""
 
     attempts: int
     next_number: int
     base: int  # attempts before the latest retry
     last_reason: str | None
+    log: list[dict[str, Any]]
 
 
-def history(sp: Spool, task_id: str) -> History:
+def history(sp: Spool, task_id: str, *, log: bool = False) -> History:
     records = spool.attempt_records(sp, task_id)
     last, base = spool.last_attempt(records), spool.retry_base(records)
-    reason = None
     since = [r for r in records if r.kind != "retried" and r.attempt > base]
-    if since:
-        try:
-            reason = json.loads(spool.read_bytes(since[-1].path, 64 * 1024)).get("reason")
-        except (OSError, ValueError, AttributeError):
-            reason = None
-    return History(last - base, last + 1, base, reason)
+    entries = [_record(r) for r in (records if log else since[-1:])]
+    reason = entries[-1].get("reason") if since and entries else None
+    return History(last - base, last + 1, base, reason, entries if log else [])
+
+
+def _record(r: spool.AttemptRecord) -> dict[str, Any]:
+    """One record as plain data: what its JSON line says (a retried result: only that a retry set it aside)."""
+    out: dict[str, Any] = {"attempt": r.attempt, "kind": r.kind, "owner": r.owner}
+    if r.kind == "retried":
+        return out
+    try:
+        line = json.loads(spool.read_bytes(r.path, 64 * 1024))
+    except (OSError, ValueError):
+        return out
+    if isinstance(line, dict):
+        out.update({k: line.get(k) for k in ("started_at", "ended_at", "reason")})
+    return out
 
 
 # ---- dispatch ------------------------------------------------------------------
@@ -145,6 +158,11 @@ def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: floa
         spool.move(spool.queued_path(sp, entry.name), dest)
     except (FileNotFoundError, FileExistsError):
         return None  # another process took it
+    now_h = history(sp, entry.task_id)  # read again now that it is ours: records cannot change under us any more
+    if now_h.next_number != h.next_number:  # a requeue's record landed between our look and our rename
+        h, stale = now_h, dest
+        dest = spool.running_path(sp, entry.task_id, h.next_number, t)
+        spool.move(stale, dest)
     claimed = _read_claimed(sp, dest, entry.task_id, default_model, h.next_number - h.base, h.next_number, t)
     if claimed is not None:
         log.info("running %s (attempt %d, model %s)", claimed.task.id, claimed.attempt, claimed.task.model)
@@ -171,6 +189,25 @@ def unclaim(sp: Spool, claimed: Claimed) -> None:
     attempt does not count and its number is used again."""
     task = claimed.task
     spool.move(claimed.path, spool.queued_path_for(sp, task.id, task.priority, None))
+
+
+def to_its_result(sp: Spool, path: Path, task_id: str) -> str | None:
+    """A running/ file whose task already has a result (killed between writing it and the move, or stopped
+    while its move kept failing): move it beside the result, or drop it if the finished copy is there too.
+    None when the task has no result."""
+    result_path = spool.find_result(sp, task_id)
+    if result_path is None:
+        return None
+    try:
+        spool.move(path, spool.task_path_for(result_path.parent, task_id))
+    except FileExistsError:  # it had finished; a power cut brought back its running/ copy
+        path.unlink(missing_ok=True)
+        spool.fsync_dir(path.parent)
+        return f"dropped a stale running/ copy of {task_id} (it had already finished)"
+    except FileNotFoundError:
+        return ""
+    _drop_partial(path)
+    return f"finished {task_id} (its result was already written)"
 
 
 def take_over(sp: Spool, entry: spool.RunningEntry, default_model: str = "sonnet") -> Claimed | None:
@@ -207,8 +244,13 @@ def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
     dest_dir = spool.date_dir(sp, "done", finished) if result.status == "done" else sp.dir("failed")
     _write_result(sp, dest_dir, result)
     spool.fault("finish:result-written")
-    dest = spool.move(claimed.path, spool.task_path_for(dest_dir, claimed.task.id), sync="dest")
+    dest = spool.task_path_for(dest_dir, claimed.task.id)
+    try:
+        spool.move(claimed.path, dest, sync="dest")
+    except FileExistsError:  # a copy a power cut left beside its result: the same bytes (a task file never changes)
+        claimed.path.unlink(missing_ok=True)
     _drop_partial(claimed.path)
+    spool.cancel_marker(sp, claimed.task.id).unlink(missing_ok=True)  # a cancel that came too late
     log.info("%s %s%s", result.status, claimed.task.id, f": {result.error}" if result.error else "")
     return dest
 
@@ -235,22 +277,32 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
     (the next claim uses its number again).
     """
     task, ended = claimed.task, now()
+    if spool.cancel_marker(sp, task.id).exists():  # asked to stop while it was ending: it ends cancelled
+        return cancel_running(sp, claimed, "cancelled by request")
     record = {"attempt": claimed.number, "owner": spool.owner_tag(), "started_at": iso_ms(claimed.started),
               "ended_at": iso_ms(ended), "counted": count_attempt, "reason": reason}
-    path = (spool.requeued_record_path(sp, task.id, claimed.number) if count_attempt
-            else spool.waited_record_path(sp, task.id, claimed.number, ended))
+    done = any(r.attempt == claimed.number and r.kind == "requeued" for r in spool.attempt_records(sp, task.id))
+    if not done:  # a requeue a crash stopped halfway already wrote it
+        path = (spool.requeued_record_path(sp, task.id, claimed.number) if count_attempt
+                else spool.waited_record_path(sp, task.id, claimed.number, ended))
+        with contextlib.suppress(FileExistsError):
+            spool.write_new(sp, path, (json.dumps(record) + "\n").encode())
+    dest = spool.queued_path_for(sp, task.id, task.priority, not_before)
     try:
-        spool.write_new(sp, path, (json.dumps(record) + "\n").encode())
-    except FileExistsError:
-        pass  # written before a crash that stopped this requeue halfway
-    dest = spool.move(claimed.path, spool.queued_path_for(sp, task.id, task.priority, not_before))
+        spool.move(claimed.path, dest)
+    except FileExistsError:  # a queued copy a power cut left behind: the same bytes; it is the one that waits
+        claimed.path.unlink(missing_ok=True)
     _drop_partial(claimed.path)
     log.info("requeued %s: %s", task.id, reason)
     return dest
 
 
-def cancel_running(sp: Spool, claimed: Claimed, reason: str, answer: str = "") -> Path:
-    """Owner side of a cancel: running/ → cancelled/, keeping any partial answer."""
+def cancel_running(sp: Spool, claimed: Claimed, reason: str) -> Path:
+    """Owner side of a cancel: running/ → cancelled/; the answer so far, if any was written, is its result's."""
+    try:
+        answer = spool.read_bytes(spool.partial_path(claimed.path)).decode("utf-8", "replace")
+    except OSError:
+        answer = ""
     _write_result(sp, sp.dir("cancelled"), result_for(claimed, "cancelled", reason, answer))
     dest = spool.move(claimed.path, spool.task_path_for(sp.dir("cancelled"), claimed.task.id))
     _drop_partial(claimed.path)
@@ -260,7 +312,8 @@ def cancel_running(sp: Spool, claimed: Claimed, reason: str, answer: str = "") -
 
 
 def cancel(sp: Spool, task_id: str) -> str:
-    """Cancel a queued task at once, or ask a running task's owner to stop it. Returns the new state."""
+    """Cancel a queued task at once, or ask a running task's owner to stop it (a `running/ID.cancel` marker).
+    Returns the new state: cancelled, or cancelling."""
     for _ in range(5):  # a task can move between looking and acting: look again
         loc = spool.locate(sp, task_id)
         if loc.state == "queued":
@@ -275,14 +328,7 @@ def cancel(sp: Spool, task_id: str) -> str:
             _write_result(sp, sp.dir("cancelled"), result)
             log.info("cancelled %s", task_id)
             return "cancelled"
-        if loc.state == "running":
-            entry = spool.parse_running_name(loc.path.name)
-            if entry and not owners.owner_alive(sp, entry.owner):
-                claimed = take_over(sp, entry)
-                if claimed is None:
-                    continue
-                cancel_running(sp, claimed, "cancelled")
-                return "cancelled"
+        if loc.state == "running":  # its owner stops it (recovery does, for an owner that died)
             marker = spool.cancel_marker(sp, task_id)
             if not marker.exists():
                 try:
@@ -305,13 +351,16 @@ def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
     except (BadInput, OSError) as e:
         raise InvalidState(f"task {task_id} cannot be retried as it is ({e}); fix {loc.path} and drop it into inbox/") from None
     h = history(sp, task_id)
+    try:
+        ran = parse_result(spool.read_bytes(loc.result_path).decode("utf-8")).attempts or 0
+    except (OSError, UnicodeDecodeError, BadInput):
+        ran = 0  # no result (a cancel a crash cut short): the records still say how many ran
+    aside = spool.retried_result_path(sp, task_id, max(h.next_number - 1, h.base + ran), now())
     if loc.result_path.exists():
-        try:
-            ran = parse_result(spool.read_bytes(loc.result_path).decode("utf-8")).attempts or 0
-        except (OSError, UnicodeDecodeError, BadInput):
-            ran = 0
-        upto = max(h.next_number - 1, h.base + ran)
-        spool.move(loc.result_path, spool.retried_result_path(sp, task_id, upto, now()))
+        spool.move(loc.result_path, aside)
+    else:  # still set the count back: the retry's record is what does it
+        spool.write_new(sp, aside, b"(no result was written before this retry)\n")
+    spool.cancel_marker(sp, task_id).unlink(missing_ok=True)
     dest = spool.move(loc.path, spool.queued_path_for(sp, task_id, task.priority, None))
     log.info("retry %s", task_id)
     return dest

@@ -303,6 +303,26 @@ def test_show_gives_the_whole_picture(sp: spool.Spool, tmp_path) -> None:
     assert "e-05" not in out and "None" not in out
 
 
+def test_init_says_where_in_json_too(tmp_path) -> None:
+    root = tmp_path / "new"
+    out = json.loads(run(None, "init", "--spool", str(root), "--json").stdout)
+    assert out == {"spool": str(root), "inbox": str(root / "inbox"), "config": str(root / "config.yaml"), "format": 2}
+
+
+def test_show_lists_the_attempts_that_went_back_and_the_retries(sp: spool.Spool) -> None:
+    from spoold import transitions
+
+    tid = run(sp, "submit", "flaky").stdout.strip()
+    claimed = transitions.claim(sp, spool.list_queued(sp)[0], "sonnet")
+    assert claimed
+    transitions.requeue(sp, claimed, "temporary API error: 529 Overloaded; retry 2 in 30 s")
+    out = run(sp, "show", tid).stdout
+    assert "attempt 1  back to the queue, " in out and "529 Overloaded" in out and "attempts  1" in out
+    record = json.loads(run(sp, "show", "--json", tid).stdout)["history"]
+    assert [(h["attempt"], h["kind"], h["reason"].split(";")[0]) for h in record] == [
+        (1, "requeued", "temporary API error: 529 Overloaded")]
+
+
 def test_ask_sh_makes_a_private_spool_and_its_name_names_the_task(tmp_path, daemon) -> None:
     import os
     import stat as stat_mod

@@ -138,3 +138,21 @@ def test_kill_9_at_any_point_of_the_migration_loses_nothing(tmp_path: Path) -> N
         shutil.rmtree(root)
     assert kills >= 10, f"only {kills} kill points: the fault hook is not reached"
     print(f"\nmigration: killed at each of {kills} points, each finished by the next open")
+
+
+def test_another_hosts_format_1_claim_stops_the_migration(tmp_path: Path) -> None:
+    root = v1_spool(tmp_path / "spool")
+    [mine] = (root / "running").iterdir()
+    theirs = mine.with_name(mine.name.replace(f"@{spool.host_id()}-", "@desk-at-home-"))
+    mine.rename(theirs)
+    with pytest.raises(SpoolError, match="is being run by another host .desk-at-home"):
+        api.open_spool(root)
+    assert theirs.exists() and spool.read_format(spool.open_spool(root, create=False)) is None
+
+
+def test_an_empty_format_1_spool_is_marked_once_no_format_1_daemon_serves_it(tmp_path: Path) -> None:
+    root = tmp_path / "old"
+    for d in ("inbox", "tmp", "queued", "running", "done", "failed", "cancelled", ".spoold"):
+        (root / d).mkdir(parents=True, mode=0o700)
+    root.chmod(0o700)
+    assert spool.read_format(api.open_spool(root)) == 2

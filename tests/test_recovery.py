@@ -110,3 +110,27 @@ def test_other_hosts_claims_are_left_alone(sp: spool.Spool) -> None:
     os.rename(c.path, theirs)
     assert recovery.recover(sp, max_attempts=3) == []
     assert theirs.exists()
+
+
+def test_recovery_drops_a_running_copy_when_the_task_is_also_queued(sp: spool.Spool) -> None:
+    """A power cut between a claim's two directory fsyncs can leave the task in both queued/ and running/."""
+    t = _enqueue(sp)
+    dead = _orphan(sp)
+    (sp.dir("queued") / spool.queued_name(t.id, "normal", None)).write_bytes(dead.read_bytes())
+    assert recovery.recover(sp, max_attempts=3) == [f"dropped a stale running/ copy of {t.id} (it is queued)"]
+    assert not dead.exists() and [e.task_id for e in spool.list_queued(sp)] == [t.id]
+    assert transitions.history(sp, t.id).attempts == 0
+
+
+def test_recovery_finishes_an_uncounted_requeue_it_interrupted(sp: spool.Spool) -> None:
+    """Killed between a hold's `waited` record and its rename, on the last allowed attempt: not a failure."""
+    t = _enqueue(sp)
+    c = transitions.claim(sp, spool.list_queued(sp)[0], "sonnet")
+    assert c is not None
+    dead_owner = f"{spool.host_id()}-{_dead_pid()}"
+    dead = spool.running_path(sp, t.id, c.number, c.started, dead_owner)
+    os.rename(c.path, dead)
+    record = spool.attempts_dir(sp, t.id) / f"{c.number}.waited.{spool.stamp_ms(datetime.now(UTC))}@{dead_owner}.json"
+    spool.write_new(sp, record, b'{"reason": "usage limit"}\n')
+    assert recovery.recover(sp, max_attempts=1) == [f"requeued {t.id} (not counted)"]
+    assert spool.locate(sp, t.id).state == "queued" and transitions.history(sp, t.id).attempts == 0

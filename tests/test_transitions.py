@@ -158,3 +158,69 @@ def test_no_task_file_is_written_after_intake(sp: spool.Spool, tmp_path) -> None
     arrived = [(d, n) for d, n, f in events if flags.MOVED_TO in f]
     assert [d for d, _ in arrived] == ["running", "queued", "running", "failed", "queued", "cancelled"]
     assert any(flags.CREATE in flags.from_mask(e.mask) for e in intake_events)
+
+
+def test_a_cancel_that_comes_as_a_run_ends_wins_over_its_requeue(sp: spool.Spool) -> None:
+    """Asked to cancel while its outcome (a transient error) was being written: it ends cancelled, not requeued."""
+    t = _enqueue(sp)
+    c = _claim_next(sp)
+    spool.write_new(sp, spool.cancel_marker(sp, t.id), b"cancel\n")
+    transitions.requeue(sp, c, "transient")
+    assert spool.locate(sp, t.id).state == "cancelled" and not spool.cancel_marker(sp, t.id).exists()
+
+
+def test_a_late_cancel_marker_does_not_outlive_a_finish_or_a_retry(sp: spool.Spool) -> None:
+    t = _enqueue(sp)
+    c = _claim_next(sp)
+    spool.write_new(sp, spool.cancel_marker(sp, t.id), b"cancel\n")
+    transitions.finish(sp, c, transitions.result_for(c, "failed", "no"))
+    assert not spool.cancel_marker(sp, t.id).exists()
+    spool.write_new(sp, spool.cancel_marker(sp, t.id), b"cancel\n")  # as if asked just before the finish
+    transitions.retry(sp, t.id)
+    assert not spool.cancel_marker(sp, t.id).exists() and spool.locate(sp, t.id).state == "queued"
+
+
+def test_a_retry_without_a_result_still_resets_the_count(sp: spool.Spool) -> None:
+    """A cancel of a queued task killed between its rename and its result: retry still starts afresh."""
+    t = _enqueue(sp)
+    for _ in range(2):
+        transitions.requeue(sp, _claim_next(sp), "transient")
+    loc = spool.locate(sp, t.id)
+    os.rename(loc.path, spool.task_path_for(sp.dir("cancelled"), t.id))  # the rename, and no result
+    transitions.retry(sp, t.id)
+    assert transitions.history(sp, t.id).attempts == 0 and _claim_next(sp).attempt == 1
+
+
+def test_a_cancel_of_a_dead_owners_task_keeps_the_answer_it_wrote(sp: spool.Spool) -> None:
+    """Its daemon died after writing the result and before the move: `cancel` says it had ended, and keeps it."""
+    import subprocess
+    import sys
+
+    t = _enqueue(sp)
+    c = _claim_next(sp)
+    transitions.finish(sp, c, transitions.result_for(c, "done", answer="kept\n"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    done = spool.locate(sp, t.id).path
+    os.rename(done, spool.running_path(sp, t.id, c.number, c.started, f"{spool.host_id()}-{dead.pid}"))
+    with pytest.raises(InvalidState, match="had already ended done"):
+        api.cancel(sp, t.id)
+    assert spool.locate(sp, t.id).state == "done" and api.result(sp, t.id)[1] == "kept\n"
+
+
+def test_a_finish_or_requeue_meeting_a_copy_a_power_cut_left_keeps_one(sp: spool.Spool) -> None:
+    t = _enqueue(sp)
+    c = _claim_next(sp)
+    ghost = c.path.read_bytes()
+    (sp.dir("queued") / spool.queued_name(t.id, "normal", None)).write_bytes(ghost)  # the claim half undone
+    transitions.requeue(sp, c, "transient")
+    assert [e.task_id for e in spool.list_queued(sp)] == [t.id] and not spool.list_running(sp)
+
+
+def test_a_run_cancelled_keeps_its_answer_so_far(sp: spool.Spool) -> None:
+    t = _enqueue(sp)
+    c = _claim_next(sp)
+    spool.write_new(sp, spool.partial_path(c.path), b"The first half of")
+    transitions.cancel_running(sp, c, "cancelled by request")
+    ti, answer = api.result(sp, t.id)
+    assert ti.state == "cancelled" and answer == "The first half of\n" and not spool.partial_path(c.path).exists()
