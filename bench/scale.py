@@ -54,7 +54,7 @@ def fill_done(root: Path, n: int) -> str:
     sp = spool.open_spool(root)
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     proto_id = spool.new_id("task", now=t0)
-    task = render_task(Task(id=proto_id, prompt="summarize chapter\n", submitted_at=t0, status="done"))
+    task = render_task(Task(id=proto_id, prompt="summarize chapter\n", submitted_at=t0))
     result = render_result(Result(id=proto_id, status="done", answer="a summary", finished_at=t0))
     d = spool.date_dir(sp, "done", t0)
     d.mkdir(parents=True, exist_ok=True)
