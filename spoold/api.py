@@ -195,7 +195,22 @@ def cancel(sp: Spool, task_id: str) -> str:
 
 
 def retry(sp: Spool, task_id: str) -> TaskInfo:
-    transitions.retry(sp, task_id)
+    """Queue a failed or cancelled task again with a fresh attempt count. Input that was moved aside as bad
+    is read again as a dropped file (fix it where it lies, then retry): same id, checked as at intake."""
+    try:
+        transitions.retry(sp, task_id)
+    except transitions.NotATask as e:
+        from spoold import intake
+
+        settings = load_settings(sp)
+        try:
+            task = intake.read_dropped(e.path, task_id=task_id, source=e.path.name,
+                                       default_model=settings.default_model, max_bytes=settings.max_bytes)
+            options.resolve(sp, settings, task)
+        except BadInput as bad:
+            raise BadInput(f"task {task_id} still cannot be read as a task: {bad}; fix {e.path}, then "
+                           f"`spoold retry {task_id}` again") from None
+        transitions.retake(sp, task, e.path)
     return info(sp, task_id)
 
 
@@ -455,6 +470,11 @@ def hold(sp: Spool, settings: Settings | None = None) -> tuple[str | None, str |
     g = ledger.gate(ledger.read_usage(sp, now), settings, 0, now)
     until = iso(g.wait_until)
     return until, g.reason if until else None
+
+
+def serving(sp: Spool) -> list[dict[str, Any]]:
+    """The daemons that serve the spool and may be alive (this host's proven alive; another host's unseen)."""
+    return [d for d in owners.serving_daemons(sp) if d["alive"] is not False]
 
 
 def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:

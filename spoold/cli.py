@@ -55,7 +55,7 @@ def _print_json(data: Any) -> None:
 def _line(ti: Any) -> str:
     eta = ""
     if ti.state == "queued" and ti.estimated_start:
-        eta = f"  #{ti.position} starts ~{ti.estimated_start} (in {_dur(ti.estimated_wait_seconds)})"
+        eta = f"  #{ti.position} starts ~{_local(ti.estimated_start)} (in {_dur(ti.estimated_wait_seconds)})"
     return f"{ti.id}  {ti.state:<9} {ti.model or '-':<8} {ti.title[:50]}{eta}"
 
 
@@ -107,14 +107,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     not_before=args.not_before, tags=args.tag or None, timeout=args.timeout, source=source,
                     slug_hint=source and Path(source).stem, options_=more)
     if args.wait:
+        _no_daemon_hint(sp)
         return _finish_wait(sp, ti.id, args, None)
     if args.json:
         _print_json(ti.to_dict())
     else:
         print(ti.id)
         if ti.estimated_start:
-            print(f"queued #{ti.position}, starts ~{ti.estimated_start} (in {_dur(ti.estimated_wait_seconds)})",
-                  file=sys.stderr)
+            print(f"queued #{ti.position}, starts ~{_local(ti.estimated_start)} "
+                  f"(in {_dur(ti.estimated_wait_seconds)})", file=sys.stderr)
+            _no_daemon_hint(sp)
     return 0
 
 
@@ -143,7 +145,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"spool {st.spool}")
     for d in st.daemons:
         where = "this host" if d["this_host"] else f"host {d['host']} (another machine: not checked from here)"
-        print(f"  daemon pid {d['pid']} on {where}, serving since {d['since']}")
+        print(f"  daemon pid {d['pid']} on {where}, serving since {_local(d['since'])}")
     if not st.serving:
         print("  no daemon is serving this spool on this host: queued tasks wait until `spoold run` starts one")
     print("  " + "  ".join(f"{k} {v}" for k, v in c.items()))
@@ -367,7 +369,20 @@ def _write_answer(answer: str, *, raw: bool = False) -> None:
 
 
 def _eta(ti: Any) -> str:
-    return f" (#{ti.position}, starts ~{ti.estimated_start})" if ti.state == "queued" and ti.estimated_start else ""
+    return f" (#{ti.position}, starts ~{_local(ti.estimated_start)})" if ti.state == "queued" and ti.estimated_start else ""
+
+
+def _local(iso_time: str | None) -> str:
+    from spoold import terminal
+
+    return terminal.local(iso_time)
+
+
+def _no_daemon_hint(sp: Any) -> None:
+    """Say, on stderr, that nothing will run the task until a daemon serves the spool (the wait goes on)."""
+    if not api.serving(sp):
+        print("spoold: no daemon is serving this spool: start one with `spoold run` (the task waits until then)",
+              file=sys.stderr)
 
 
 def _follow(sp: Any, task_id: str, *, show: bool = True, poll_s: float = 0.25) -> None:
@@ -424,6 +439,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
         print(f"spoold: not finished: {e}", file=sys.stderr)
         return EXIT_TIMEOUT
     left = None if args.timeout is None else max(0.0, args.timeout - (time.monotonic() - started))
+    if api.info(sp, task_id, with_estimate=False).state not in spool.TERMINAL:
+        _no_daemon_hint(sp)
     return _finish_wait(sp, task_id, args, left)
 
 
@@ -686,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.Formatter.converter = time.gmtime  # the log's times are UTC, like the spool's files and JSON
     log_file = getattr(args, "log_file", None)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO if args.fn is cmd_run and not args.quiet
+        else logging.WARNING,  # other commands print what they did; the log's info lines are the daemon's
         format="%(asctime)s spoold: %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ",
         **({"filename": log_file} if log_file else {"stream": sys.stderr}),
     )

@@ -497,7 +497,8 @@ def estimate(
     dur = typical_duration(usage)
     starts = in_window(usage.starts, settings, now)
     running_started = [e.started.timestamp() for e in spool.list_running(sp)]
-    workers = sorted(max(now, t + dur) for t in running_started)[: settings.concurrency]
+    # a running task ends a typical duration after its start, or, once past that, after as long again as it ran
+    workers = sorted(max(now, t + dur, now + (now - t)) for t in running_started)[: settings.concurrency]
     workers += [now] * (settings.concurrency - len(workers))
     floor = now
     if usage.hold_until and usage.hold_until > now:

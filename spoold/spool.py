@@ -980,6 +980,11 @@ def resolve_id(sp: Spool, text: str) -> str:
     return found[0]
 
 
+def locate_in(sp: Spool, state: str, task_id: str) -> Located:
+    """Where a task's file would be in a terminal state's directory (a failed/ one is not partitioned)."""
+    return Located(state, task_path_for(sp.dir(state), task_id), task_id)
+
+
 def find_queued(sp: Spool, task_id: str) -> Path | None:
     """The task's file in queued/, if it is there (a listing of queued/: for recovery, not per claim)."""
     suffix = f".{task_id}.md"

@@ -340,6 +340,14 @@ def cancel(sp: Spool, task_id: str) -> str:
     raise InvalidState(f"task {task_id} kept moving while it was being cancelled; try again")
 
 
+class NotATask(InvalidState):
+    """A failed/ entry that was moved aside as bad input: `retry` takes its (fixed) file in again instead."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
     """failed/ or cancelled/ → queued/ with a fresh attempt count: two renames, no write. The old result
     is set aside in the task's records (`N.retried.STAMP@OWNER.md`), which is what resets the count."""
@@ -349,18 +357,35 @@ def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
     try:
         task = read_task(loc.path, task_id, default_model)
     except (BadInput, OSError) as e:
-        raise InvalidState(f"task {task_id} cannot be retried as it is ({e}); fix {loc.path} and drop it into inbox/") from None
-    h = history(sp, task_id)
+        raise NotATask(f"task {task_id} cannot be retried as it is ({e}); fix {loc.path} and retry again", loc.path) from None
+    _set_aside(sp, loc)
+    dest = spool.move(loc.path, spool.queued_path_for(sp, task_id, task.priority, None))
+    log.info("retry %s", task_id)
+    return dest
+
+
+def retake(sp: Spool, task: Task, original: Path) -> Path:
+    """Retry of input that was moved aside as bad, once fixed: its file is taken in again under the same id
+    (written into queued/ as intake writes any task), its old result set aside, the original removed."""
+    dest = enqueue(sp, task)
+    _set_aside(sp, spool.locate_in(sp, "failed", task.id))
+    original.unlink(missing_ok=True)
+    spool.fsync_dir(original.parent)
+    log.info("retry %s (its fixed file taken in again)", task.id)
+    return dest
+
+
+def _set_aside(sp: Spool, loc: spool.Located) -> None:
+    """Move a finished task's result into its records (or, without one, write that a retry happened): what
+    resets its attempt count. A late cancel marker goes too."""
+    h = history(sp, loc.task_id)
     try:
         ran = parse_result(spool.read_bytes(loc.result_path).decode("utf-8")).attempts or 0
     except (OSError, UnicodeDecodeError, BadInput):
         ran = 0  # no result (a cancel a crash cut short): the records still say how many ran
-    aside = spool.retried_result_path(sp, task_id, max(h.next_number - 1, h.base + ran), now())
+    aside = spool.retried_result_path(sp, loc.task_id, max(h.next_number - 1, h.base + ran), now())
     if loc.result_path.exists():
         spool.move(loc.result_path, aside)
     else:  # still set the count back: the retry's record is what does it
         spool.write_new(sp, aside, b"(no result was written before this retry)\n")
-    spool.cancel_marker(sp, task_id).unlink(missing_ok=True)
-    dest = spool.move(loc.path, spool.queued_path_for(sp, task_id, task.priority, None))
-    log.info("retry %s", task_id)
-    return dest
+    spool.cancel_marker(sp, loc.task_id).unlink(missing_ok=True)

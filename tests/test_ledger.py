@@ -331,3 +331,18 @@ def test_a_family_window_holds_only_that_familys_tasks() -> None:
     assert set(holds) == {"opus"} and holds["opus"][0] == now + 3600 and "weekly Opus window is 90% used" in holds["opus"][1]
     assert ledger.gate(u, settings(reserve=0.2), 0, now).wait_until is None  # sonnet and haiku tasks still start
     assert [family_of(m) for m in ("opus", "claude-opus-4-5", "sonnet", "haiku")] == ["opus", "opus", "sonnet", None]
+
+
+def test_a_running_task_past_its_typical_time_pushes_the_next_start_out(sp: spool.Spool) -> None:
+    """One slot, a task running for 100 s where tasks usually take 10 s: the next is not 'in 0 s'."""
+    from datetime import UTC, datetime
+
+    _queue(sp, 2)
+    c = transitions.claim(sp, spool.list_queued(sp)[0], "sonnet", started=1000.0)
+    assert c is not None and c.started == datetime.fromtimestamp(1000.0, UTC)
+    u = usage([1000.0])
+    u.durations = [10.0]
+    [est] = ledger.estimate(sp, settings(concurrency=1, max_requests=100), now=1100.0, usage=u)
+    assert est.start == 1200.0  # as long again as it has run so far
+    [early] = ledger.estimate(sp, settings(concurrency=1, max_requests=100), now=1002.0, usage=u)
+    assert early.start == 1010.0  # within its typical time: a typical duration after its start

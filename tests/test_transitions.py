@@ -224,3 +224,20 @@ def test_a_run_cancelled_keeps_its_answer_so_far(sp: spool.Spool) -> None:
     transitions.cancel_running(sp, c, "cancelled by request")
     ti, answer = api.result(sp, t.id)
     assert ti.state == "cancelled" and answer == "The first half of\n" and not spool.partial_path(c.path).exists()
+
+
+def test_retry_of_bad_input_takes_the_fixed_file_in_again_under_its_id(sp: spool.Spool) -> None:
+    from spoold import intake
+    from spoold.errors import BadInput
+
+    (sp.dir("inbox") / "broken.md").write_text("---\nmodel: [unclosed\n---\nWhy?\n")
+    intake.scan(sp, default_model="sonnet", max_bytes=1 << 20)
+    [(tid, kept)] = spool.newest_terminal(sp, "failed", None)
+    with pytest.raises(BadInput, match="still cannot be read as a task.*fix .*then `spoold retry"):
+        api.retry(sp, tid)
+    assert spool.locate(sp, tid).state == "failed"  # nothing moved
+    kept.write_text("---\nmodel: haiku\n---\nWhy?\n")  # fixed where it lies
+    ti = api.retry(sp, tid)
+    assert (ti.id, ti.state, ti.model, ti.prompt) == (tid, "queued", "haiku", "Why?\n")
+    assert not kept.exists() and not spool.result_path_for(sp.dir("failed"), tid).exists()
+    assert [r.kind for r in spool.attempt_records(sp, tid)] == ["retried"]
