@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from spoold import __version__, api, config, spool, task
-from spoold.errors import SpooldError
+from spoold.errors import ConfigError, SpooldError
 
 # One contract for result, wait, show, cancel and retry (the README's table); errors carry their own
 # (spoold/errors.py: 2 bad input or spool, 5 no such task, 6 not allowed in the task's state).
@@ -70,6 +70,11 @@ def _dur(s: float | None) -> str:
 
 def cmd_init(args: argparse.Namespace) -> int:
     sp = _spool(args, create=True)
+    opened = [d for d in (sp.root, *(sp.dir(s) for s in spool.STATES), sp.state_dir) if d.stat().st_mode & 0o077]
+    for d in opened:  # readable by others: prompts and answers are private
+        d.chmod(0o700)
+    if opened and not args.json:
+        print(f"made {len(opened)} spool directories private (0700): others could read your prompts and answers")
     if args.json:
         _print_json({"spool": str(sp.root), "inbox": str(sp.dir("inbox")), "config": str(sp.config_path),
                      "format": spool.read_format(sp)})
@@ -473,6 +478,11 @@ def cmd_config(args: argparse.Namespace) -> int:
                "min_interval_s": args.min_interval, "budget_day_usd": args.budget_day,
                "budget_month_usd": args.budget_month, "strategy": args.strategy, "reserve": args.reserve}
     changes = {k: v for k, v in changes.items() if v is not None}
+    for pair in args.set_ or []:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE, such as default_model=opus (got {pair!r})")
+        changes[key.strip()] = config.parse_value(value)
     for k in args.unset or []:
         changes[k] = None
     sp = _spool(args, create=True)
@@ -679,6 +689,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--budget-month", type=float, help="USD per month")
     c.add_argument("--strategy", choices=config.STRATEGIES, help="dispatch order")
     c.add_argument("--reserve", type=float, help="share of each subscription window kept for you, e.g. 0.2")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", dest="set_",
+                   help="set any setting, e.g. --set default_model=opus --set timeout_s=3600 (VALUE is YAML)")
     c.add_argument("--unset", action="append", metavar="KEY", help="remove a setting from config.yaml")
     c.add_argument("--clear-hold", action="store_true", help="lift a usage-limit or login hold now")
     se = add("search", cmd_search, "search the prompts, titles, tags and answers of finished tasks, best first")

@@ -211,6 +211,17 @@ def load(config_path: Path, overrides: dict[str, Any] | None = None, env: Mappin
     return validate(Settings(**values))
 
 
+def parse_value(text: str) -> Any:
+    """A value typed on the command line, read as YAML (`3600`, `true`, `[Read, Grep]`), or as text."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if value is None and text.strip() not in ("null", "~") else value
+
+
 def update_file(spool_write: Any, config_path: Path, changes: dict[str, Any]) -> dict[str, Any]:
     """Merge changes into config.yaml (None removes a key) and write it atomically.
 

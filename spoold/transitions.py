@@ -68,6 +68,8 @@ def accept_intake(sp: Spool, task: Task) -> Path:
     """Write a taken entry's task into queued/; the caller syncs queued/, then drops the intake copy."""
     path = enqueue(sp, task, sync_dir=False)
     log.info("queued %s (from %s)", task.id, task.source)
+    if task.warnings:  # said where the person running the daemon sees it, not only in `spoold show`
+        log.warning("%s (%s): %s", task.id, task.source, "; ".join(task.warnings))
     return path
 
 

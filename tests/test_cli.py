@@ -303,6 +303,27 @@ def test_show_gives_the_whole_picture(sp: spool.Spool, tmp_path) -> None:
     assert "e-05" not in out and "None" not in out
 
 
+def test_config_sets_any_setting_and_refuses_unknown_ones(sp: spool.Spool) -> None:
+    out = run(sp, "config", "--set", "default_model=opus", "--set", "allowed_tools=[Read, Grep]")
+    assert out.returncode == 0 and "default_model: sonnet -> opus" in out.stdout and "[Read, Grep]" in out.stdout
+    bad = run(sp, "config", "--set", "colour=blue")
+    assert bad.returncode == 2 and bad.stderr.startswith("spoold: no setting 'colour'; known: ")
+    assert "wrong type" in run(sp, "config", "--set", "timeout_s=soon").stderr
+
+
+def test_init_makes_a_readable_spool_private(tmp_path) -> None:
+    import stat as stat_mod
+
+    root = tmp_path / "open"
+    root.mkdir(mode=0o755)
+    (root / "inbox").mkdir(mode=0o755)
+    root.chmod(0o755)
+    (root / "inbox").chmod(0o755)
+    out = run(None, "init", "--spool", str(root))
+    assert out.returncode == 0 and "private (0700)" in out.stdout
+    assert stat_mod.S_IMODE(root.stat().st_mode) == stat_mod.S_IMODE((root / "inbox").stat().st_mode) == 0o700
+
+
 def test_init_says_where_in_json_too(tmp_path) -> None:
     root = tmp_path / "new"
     out = json.loads(run(None, "init", "--spool", str(root), "--json").stdout)
