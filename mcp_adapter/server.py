@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -369,7 +369,8 @@ def async_rate_config(
         settings = api.set_config(sp, changes) if changes else api.load_settings(sp)
     if changes:
         log.info("config changed: %s", changes)
-    return ConfigResult(spool=str(sp.root), changed=sorted(changes), settings=settings)
+    hidden = replace(settings, notify={name: "(set in config.yaml)" for name in settings.notify})  # URLs hold tokens
+    return ConfigResult(spool=str(sp.root), changed=sorted(changes), settings=hidden)
 
 
 def result_resource(ctx: Context, task_id: str) -> str:

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from spoold import config, ledger, options, owners, spool, transitions
+from spoold import config, ledger, notify, options, owners, spool, transitions
 from spoold.config import Settings
 from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.spool import Spool
@@ -75,6 +75,7 @@ class QueueStatus:
     windows: list[WindowInfo] = field(default_factory=list)
     daemons: list[dict[str, Any]] = field(default_factory=list)  # who serves the spool: owner, host, pid, since, alive
     serving: bool = False  # a daemon on this host is alive (another host's may be, unseen from here)
+    notify_failing: dict[str, str] = field(default_factory=dict)  # target -> why a daemon cannot reach it now
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -472,6 +473,11 @@ def hold(sp: Spool, settings: Settings | None = None) -> tuple[str | None, str |
     return until, g.reason if until else None
 
 
+def notify_test(sp: Spool, target: str | None = None) -> dict[str, str | None]:
+    """Send a test message to one notification target (or all): target -> None if sent, else why not."""
+    return notify.test(sp, load_settings(sp), target)
+
+
 def serving(sp: Spool) -> list[dict[str, Any]]:
     """The daemons that serve the spool and may be alive (this host's proven alive; another host's unseen)."""
     return [d for d in owners.serving_daemons(sp) if d["alive"] is not False]
@@ -499,7 +505,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
         held_until=iso(g.wait_until),
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
         settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),
-        daemons=daemons, serving=bool(here),
+        daemons=daemons, serving=bool(here), notify_failing=notify.failing(sp),
     )
 
 

@@ -168,6 +168,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(line)
     for ti in st.running:
         print(f"  running {ti.id} {ti.title[:50]} (since {ti.started_at})")
+    for target, why in st.notify_failing.items():
+        print(f"  notifications to {target} are failing: {why}")
     if st.ignored_inbox_files:
         print(f"  inbox files that are not tasks (use .md or .txt): {', '.join(st.ignored_inbox_files[:5])}")
     return 0
@@ -512,6 +514,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notify(args: argparse.Namespace) -> int:
+    """`notify test [TARGET]`: send a test message now, and say which targets took it."""
+    sp = _spool(args)
+    sent = api.notify_test(sp, args.target)
+    if args.json:
+        _print_json({k: {"sent": v is None, "error": v} for k, v in sent.items()})
+    for name, why in sent.items():
+        if not args.json:
+            print(f"{name}: sent" if why is None else f"{name}: not sent: {why}")
+    return 0 if all(v is None for v in sent.values()) else 1
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -693,6 +707,9 @@ def parser() -> argparse.ArgumentParser:
                    help="set any setting, e.g. --set default_model=opus --set timeout_s=3600 (VALUE is YAML)")
     c.add_argument("--unset", action="append", metavar="KEY", help="remove a setting from config.yaml")
     c.add_argument("--clear-hold", action="store_true", help="lift a usage-limit or login hold now")
+    no = add("notify", cmd_notify, "send a test message to the spool's notification targets")
+    no.add_argument("action", choices=["test"], help="test: send one now")
+    no.add_argument("target", nargs="?", help="one target of config.yaml's notify: (default: all of them)")
     se = add("search", cmd_search, "search the prompts, titles, tags and answers of finished tasks, best first")
     se.add_argument("query", nargs="*", help="words that must all appear")
     se.add_argument("--state", help="only these states, e.g. done or done,failed")

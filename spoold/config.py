@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -53,6 +54,11 @@ class Settings:
     scan_interval_s: float = 5.0
     system_prompt: str | None = None  # appended to every claude task's system prompt (a profile's comes after)
     profiles: dict[str, Profile] = field(default_factory=dict)
+    notify: dict[str, str] = field(default_factory=dict)  # target name -> Apprise URL (ntfy://, mailto://, json://, ...)
+    notify_on: dict[str, list[str]] = field(default_factory=dict)  # event -> target names (default: DEFAULT_NOTIFY_ON)
+    on_finish: list[str] = field(default_factory=list)  # argv run (no shell) when a task ends
+    on_hold: list[str] = field(default_factory=list)  # argv run when the queue is held
+    hook_timeout_s: float = 30.0
 
 
 # Environment names, kept from the original design where they existed.
@@ -68,6 +74,9 @@ ENV = {
     "scan_interval_s": "SPOOLD_SCAN_INTERVAL",
 }
 STRATEGIES = ("priority", "fifo", "lifo")
+EVENTS = ("done", "failed", "cancelled", "held", "resumed", "drained")  # what a notification can be about
+DEFAULT_NOTIFY_ON = {"done": ["all"], "failed": ["all"], "held": ["all"], "drained": ["all"]}
+TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")  # a notification target's name
 BACKENDS = ("claude", "command")
 
 
@@ -82,6 +91,10 @@ def _coerce(name: str, value: Any) -> Any:
     kind = {f.name: f.type for f in fields(Settings)}[name]
     if name == "profiles":
         return _profiles(value)
+    if name == "notify":
+        return _targets(value)
+    if name == "notify_on":
+        return _rules(value)
     try:
         if value is None:
             if "None" in str(kind):
@@ -93,7 +106,8 @@ def _coerce(name: str, value: Any) -> Any:
             return bool(value)
         if isinstance(default, list):
             if isinstance(value, str):
-                return value.split() if name == "command" else [v for v in value.replace(",", " ").split() if v]
+                argv = name in ("command", "on_finish", "on_hold")
+                return value.split() if argv else [v for v in value.replace(",", " ").split() if v]
             return [str(v) for v in value]
         if isinstance(default, int) and not isinstance(default, bool):
             return int(value)
@@ -121,6 +135,35 @@ def _profiles(value: Any) -> dict[str, Profile]:
         lists = {k: _strings(name, k, spec[k]) for k in ("tools", "add_dirs") if spec.get(k) is not None}
         texts = {k: _string(name, k, spec[k]) for k in ("cwd", "mcp_config", "system") if spec.get(k) is not None}
         out[str(name)] = Profile(**lists, **texts)  # type: ignore[arg-type]
+    return out
+
+
+def _targets(value: Any) -> dict[str, str]:
+    """`notify:` name -> Apprise URL. Names are what tasks and `notify_on` may choose; URLs only the owner sets."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) and "://" in v for v in value.values()):
+        raise ConfigError("notify must be a mapping of target name -> Apprise URL, such as phone: ntfy://ntfy.sh/my-topic")
+    bad = [str(k) for k in value if not TARGET_RE.match(str(k)) or str(k) in ("all", "none")]
+    if bad:
+        raise ConfigError(f"notify: {bad[0]!r} is not a target name (letters, digits, - and _; not all or none)")
+    return {str(k): v.strip() for k, v in value.items()}
+
+
+def _rules(value: Any) -> dict[str, list[str]]:
+    """`notify_on:` event -> [target names] (or `all`, or `none`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"notify_on must map events ({', '.join(EVENTS)}) to target names, such as failed: [phone]")
+    out = {}
+    for event, names in value.items():
+        if event not in EVENTS:
+            raise ConfigError(f"notify_on: no event {event!r}; the events are {', '.join(EVENTS)}")
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"notify_on: {event} takes a list of target names, all, or none")
+        out[str(event)] = [] if names == ["none"] else list(names)
     return out
 
 
@@ -153,6 +196,11 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("backend `command` needs `command:` (an argv list such as [llm, -m, '{model}'])")
     if s.reserve is not None and not 0 <= s.reserve < 1:
         raise ConfigError("reserve must be a share from 0 up to (not including) 1, such as 0.2 for 20%")
+    for event, names in s.notify_on.items():
+        unknown = [n for n in names if n != "all" and n not in s.notify]
+        if unknown:
+            raise ConfigError(f"notify_on: {event} names {unknown[0]!r}, which is not a target in notify: "
+                              f"({', '.join(s.notify) or 'none defined'})")
     for name in ("budget_day_usd", "budget_month_usd"):
         v = getattr(s, name)
         if v is not None and v < 0:

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from spoold import config, intake, ledger, options, owners, recovery, runner, spool, transitions
+from spoold import config, intake, ledger, notify, options, owners, recovery, runner, spool, transitions
 from spoold.backends import get_backend
 from spoold.errors import CliUnusable, SpooldError
-from spoold.runner import WRITE_RETRY_S, backoff, to_thread_to_the_end
+from spoold.runner import WRITE_RETRY_S, to_thread_to_the_end
 from spoold.spool import Spool
-from spoold.units import family_of, iso
+from spoold.units import backoff, family_of, iso
 from spoold.watcher import Watcher
 
 log = logging.getLogger("spoold")
@@ -60,6 +60,11 @@ class Daemon:
         self.slot_freed = asyncio.Event()
         self._more_intake = False  # the last intake stopped at its batch limit
         self.watcher = Watcher(sp, self._news)
+        self.courier = notify.Courier(sp, lambda: self.settings)
+        self._holding: tuple[float, str] | None = None  # the hold we told about, until its end
+        self._ran_since_drained = False
+        self._queue_empty = False
+        self._gate: ledger.Gate | None = None  # the last admission's answer, for the queue's events
 
     @staticmethod
     def _mtime(path: Path) -> float | None:
@@ -88,6 +93,7 @@ class Daemon:
         except OSError as e:
             self._cannot_write(e)  # the loop's first turn recovers again once it can
         watcher = asyncio.ensure_future(self.watcher.run(self.stopping))
+        courier = asyncio.ensure_future(self.courier.run(self.stopping))
         checking = asyncio.ensure_future(self._check_backend())  # alongside serving: it may take seconds
         await self.watcher.ready(self.settings.scan_interval_s)
         log.info("serving %s (backend %s, %d per %g min, concurrency %d)", self.sp.root, self.settings.backend,
@@ -100,7 +106,11 @@ class Daemon:
                 ledger.flush(self.sp, self.settings)
             except OSError as e:
                 log.warning("recent run times not saved to the ledger (%s); only estimates use them", e.strerror or e)
-            for background in (watcher, checking):
+            self.courier.wake.set()  # its pass in flight ends (a delivery never stops halfway), then it stops
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(courier, self.settings.grace_s)
+            self.courier.stop()
+            for background in (watcher, checking, courier):
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await background
@@ -138,6 +148,7 @@ class Daemon:
                 pending = await self._intake_and_recover()
                 await self._check_cancels()
                 wait_until, started = await self._dispatch()
+                await self._tell_queue(started)
                 if not started and not self.running:  # idle: make recent run times visible to estimates
                     await asyncio.to_thread(ledger.flush, self.sp, self.settings)
             except OSError as e:  # disk full, read-only, quota: hold with every task where it was
@@ -250,6 +261,7 @@ class Daemon:
         """
         settings = self.settings
         listing = await asyncio.to_thread(spool.list_queued, self.sp)
+        self._queue_empty, self._gate = not listing, None
         entries = ledger.dispatch_order(listing, settings.strategy)
         started = 0
 
@@ -274,6 +286,7 @@ class Daemon:
             for c in claimed:
                 started += 1
                 self.running[c.task.id] = Running(c, asyncio.ensure_future(self._execute(c)))
+            self._gate = gate
             if gate.waits:
                 if self._held_logged != gate.reason:
                     log.info("waiting until %s: %s", iso(gate.wait_until) or "a running task ends", gate.reason)
@@ -285,6 +298,29 @@ class Daemon:
         now = time.time()
         later = [e.not_before.timestamp() for e in listing.timed() if e.not_before and e.not_before.timestamp() > now]
         return (min(later) if later else None), started
+
+    async def _tell_queue(self, started: int) -> None:
+        """Queue-wide events for the owner's targets: held (once per hold), resumed (when a task may start
+        again after it), drained (the queue ran empty after work)."""
+        gate, events = self._gate, []
+        if gate is not None and gate.held and gate.wait_until is not None:
+            if self._holding is None or self._holding[1] != gate.reason:
+                self._holding = (gate.wait_until, gate.reason or "held")
+                events.append(("held", f"{gate.reason}; starts wait until {iso(gate.wait_until)}", gate.wait_until))
+        elif gate is not None and self._holding is not None:
+            until, reason = self._holding
+            self._holding = None
+            events.append(("resumed", f"tasks start again (the hold was: {reason})", until))
+        self._ran_since_drained = self._ran_since_drained or started > 0
+        if self._queue_empty and not self.running and not started and self._ran_since_drained:
+            self._ran_since_drained = False
+            events.append(("drained", "every queued task has run", time.time()))
+        for kind, text, when in events:
+            try:
+                await asyncio.to_thread(notify.queue_event, self.sp, self.settings, kind, text, when)
+            except OSError as e:
+                log.warning("could not queue the %s notification (%s)", kind, e.strerror or e)
+            self.courier.wake.set()
 
     def _claimer(self, settings: config.Settings) -> Callable[[spool.QueuedEntry, float], transitions.Claimed | None]:
         """transitions.claim, except for a task that must not start yet; it goes back to the queue with a not_before
@@ -358,16 +394,17 @@ class Daemon:
             await runner.run(self.sp, self.settings, claimed, self.workdir, exited)
         except asyncio.CancelledError:
             why = self.running[task_id].stop_reason if task_id in self.running else "stop"
-            await to_thread_to_the_end(runner.interrupted, self.sp, claimed, why or "stop")
+            await to_thread_to_the_end(runner.interrupted, self.sp, self.settings, claimed, why or "stop")
         except Exception:
             log.exception("internal error on %s; requeued", task_id)
             with contextlib.suppress(Exception):
-                await to_thread_to_the_end(runner.interrupted, self.sp, claimed, "error")
+                await to_thread_to_the_end(runner.interrupted, self.sp, self.settings, claimed, "error")
         finally:
             self.running.pop(task_id, None)
             self._finishing.discard(task_id)
             self.slot_freed.set()
             self.wake.set()
+            self.courier.wake.set()
 
 
 def serve(sp: Spool, overrides: dict[str, object] | None = None, *, once: bool = False) -> int:

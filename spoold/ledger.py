@@ -247,6 +247,7 @@ class Gate:
 
     wait_until: float | None
     reason: str | None
+    held: bool = False  # by a hold (usage limit, login, budget, reserve), not by the pace of the limit itself
 
     @property
     def waits(self) -> bool:
@@ -261,12 +262,13 @@ def in_window(starts: list[float], settings: Settings, now: float) -> list[float
 
 def gate(usage: Usage, settings: Settings, running: int, now: float) -> Gate:
     """The earliest time the next start is allowed, combining every rule."""
-    waits: list[tuple[float, str]] = []
+    holds: list[tuple[float, str]] = []
     if usage.hold_until and usage.hold_until > now:
-        waits.append((usage.hold_until, usage.hold_reason or "held"))
+        holds.append((usage.hold_until, usage.hold_reason or "held"))
     for hold in (budget_hold(usage, settings, now), reserve_hold(usage, settings, now)):
         if hold:
-            waits.append(hold)
+            holds.append(hold)
+    waits = list(holds)
     win = in_window(usage.starts, settings, now)
     if len(win) >= settings.max_requests:
         t = win[-settings.max_requests] + settings.window_minutes * 60
@@ -280,7 +282,7 @@ def gate(usage: Usage, settings: Settings, running: int, now: float) -> Gate:
     if not waits:
         return Gate(None, None)
     t, reason = max(waits)
-    return Gate(t, reason) if t > now else Gate(None, None)
+    return Gate(t, reason, (t, reason) in holds) if t > now else Gate(None, None)
 
 
 def budget_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, str] | None:

@@ -43,6 +43,10 @@ def resolve(sp: Spool, settings: Settings, task: Task) -> None:
             raise BadInput(f"`resume` continues {task.resume}, which ran in profile {earlier.profile or '(none)'}; "
                            "a follow-up runs where its conversation is: drop `profile:` or name the same one")
     profile_of(settings, task)
+    unknown = [n for n in task.notify or [] if n not in settings.notify]
+    if unknown:
+        known = ", ".join(sorted(settings.notify)) or "none are defined"
+        raise BadInput(f"`notify: {unknown[0]}` is not a notification target of this spool's config.yaml ({known})")
 
 
 def profile_of(settings: Settings, task: Task) -> Profile | None:

@@ -15,11 +15,12 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
-from spoold import config, ledger, options, spool, transitions
+from spoold import config, ledger, notify, options, spool, transitions
 from spoold.backends import Outcome, ProcResult, Progress, get_backend, run_process
 from spoold.errors import BadInput, CliUnusable
 from spoold.spool import Spool
-from spoold.units import iso
+from spoold.task import title_of
+from spoold.units import backoff, iso
 
 log = logging.getLogger("spoold")
 EXEC_HOLD_S = 60.0
@@ -52,14 +53,15 @@ async def run(sp: Spool, settings: config.Settings, claimed: transitions.Claimed
     await settle_when_writable(sp, settings, claimed, outcome, proc)
 
 
-def interrupted(sp: Spool, claimed: transitions.Claimed, why: str) -> None:
+def interrupted(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, why: str) -> None:
     """A run the daemon stopped: a cancel ends it cancelled; a stop puts it back uncounted; an internal error
     puts it back counted (so a task that keeps breaking spoold ends failed, not in a loop). One whose result
     is already written (its move kept failing) goes beside it instead: an answer is never run again."""
     if transitions.to_its_result(sp, claimed.path, claimed.task.id) is not None:
         return
     if why == "cancel":
-        transitions.cancel_running(sp, claimed, "cancelled by request")
+        dest = transitions.cancel_running(sp, claimed, "cancelled by request")
+        tell(sp, settings, claimed, "cancelled", "cancelled by request", "", dest)
     elif why == "stop":
         transitions.requeue(sp, claimed, "the daemon stopped while it ran", count_attempt=False)
     else:
@@ -171,14 +173,22 @@ def settle(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, o
         output_tokens=outcome.output_tokens, cache_read_tokens=outcome.cache_read_tokens,
         cache_creation_tokens=outcome.cache_creation_tokens, session_id=outcome.session_id,
         structured=True if outcome.structured is not None else None)
-    transitions.finish(sp, claimed, result)
+    dest = transitions.finish(sp, claimed, result)
     ledger.record_finish(sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None, seen)
+    tell(sp, settings, claimed, status, error, outcome.answer, dest, outcome.cost_usd)
 
 
+def tell(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, state: str, error: str | None,
+         answer: str, task_file: Path, cost_usd: float | None = None) -> None:
+    """Put the task's end in the notification outbox (the daemon's courier delivers it); never fails the task."""
+    try:
+        notify.task_ended(sp, settings, task_id=claimed.task.id, number=claimed.number, state=state,
+                          title=title_of(claimed.task), chosen=claimed.task.notify, error=error, answer=answer,
+                          task_file=task_file, result_file=spool.result_path_for(task_file.parent, claimed.task.id),
+                          cost_usd=cost_usd)
+    except OSError as e:
+        log.warning("could not queue the notification for %s (%s)", claimed.task.id, e.strerror or e)
 
-def backoff(n: int, base: float, cap: float) -> float:
-    """The wait before try n+1 after n failures: base, 2*base, 4*base, ... up to cap (the one backoff rule)."""
-    return min(cap, base * 2 ** min(max(n, 1) - 1, 30))
 
 
 async def to_thread_to_the_end(fn: Callable[..., None], *args: object) -> None:

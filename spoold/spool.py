@@ -86,6 +86,10 @@ def open_spool(root: Path | str, create: bool = True) -> Spool:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
     elif not sp.dir("queued").is_dir():
         raise SpoolError(f"no spool at {sp.root}: run `spoold init` (or pass --spool)")
+    else:  # an empty directory a copy or a sync tool did not bring along (git keeps none) is made again
+        for d in (*(sp.dir(s) for s in STATES), sp.state_dir):
+            if not d.exists() and not d.is_symlink():
+                d.mkdir(mode=0o700, exist_ok=True)
     check_private(sp.root)
     for d in (*(sp.dir(s) for s in STATES), sp.state_dir):
         if d.is_symlink():  # a rename out of it would leave the spool, or fail halfway across filesystems
@@ -829,6 +833,49 @@ def last_attempt(records: list[AttemptRecord]) -> int:
 def retry_base(records: list[AttemptRecord]) -> int:
     """Attempts made before the latest retry: they do not count against max_attempts."""
     return max((r.attempt for r in records if r.kind == "retried"), default=0)
+
+
+# ---- notifications: an outbox of events, each delivered by its one owner ------------------
+
+_EVENT_RE = re.compile(r"^([A-Za-z0-9._-]+)@([A-Za-z0-9-]+-\d+)\.json$")
+_SENT_RE = re.compile(r"^([A-Za-z0-9._-]+)~([A-Za-z0-9_-]+)\.(sent|failed)$")
+
+
+def notify_dir(sp: Spool) -> Path:
+    return sp.state_dir / "notify"
+
+
+def event_path(sp: Spool, event_id: str, owner: str | None = None) -> Path:
+    """`.spoold/notify/EVENT@OWNER.json`: one event to tell (a task that ended, a hold, a drained queue), written
+    once by the process that saw it; that owner delivers it, or a live one on its host after taking it over."""
+    return notify_dir(sp) / f"{event_id}@{owner or owner_tag()}.json"
+
+
+def parse_event_name(name: str) -> tuple[str, str] | None:
+    """(event id, owner) of an event file's name."""
+    m = _EVENT_RE.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def delivered_path(sp: Spool, event_id: str, target: str, *, failed: bool = False) -> Path:
+    """`.spoold/notify/EVENT~TARGET.sent` (or `.failed`, given up): written once, when one target is done with."""
+    return notify_dir(sp) / f"{event_id}~{target}.{'failed' if failed else 'sent'}"
+
+
+def parse_delivered_name(name: str) -> tuple[str, str, str] | None:
+    """(event id, target, sent or failed) of a delivery record's name."""
+    m = _SENT_RE.match(name)
+    return (m.group(1), m.group(2), m.group(3)) if m else None
+
+
+def notify_health_path(sp: Spool, owner: str | None = None) -> Path:
+    """`.spoold/notify/failing@OWNER.health`: the targets this daemon cannot reach now (JSON), rewritten only by it."""
+    return notify_dir(sp) / f"failing@{owner or owner_tag()}.health"
+
+
+def notify_names(sp: Spool) -> list[str]:
+    d = notify_dir(sp)
+    return os.listdir(d) if d.is_dir() else []
 
 
 def migrate_lock_path(sp: Spool) -> Path:

@@ -11,12 +11,13 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from spoold.config import TARGET_RE
 from spoold.errors import BadInput
 from spoold.spool import PRIORITIES, read_bytes
 from spoold.units import iso
 
 USER_KEYS = ("model", "priority", "system", "title", "tags", "timeout", "not_before", "resume", "follow_up",
-             "schema", "max_budget_usd", "fallback_model", "effort", "max_turns", "profile")
+             "schema", "max_budget_usd", "fallback_model", "effort", "max_turns", "profile", "notify")
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a profile name, a schema file name
 SPOOLD_KEYS = ("id", "submitted_at", "source", "warnings")
@@ -56,6 +57,7 @@ class Task:
     effort: str | None = None
     max_turns: int | None = None
     profile: str | None = None
+    notify: list[str] | None = None  # which of the owner's named targets hear of it ([]: none); None: the rule
 
 
 @functools.cache
@@ -276,6 +278,23 @@ def _options(task: Task, meta: dict[str, Any]) -> None:
         if not isinstance(meta["profile"], str) or not NAME_RE.match(meta["profile"]):
             raise BadInput("`profile` must be the name of a profile in the spool's config.yaml")
         task.profile = meta["profile"]
+    if meta.get("notify") is not None:
+        task.notify = _notify_names(meta["notify"])
+
+
+def _notify_names(value: Any) -> list[str]:
+    """`notify:` names targets the spool's owner defined, or `none`; a task can never add an address."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise BadInput("`notify` must be `none` or a list of the spool's notification target names, such as [phone]")
+    if any(ch in n for n in names for ch in ":/@"):
+        raise BadInput("`notify` names targets of the spool's config.yaml; a task cannot add an address of its own")
+    if names == ["none"]:
+        return []
+    bad = [n for n in names if not TARGET_RE.match(n)]
+    if bad:
+        raise BadInput(f"`notify: {bad[0][:40]}` is not a target name; use names from the spool's config.yaml")
+    return names
 
 
 SCHEMA_MAX = 64 * 1024  # one command-line argument holds 128 KiB on Linux; a schema needs far less
@@ -330,6 +349,7 @@ def task_meta(task: Task) -> dict[str, Any]:
         "fallback_model": task.fallback_model,
         "effort": task.effort,
         "max_turns": task.max_turns,
+        "notify": task.notify if task.notify is None or task.notify else "none",
         "warnings": task.warnings or None,
     }
     meta = {k: v for k, v in meta.items() if v is not None}

@@ -50,3 +50,8 @@ def family_of(model: str) -> str | None:
 def window_words(name: str) -> str:
     """A subscription window's name as the CLI's own messages say it (five_hour -> 5-hour)."""
     return WINDOWS.get(name, name.replace("_", " "))
+
+
+def backoff(n: int, base: float, cap: float) -> float:
+    """The wait before try n+1 after n failures: base, 2*base, 4*base, ... up to cap (the one backoff rule)."""
+    return min(cap, base * 2 ** min(max(n, 1) - 1, 30))
