@@ -739,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("watchfiles", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("apprise").setLevel(logging.ERROR)  # a failed delivery is said once, by spoold, with what follows
     try:
         return args.fn(args)
     except SpooldError as e:

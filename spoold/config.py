@@ -75,7 +75,7 @@ ENV = {
 }
 STRATEGIES = ("priority", "fifo", "lifo")
 EVENTS = ("done", "failed", "cancelled", "held", "resumed", "drained")  # what a notification can be about
-DEFAULT_NOTIFY_ON = {"done": ["all"], "failed": ["all"], "held": ["all"], "drained": ["all"]}
+DEFAULT_NOTIFY_ON = {"done": ["all"], "failed": ["all"], "held": ["all"], "resumed": ["all"], "drained": ["all"]}
 TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")  # a notification target's name
 BACKENDS = ("claude", "command")
 

@@ -118,7 +118,7 @@ def send(url: str, title: str, body: str) -> str | None:
     a = apprise.Apprise()
     if not a.add(url):
         return "not a notification URL Apprise knows (see https://github.com/caronc/apprise/wiki)"
-    with apprise.LogCapture(level=logging.WARNING) as logs:
+    with apprise.LogCapture(level=logging.WARNING, fmt="%(message)s") as logs:
         ok = a.notify(title=title, body=body)
     if ok:
         return None

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,11 +26,13 @@ class Receiver:
     def __init__(self) -> None:
         self.posts: list[tuple[int, dict]] = []  # (status answered, JSON body)
         self.failing = False
+        self.delay_s = 0.0  # a slow service: deliveries by two processes would overlap
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(receiver.delay_s)
                 status = 503 if receiver.failing else 200
                 receiver.posts.append((status, json.loads(body or b"{}")))
                 self.send_response(status)
@@ -75,9 +78,10 @@ def test_a_dropped_file_cannot_add_an_address_or_a_target(sp: spool.Spool, recei
         drop(sp, name, f"---\nnotify: {value}\n---\nq\n")
     drop(sp, "quiet.md", "---\nnotify: none\n---\nq\n")
     report = intake.scan(sp, default_model="sonnet", max_bytes=1 << 20, settings=api.load_settings(sp))
-    reasons = " ".join(spool.result_path_for(sp.dir("failed"), tid).read_text() for tid in report.failed)
+    reasons = [spool.result_path_for(sp.dir("failed"), tid).read_text() for tid in report.failed]
     assert len(report.failed) == 3 and len(report.queued) == 1
-    assert reasons.count("cannot add an address") == 2 and "`notify: pager` is not a notification target" in reasons
+    assert sum("a task cannot add an address" in r for r in reasons) == 2
+    assert any("`notify: pager` is not a notification target" in r for r in reasons)
     assert api.info(sp, report.queued[0]).path and receiver.posts == []
 
 
@@ -86,13 +90,16 @@ def test_a_finished_task_reaches_the_webhook_and_the_hook_once(sp: spool.Spool, 
     seen = tmp_path / "hook.log"
     hook = [sys.executable, "-c", f"import os; open({str(seen)!r}, 'a').write("
             "os.environ['SPOOLD_TASK_ID'] + ' ' + os.environ['SPOOLD_STATE'] + '\\n')"]
-    write_config(sp, backend="command", command=ECHO_COMMAND, notify={"team": receiver.url}, on_finish=hook)
+    write_config(sp, backend="command", command=ECHO_COMMAND, notify={"team": receiver.url}, on_finish=hook,
+                 notify_on={"done": ["team"]})
     d = daemon(sp)
     drop(sp, "sky.md", "---\ntitle: Sky colour\n---\nWhy is the sky blue?\n")
     [done] = wait_for(lambda: terminal_files(sp, "done"), what="done")
     tid = done.name[:-3]
     wait_for(lambda: receiver.delivered() and seen.exists() and _outbox_empty(sp), what="the webhook and the hook")
-    [body] = receiver.delivered()
+    bodies = receiver.delivered()
+    assert len(bodies) == 1, bodies
+    [body] = bodies
     assert body["title"] == "spoold: done: Sky colour" and tid in body["message"] and "answer:" in body["message"]
     assert seen.read_text() == f"{tid} done\n"
     assert d.stop() == 0 and len(receiver.posts) == 1  # and nothing more after a stop
@@ -101,7 +108,8 @@ def test_a_finished_task_reaches_the_webhook_and_the_hook_once(sp: spool.Spool, 
 def test_a_notification_that_fails_is_delivered_once_after_the_daemon_is_killed(
         sp: spool.Spool, daemon, receiver: Receiver) -> None:
     receiver.failing = True
-    write_config(sp, backend="command", command=ECHO_COMMAND, notify={"team": receiver.url})
+    write_config(sp, backend="command", command=ECHO_COMMAND, notify={"team": receiver.url},
+                 notify_on={"done": ["team"]})
     d = daemon(sp)
     tid = api.submit(sp, "tell me later").id
     wait_for(lambda: f"could not tell team about {tid}" in d.log, what="a failed delivery")
@@ -119,6 +127,7 @@ def test_a_notification_that_fails_is_delivered_once_after_the_daemon_is_killed(
 def test_two_daemons_tell_each_ending_once(sp: spool.Spool, daemon, receiver: Receiver) -> None:
     write_config(sp, backend="command", command=ECHO_COMMAND, notify={"team": receiver.url}, concurrency=2,
                  notify_on={"done": ["team"]})
+    receiver.delay_s = 0.3
     first, second = daemon(sp), daemon(sp)
     ids = [api.submit(sp, f"task {i}").id for i in range(8)]
     wait_for(lambda: len(receiver.delivered()) >= 8 and _outbox_empty(sp), what="eight deliveries")
@@ -132,7 +141,7 @@ def test_a_task_chooses_its_targets_and_a_failing_hook_never_fails_it(sp: spool.
     other = Receiver()
     try:
         write_config(sp, backend="command", command=ECHO_COMMAND, notify={"a": receiver.url, "b": other.url},
-                     on_finish=[sys.executable, "-c", "import sys; print('hook says no'); sys.exit(3)"])
+                     notify_on={"done": ["all"]}, on_finish=[sys.executable, "-c", "import sys; print('hook says no'); sys.exit(3)"])
         d = daemon(sp)
         drop(sp, "to-b.md", "---\nnotify: [b]\n---\nonly b\n")
         drop(sp, "quiet.md", "---\nnotify: none\n---\nnobody\n")
@@ -147,8 +156,6 @@ def test_a_task_chooses_its_targets_and_a_failing_hook_never_fails_it(sp: spool.
 
 
 def test_a_hold_and_its_end_are_told(sp: spool.Spool, daemon, receiver: Receiver) -> None:
-    import time
-
     write_config(sp, backend="command", command=ECHO_COMMAND, notify={"team": receiver.url}, scan_interval_s=0.5)
     settings = api.load_settings(sp)
     ledger.set_hold(sp, settings, time.time() + 3600, "usage limit reached (5-hour window)", {})
@@ -158,7 +165,7 @@ def test_a_hold_and_its_end_are_told(sp: spool.Spool, daemon, receiver: Receiver
     api.clear_hold(sp)
     os.utime(sp.dir("queued"))  # any change wakes the daemon; the clear itself is in the ledger
     wait_for(lambda: {b["title"] for b in receiver.delivered()} >= {"spoold: queue resumed", "spoold: queue drained"},
-             what="resumed and drained told")
+             what=f"resumed and drained told: {[b['title'] for b in receiver.delivered()]} {d.log}")
     held = next(b for b in receiver.delivered() if b["title"] == "spoold: queue held")
     assert "usage limit reached" in held["message"]
     assert d.stop() == 0
@@ -166,7 +173,7 @@ def test_a_hold_and_its_end_are_told(sp: spool.Spool, daemon, receiver: Receiver
 
 def test_notify_test_sends_now_and_names_a_missing_target(sp: spool.Spool, receiver: Receiver) -> None:
     write_config(sp, notify={"team": receiver.url})
-    cli = [sys.executable, "-m", "spoold.cli", "notify", "test", "--spool", str(sp.root)]
+    cli = [sys.executable, "-m", "spoold.cli", "--spool", str(sp.root), "notify", "test"]
     out = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout == "team: sent\n"
     assert receiver.delivered()[0]["title"] == "spoold: test"
