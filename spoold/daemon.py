@@ -106,6 +106,7 @@ class Daemon:
                 ledger.flush(self.sp, self.settings)
             except OSError as e:
                 log.warning("recent run times not saved to the ledger (%s); only estimates use them", e.strerror or e)
+            self.stopping.set()  # (--once ends without a signal)
             self.courier.wake.set()  # its pass in flight ends (a delivery never stops halfway), then it stops
             with contextlib.suppress(TimeoutError, Exception):
                 await asyncio.wait_for(courier, self.settings.grace_s)

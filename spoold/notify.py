@@ -152,15 +152,21 @@ class Courier:
         self._said: dict[str, str] = {}
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
+        """Deliver, then sleep until woken (an event written), a retry is due, the next scan, or a stop."""
+        while True:
             self.wake.clear()
             try:
                 delay = await asyncio.to_thread(self.deliver_due)
             except OSError as e:  # the spool cannot be read or written now: the daemon says so; try later
                 log.warning("notifications wait: %s", e.strerror or e)
                 delay = RETRY_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), delay if delay is not None else self.settings().scan_interval_s)
+            if stopping.is_set():
+                return
+            waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stopping.wait())]
+            timeout = delay if delay is not None else self.settings().scan_interval_s
+            _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for w in pending:
+                w.cancel()
 
     def deliver_due(self) -> float | None:
         """One pass: deliver what is due; return how long until the next retry is due (None: nothing waits)."""
