@@ -38,7 +38,9 @@ from spoold.errors import BadTaskId, SpooldError, TaskNotFound
 log = logging.getLogger("spoold.mcp")
 T = TypeVar("T", bound=TaskInfo)
 
-MAX_WAIT_S = 50.0  # Claude Code abandons a tool call after about 60 s
+MAX_WAIT_S = 50.0  # a client that shows no progress (Claude Desktop) drops a tool call after about 60 s
+MAX_PROGRESS_WAIT_S = 600.0  # one that asked for progress (Claude Code) resets its timer on each notification
+PROGRESS_EVERY_S = 10.0
 MAX_LIST = 200
 # Claude Code saves a tool result over 50,000 characters to a file and shows the model only its path;
 # the answer appears twice in a result (text and structured content), so a page stays well under that.
@@ -58,7 +60,8 @@ TaskId = Annotated[str, Field(description="A task id as returned by async_submit
 INSTRUCTIONS = """\
 spoold runs Claude prompts later, one by one, within the user's rate limits, through a queue on disk.
 Submit with async_submit (it returns at once with a task_id and an estimated start), then follow the task
-with async_wait (blocks up to 50 s) or async_status, and fetch the answer with async_result.
+with async_wait (blocks up to 50 s, or 10 minutes in clients that show progress) or async_status, and fetch
+the answer with async_result.
 Tasks wait in the queue even when the spoold daemon is not running; async_status says when the queue is held."""
 
 
@@ -286,22 +289,41 @@ def async_result(ctx: Context, task_id: TaskId, offset: Offset = 0, max_chars: M
 async def async_wait(
     ctx: Context,
     task_id: TaskId,
-    timeout_seconds: Annotated[float, Field(ge=0, description=f"How long to wait; at most {MAX_WAIT_S:g} s "
+    timeout_seconds: Annotated[float, Field(ge=0, description=f"How long to wait: at most {MAX_WAIT_S:g} s, or "
+                                            f"{MAX_PROGRESS_WAIT_S:g} s for a client that shows progress "
                                             "(longer values are capped)")] = 30.0,
     max_chars: MaxChars = PAGE_CHARS,
 ) -> TaskResult:
     """Wait until the task finishes (or the timeout passes) and return its answer, or its status at the timeout.
 
-    Call it again to keep waiting; each call returns within 50 s. If the task is far back in the queue
-    (see estimated_start), tell the user and check back later instead of waiting repeatedly. A long
-    answer comes in parts: when `next_offset` is set, fetch the rest with async_result.
+    In a client that shows progress (Claude Code) it waits up to 10 minutes, reporting the task's state every
+    few seconds; otherwise each call returns within 50 s. Call it again to keep waiting. If the task is far
+    back in the queue (see estimated_start), tell the user and check back later instead of waiting
+    repeatedly. A long answer comes in parts: when `next_offset` is set, fetch the rest with async_result.
     """
     with tool_errors():
         api.check_id(task_id)
         sp = _spool(ctx)
-        wait = partial(api.wait, sp, task_id, min(timeout_seconds, MAX_WAIT_S), with_estimate=False)
-        await anyio.to_thread.run_sync(wait, abandon_on_cancel=True)  # api.wait: the one wait, in a thread
+        meta = ctx.request_context.meta or {}
+        progress = meta.get("progress_token") is not None
+        total = min(timeout_seconds, MAX_PROGRESS_WAIT_S if progress else MAX_WAIT_S)
+        start = anyio.current_time()
+        while True:  # api.wait does the waiting; this only cuts it into steps to say where the task is
+            left = total - (anyio.current_time() - start)
+            step = min(left, PROGRESS_EVERY_S) if progress else left
+            ti = await anyio.to_thread.run_sync(partial(api.wait, sp, task_id, max(0.0, step), with_estimate=progress),
+                                                abandon_on_cancel=True)
+            if ti.state in api.FINISHED or left <= step:
+                break
+            await ctx.report_progress(anyio.current_time() - start, total, _progress_words(ti))
         return await anyio.to_thread.run_sync(task_result, sp, task_id, 0, max_chars)
+
+
+def _progress_words(ti: TaskInfo) -> str:
+    if ti.state == "running":
+        return f"running since {ti.started_at}" + (f", {len(ti.partial_answer):,} characters so far"
+                                                   if ti.partial_answer else "")
+    return f"{ti.state}" + (f", #{ti.position} in the queue" if ti.position else "")
 
 
 def async_search(

@@ -427,3 +427,28 @@ def test_the_tools_states_and_priorities_are_the_spools() -> None:
 
     assert set(get_args(adapter.State)) == set(api.spool.TASK_STATES)
     assert set(get_args(adapter.Priority)) == set(api.spool.PRIORITIES)
+
+
+async def test_wait_reports_progress_and_so_may_wait_longer(sp: Spool, monkeypatch) -> None:
+    """A client that asked for progress hears where the task is every few seconds, and may wait past the cap
+    that holds for clients that show none (scaled down here: 0.5 s without progress, 1.5 s with it)."""
+    monkeypatch.setattr(adapter, "MAX_WAIT_S", 0.5)
+    monkeypatch.setattr(adapter, "MAX_PROGRESS_WAIT_S", 1.5)
+    monkeypatch.setattr(adapter, "PROGRESS_EVERY_S", 0.3)
+    heard: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        heard.append((progress, total, message))
+
+    async with Client(adapter.build_server(sp.root), mode="legacy") as client:  # JSON-RPC framing, as over stdio
+        tid = (await call(client, "async_submit", query="nobody runs me yet"))["id"]
+        t0 = time.monotonic()
+        plain = await client.call_tool("async_wait", {"task_id": tid, "timeout_seconds": 10})
+        t1 = time.monotonic()
+        shown = await client.call_tool("async_wait", {"task_id": tid, "timeout_seconds": 10},
+                                       progress_callback=on_progress)
+        t2 = time.monotonic()
+    assert plain.structured_content and plain.structured_content["finished"] is False and t1 - t0 < 1.2
+    assert shown.structured_content and shown.structured_content["state"] == "queued" and 1.4 < t2 - t1 < 3
+    assert len(heard) >= 3 and all(total == 1.5 for _, total, _ in heard)
+    assert [p for p, _, _ in heard] == sorted(p for p, _, _ in heard) and heard[0][2] == "queued, #1 in the queue"
