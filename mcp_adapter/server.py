@@ -248,9 +248,10 @@ def async_submit(
     not_before: Annotated[str | None, Field(max_length=64, description="Do not start before this ISO time, "
                                             "e.g. 2026-11-24T18:00:00Z")] = None,
 ) -> Submitted:
-    """Queue a Claude prompt to run later within the user's rate limits, and return at once.
+    """Queue a Claude prompt to run later, in the background, within the user's rate limits, and return at once.
 
-    Use it for long or non-urgent work, or when the user asks to run something "async" or "later".
+    Use it for long or non-urgent work, work to run overnight or after a usage limit resets, or when the
+    user asks to run something in the background, "async" or "later".
     Returns the task's id with its queue position and estimated start. Follow up with async_wait
     (blocks up to 50 s), async_status, or async_result; a task may take minutes or hours to start.
     """
@@ -421,6 +422,18 @@ def queue_resource(root: Path) -> str:
 
 
 READING = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+# Words a model may search with when Claude Code defers MCP tools behind its ToolSearch (it matches them against
+# a tool's name, description and `anthropic/searchHint`): the requests people make, not spoold's own names.
+SEARCH_HINTS = {
+    "async_submit": "queue run later background overnight schedule defer delay batch job task prompt question "
+                    "research long usage limit reset rate limit tomorrow morning tonight notify done submit",
+    "async_wait": "wait until done finished background queued job task result answer check later",
+    "async_result": "result answer output finished background job task fetch read",
+    "async_status": "status progress state queued running background job task check",
+    "async_list": "list queue jobs tasks background pending running finished",
+    "async_cancel": "cancel stop abort queued background job task",
+    "async_search": "search find earlier previous answers past results background jobs tasks",
+}
 TOOLS = (
     (async_submit, ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                                    open_world_hint=False)),
@@ -447,7 +460,8 @@ def build_server(spool_root: Path | str) -> MCPServer:
     server = MCPServer(name="spoold", title="spoold: async Claude queue", version=__version__,
                        instructions=INSTRUCTIONS, lifespan=lifespan)
     for fn, hints in TOOLS:
-        server.add_tool(fn, annotations=hints)
+        words = SEARCH_HINTS.get(fn.__name__)
+        server.add_tool(fn, annotations=hints, meta={"anthropic/searchHint": words} if words else None)
     server.resource(RESULT_URI, name="task_result", mime_type="text/markdown",
                     description="The answer of a finished spoold task, by task id")(result_resource)
     server.resource(QUEUE_URI, name="queue", mime_type="application/json",

@@ -47,3 +47,51 @@ def test_claude_code_loads_the_adapter_and_submits_through_it(sp, fake_api, clau
     [task] = api.list_tasks(sp, "queued")
     assert task.title.startswith("Summarize the history of tea") and task.priority == "high"
     assert task.id in tool_result
+
+
+NATURAL_REQUESTS = [  # what a person asks for, without naming spoold or "async"
+    "queue a prompt to run later in the background",
+    "run this overnight when my usage limit resets",
+    "submit a long research question and check on it later",
+    "schedule a prompt for tomorrow morning",
+    "do this in the background and tell me when it is done",
+]
+
+
+def test_the_cli_s_tool_search_finds_the_submit_tool_from_natural_requests(sp, fake_api, claude_bin, tmp_path) -> None:
+    """Newer CLIs defer MCP tools behind ToolSearch: the model searches with its own words, and each of these
+    must bring back spoold's submit tool (the fake API makes the model search; the CLI runs the search)."""
+    from claude_cli import CLAUDE_CODE_VERSION, OLDER
+
+    if CLAUDE_CODE_VERSION == OLDER:
+        import pytest
+
+        pytest.skip(f"claude {OLDER} offers every MCP tool in its first request: nothing to search")
+    fake_api.script(*[ToolUse("ToolSearch", {"query": q, "max_results": 5}) for q in NATURAL_REQUESTS],
+                    Text("Found it."))
+    mcp_config = tmp_path / "mcp.json"
+    mcp_config.write_text(json.dumps({"mcpServers": {"spoold": {
+        "command": sys.executable, "args": ["-m", "mcp_adapter.server", "--spool", str(sp.root)],
+        "env": warm_imports_env(tmp_path / "pycache"),
+    }}}))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = claude_env(fake_api.url, home)
+    env["PYTHONPATH"] = str(spool.Path(__file__).resolve().parent.parent)
+    env["MCP_CONNECT_TIMEOUT_MS"] = "60000"
+    out = subprocess.run(
+        [str(claude_bin), "-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet",
+         "--mcp-config", str(mcp_config), "--strict-mcp-config"],
+        input="Please find the right tool.", capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180,
+    )
+    stream = parse(out.stdout.encode())
+    assert stream.result and stream.result["result"] == "Found it.", out.stdout[-3000:] + out.stderr[-2000:]
+    conversation = fake_api.main_requests()[-1]["body"]["messages"]  # the last request carries all of it
+    searched = {b["id"]: b["input"]["query"] for m in conversation if m["role"] == "assistant"
+                for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_use"}
+    found = {q: False for q in NATURAL_REQUESTS}
+    for m in conversation:
+        for b in m["content"] if m["role"] == "user" and isinstance(m["content"], list) else []:
+            if isinstance(b, dict) and b.get("type") == "tool_result" and b["tool_use_id"] in searched:
+                found[searched[b["tool_use_id"]]] = "mcp__spoold__async_submit" in json.dumps(b)
+    assert all(found.values()), found
