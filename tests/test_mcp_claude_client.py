@@ -95,3 +95,34 @@ def test_the_cli_s_tool_search_finds_the_submit_tool_from_natural_requests(sp, f
             if isinstance(b, dict) and b.get("type") == "tool_result" and b["tool_use_id"] in searched:
                 found[searched[b["tool_use_id"]]] = "mcp__spoold__async_submit" in json.dumps(b)
     assert all(found.values()), found
+
+
+def test_claude_code_waits_past_a_minute_while_async_wait_reports_progress(sp, fake_api, claude_bin, tmp_path) -> None:
+    """Claude Code asks for progress on a tool call and resets its idle timer on each notification: async_wait
+    then waits past the 60 s a client without progress allows, and returns the task's record at its end."""
+    import time
+
+    tid = api.submit(sp, "a long one").id  # no daemon: it stays queued for the whole wait
+    fake_api.script(ToolUse("mcp__spoold__async_wait", {"task_id": tid, "timeout_seconds": 70}), Text("Still waiting."))
+    mcp_config = tmp_path / "mcp.json"
+    mcp_config.write_text(json.dumps({"mcpServers": {"spoold": {
+        "command": sys.executable, "args": ["-m", "mcp_adapter.server", "--spool", str(sp.root)],
+        "env": warm_imports_env(tmp_path / "pycache"),
+    }}}))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = claude_env(fake_api.url, home)
+    env["PYTHONPATH"] = str(spool.Path(__file__).resolve().parent.parent)
+    env["MCP_CONNECT_TIMEOUT_MS"] = "60000"
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [str(claude_bin), "-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet",
+         "--mcp-config", str(mcp_config), "--strict-mcp-config", "--allowedTools", "mcp__spoold__async_wait"],
+        input="Wait for my task.", capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240,
+    )
+    elapsed = time.monotonic() - t0
+    stream = parse(out.stdout.encode())
+    assert stream.result and stream.result["result"] == "Still waiting.", out.stdout[-3000:] + out.stderr[-2000:]
+    result = json.dumps(fake_api.main_requests()[-1]["body"]["messages"][-1])
+    assert '\\"finished\\":false' in result and tid in result and "error" not in result.lower()[:200], result[:800]
+    assert elapsed > 68, elapsed  # it waited its 70 s: past a minute, kept alive by progress
