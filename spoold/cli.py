@@ -526,6 +526,13 @@ def cmd_notify(args: argparse.Namespace) -> int:
     return 0 if all(v is None for v in sent.values()) else 1
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    """The local page: the queue live, the answers rendered, submit, cancel, retry, holds, limits, /metrics."""
+    from spoold import web
+
+    return web.serve(config.spool_root(args.spool or args.spool_first), host=args.host, port=args.port)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -707,6 +714,9 @@ def parser() -> argparse.ArgumentParser:
                    help="set any setting, e.g. --set default_model=opus --set timeout_s=3600 (VALUE is YAML)")
     c.add_argument("--unset", action="append", metavar="KEY", help="remove a setting from config.yaml")
     c.add_argument("--clear-hold", action="store_true", help="lift a usage-limit or login hold now")
+    w = add("web", cmd_web, "serve a local page: the queue live, the answers, submit/cancel/retry, /metrics")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (beyond 127.0.0.1 the page asks for a token)")
+    w.add_argument("--port", type=int, default=8465, help="port (default 8465)")
     no = add("notify", cmd_notify, "send a test message to the spool's notification targets")
     no.add_argument("action", choices=["test"], help="test: send one now")
     no.add_argument("target", nargs="?", help="one target of config.yaml's notify: (default: all of them)")
