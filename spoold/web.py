@@ -239,6 +239,13 @@ def _e(value: object) -> str:
     return html.escape("" if value is None else str(value))
 
 
+def _when(iso_time: str | None) -> str:
+    """A time for people: this machine's local time with its zone (the page is served where it is read)."""
+    from spoold.terminal import local
+
+    return _e(local(iso_time)) if iso_time else ""
+
+
 def _layout(title: str, body: str, csrf: str) -> str:
     return f"""<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>
 <meta name=viewport content="width=device-width, initial-scale=1">
@@ -266,7 +273,7 @@ def _csrf_field(csrf: str) -> str:
 
 def _status_line(sp: spool.Spool) -> str:
     st = api.status(sp)
-    held = f" · <span class=error>held until {_e(st.held_until)}: {_e(st.hold_reason)}</span>" if st.held_until else ""
+    held = f" · <span class=error>held until {_when(st.held_until)}: {_e(st.hold_reason)}</span>" if st.held_until else ""
     serving = "a daemon serves the spool" if st.serving else "<span class=error>no daemon is serving this spool</span>"
     windows = "".join(f" · {_e(w.name)} {w.status}" + (f" {w.utilization:.0%}" if w.utilization is not None else "")
                       for w in st.windows)
@@ -277,8 +284,8 @@ def _status_line(sp: spool.Spool) -> str:
 def _rows(sp: spool.Spool) -> str:
     out = ["<table><tr><th>state</th><th>title</th><th>model</th><th>when</th><th>cost</th></tr>"]
     for ti in api.recent(sp, limit=50):
-        when = (f"#{ti.position}, starts ~{_e(ti.estimated_start)}" if ti.state == "queued" and ti.position
-                else _e(ti.finished_at or ti.started_at or ti.submitted_at))
+        when = (f"#{ti.position}, starts ~{_when(ti.estimated_start)}" if ti.state == "queued" and ti.position
+                else _when(ti.finished_at or ti.started_at or ti.submitted_at))
         why = f' <span class=muted>{_e(ti.error)}</span>' if ti.error and ti.state in ("failed", "cancelled") else ""
         out.append(f'<tr data-id="{_e(ti.id)}"><td class="state {_e(ti.state)}">{_e(ti.state)}</td>'
                    f'<td><a href="/task/{_e(ti.id)}">{_e(ti.title or ti.id)}</a>{why}</td>'
@@ -322,10 +329,14 @@ def _task_page(sp: spool.Spool, task_id: str, csrf: str) -> str:
         actions = f'<form class=inline method=post action="/task/{_e(ti.id)}/retry">{_csrf_field(csrf)}<button>retry</button></form>'
     facts = [("state", f'<span id=state class="state {_e(ti.state)}">{_e(ti.state)}</span>'
               + (f" {_e(ti.error)}" if ti.error else "")),
-             ("model", _e(ti.model_resolved or ti.model)), ("submitted", _e(ti.submitted_at)),
-             ("started", _e(ti.started_at)), ("finished", _e(ti.finished_at)),
+             ("model", _e(ti.model_resolved or ti.model)), ("submitted", _when(ti.submitted_at)),
+             ("started", _when(ti.started_at)), ("finished", _when(ti.finished_at)),
              ("cost", usd(ti.cost_usd) if ti.cost_usd is not None else ""), ("attempts", _e(ti.attempts))]
     rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts if v)
     return (f"<script>document.body.dataset.live='task'</script><h2>{_e(ti.title or ti.id)}</h2>"
             f"<p class=muted>{_e(ti.id)}</p><table>{rows}</table><p>{actions}</p>"
-            f"<h3>Prompt</h3><div class=prompt>{md.render(ti.prompt or '')}</div><h3>Answer</h3>{answer or '<p class=muted>none yet</p>'}")
+            f"<h3>Prompt</h3><div class=prompt>{md.render(ti.prompt or '')}</div><h3>Answer</h3>{answer or _no_answer(ti.state)}")
+
+
+def _no_answer(state: str) -> str:
+    return f"<p class=muted>{'none' if state in api.FINISHED else 'none yet'}</p>"
