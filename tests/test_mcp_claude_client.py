@@ -14,28 +14,34 @@ from spoold import api, spool
 from spoold.backends.claude_stream import parse
 
 
-def test_claude_code_loads_the_adapter_and_submits_through_it(sp, fake_api, claude_bin, tmp_path) -> None:
-    fake_api.script(
-        ToolUse("mcp__spoold__async_submit", {"query": "Summarize the history of tea.", "priority": "high"}),
-        Text("Queued it for you."),
-    )
+def run_claude(sp, fake_api, claude_bin, tmp_path, prompt: str, *flags: str, timeout: float = 120):
+    """`claude -p` (stream-json) with spoold-mcp as its one MCP server, against the fake API: (process, stream)."""
     mcp_config = tmp_path / "mcp.json"
     mcp_config.write_text(json.dumps({"mcpServers": {"spoold": {
         "command": sys.executable, "args": ["-m", "mcp_adapter.server", "--spool", str(sp.root)],
         "env": warm_imports_env(tmp_path / "pycache"),
     }}}))
     home = tmp_path / "home"
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     env = claude_env(fake_api.url, home)
     env["PYTHONPATH"] = str(spool.Path(__file__).resolve().parent.parent)
     # The CLI waits 5 s for MCP servers by default; a loaded CI machine can need more to import the SDK.
     env["MCP_CONNECT_TIMEOUT_MS"] = "60000"
     out = subprocess.run(
-        [str(claude_bin), "-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet", "--mcp-config", str(mcp_config),
-         "--strict-mcp-config", "--allowedTools", "mcp__spoold__async_submit"],
-        input="Please queue a tea history summary.", capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        [str(claude_bin), "-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet",
+         "--mcp-config", str(mcp_config), "--strict-mcp-config", *flags],
+        input=prompt, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=timeout,
     )
-    stream = parse(out.stdout.encode())
+    return out, parse(out.stdout.encode())
+
+
+def test_claude_code_loads_the_adapter_and_submits_through_it(sp, fake_api, claude_bin, tmp_path) -> None:
+    fake_api.script(
+        ToolUse("mcp__spoold__async_submit", {"query": "Summarize the history of tea.", "priority": "high"}),
+        Text("Queued it for you."),
+    )
+    out, stream = run_claude(sp, fake_api, claude_bin, tmp_path, "Please queue a tea history summary.",
+                             "--allowedTools", "mcp__spoold__async_submit")
     assert stream.result and stream.result["result"] == "Queued it for you.", out.stdout + out.stderr
     assert [(m["name"], m["status"]) for m in stream.init["mcp_servers"]] == [("spoold", "connected")]
     # 2.1.197 offers MCP tools in the first request; 2.1.332 defers them behind ToolSearch: the init event says both
@@ -69,22 +75,7 @@ def test_the_cli_s_tool_search_finds_the_submit_tool_from_natural_requests(sp, f
         pytest.skip(f"claude {OLDER} offers every MCP tool in its first request: nothing to search")
     fake_api.script(*[ToolUse("ToolSearch", {"query": q, "max_results": 5}) for q in NATURAL_REQUESTS],
                     Text("Found it."))
-    mcp_config = tmp_path / "mcp.json"
-    mcp_config.write_text(json.dumps({"mcpServers": {"spoold": {
-        "command": sys.executable, "args": ["-m", "mcp_adapter.server", "--spool", str(sp.root)],
-        "env": warm_imports_env(tmp_path / "pycache"),
-    }}}))
-    home = tmp_path / "home"
-    home.mkdir()
-    env = claude_env(fake_api.url, home)
-    env["PYTHONPATH"] = str(spool.Path(__file__).resolve().parent.parent)
-    env["MCP_CONNECT_TIMEOUT_MS"] = "60000"
-    out = subprocess.run(
-        [str(claude_bin), "-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet",
-         "--mcp-config", str(mcp_config), "--strict-mcp-config"],
-        input="Please find the right tool.", capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180,
-    )
-    stream = parse(out.stdout.encode())
+    out, stream = run_claude(sp, fake_api, claude_bin, tmp_path, "Please find the right tool.", timeout=180)
     assert stream.result and stream.result["result"] == "Found it.", out.stdout[-3000:] + out.stderr[-2000:]
     conversation = fake_api.main_requests()[-1]["body"]["messages"]  # the last request carries all of it
     searched = {b["id"]: b["input"]["query"] for m in conversation if m["role"] == "assistant"
@@ -104,24 +95,10 @@ def test_claude_code_waits_past_a_minute_while_async_wait_reports_progress(sp, f
 
     tid = api.submit(sp, "a long one").id  # no daemon: it stays queued for the whole wait
     fake_api.script(ToolUse("mcp__spoold__async_wait", {"task_id": tid, "timeout_seconds": 70}), Text("Still waiting."))
-    mcp_config = tmp_path / "mcp.json"
-    mcp_config.write_text(json.dumps({"mcpServers": {"spoold": {
-        "command": sys.executable, "args": ["-m", "mcp_adapter.server", "--spool", str(sp.root)],
-        "env": warm_imports_env(tmp_path / "pycache"),
-    }}}))
-    home = tmp_path / "home"
-    home.mkdir()
-    env = claude_env(fake_api.url, home)
-    env["PYTHONPATH"] = str(spool.Path(__file__).resolve().parent.parent)
-    env["MCP_CONNECT_TIMEOUT_MS"] = "60000"
     t0 = time.monotonic()
-    out = subprocess.run(
-        [str(claude_bin), "-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet",
-         "--mcp-config", str(mcp_config), "--strict-mcp-config", "--allowedTools", "mcp__spoold__async_wait"],
-        input="Wait for my task.", capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240,
-    )
+    out, stream = run_claude(sp, fake_api, claude_bin, tmp_path, "Wait for my task.",
+                             "--allowedTools", "mcp__spoold__async_wait", timeout=240)
     elapsed = time.monotonic() - t0
-    stream = parse(out.stdout.encode())
     assert stream.result and stream.result["result"] == "Still waiting.", out.stdout[-3000:] + out.stderr[-2000:]
     result = json.dumps(fake_api.main_requests()[-1]["body"]["messages"][-1])
     assert '\\"finished\\":false' in result and tid in result and "error" not in result.lower()[:200], result[:800]
