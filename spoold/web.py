@@ -196,6 +196,23 @@ def build_app(root: Path | str, *, token: str | None = None) -> Any:
             return page(f"<p class=error>{html.escape(str(e))}</p><p><a href=/>back</a></p>", status=400)
         return RedirectResponse("/", status_code=303)
 
+    async def search(request: Request) -> Response:
+        if (refused := guard(request)) is not None:
+            return refused
+        q = request.query_params.get("q", "").strip()
+        try:
+            hits = api.search(sp, q, limit=50) if q else []
+        except SpooldError as e:
+            return page(f"<p class=error>{html.escape(str(e))}</p>", "spoold: search", status=400)
+        return page(_search_page(q, hits), "spoold: search")
+
+    async def stats(request: Request) -> Response:
+        if (refused := guard(request)) is not None:
+            return refused
+        from spoold import history
+
+        return page(_stats_page(history.stats(sp)), "spoold: stats")
+
     async def metrics(request: Request) -> Response:
         if (refused := guard(request)) is not None:
             return refused
@@ -214,6 +231,7 @@ def build_app(root: Path | str, *, token: str | None = None) -> Any:
 
     return Starlette(routes=[
         Route("/", home), Route("/rows", rows), Route("/events", events), Route("/metrics", metrics),
+        Route("/search", search), Route("/stats", stats),
         Route("/task/{task_id}", task), Route("/task/{task_id}/{action}", act, methods=["POST"]),
         Route("/submit", submit, methods=["POST"]), Route("/clear-hold", clear_hold, methods=["POST"]),
         Route("/limits", limits, methods=["POST"]),
@@ -256,7 +274,9 @@ table{{border-collapse:collapse;width:100%}} td,th{{padding:.3rem .5rem;border-b
 .queued{{color:#6b5900}} .cancelled{{color:#666}} .error{{color:#b00020}} .answer{{border-left:3px solid #ccc;padding:0 1rem}}
 pre{{background:#f5f5f5;padding:.6rem;overflow:auto}} textarea{{width:100%;min-height:6rem}} form.inline{{display:inline}}
 .muted{{color:#666}}
-</style></head><body data-csrf="{_e(csrf)}"><h1><a href=/>spoold</a></h1>{body}
+</style></head><body data-csrf="{_e(csrf)}"><h1><a href=/>spoold</a></h1>
+<form method=get action=/search><input name=q placeholder="search the answers"> <button>search</button>
+<a href=/stats>stats</a> <a href=/metrics>metrics</a></form>{body}
 <script>
 const es = new EventSource('/events' + location.search);
 es.addEventListener('change', async () => {{
@@ -336,6 +356,35 @@ def _task_page(sp: spool.Spool, task_id: str, csrf: str) -> str:
     return (f"<script>document.body.dataset.live='task'</script><h2>{_e(ti.title or ti.id)}</h2>"
             f"<p class=muted>{_e(ti.id)}</p><table>{rows}</table><p>{actions}</p>"
             f"<h3>Prompt</h3><div class=prompt>{md.render(ti.prompt or '')}</div><h3>Answer</h3>{answer or _no_answer(ti.state)}")
+
+
+def _search_page(q: str, hits: list[Any]) -> str:
+    """Finished tasks whose prompt, title, tags or answer hold every word (the CLI's search index)."""
+    if not q:
+        return "<p class=muted>Words to look for in the finished tasks' prompts, titles, tags and answers.</p>"
+    rows = "".join(f'<tr><td class="state {_e(h.state)}">{_e(h.state)}</td><td><a href="/task/{_e(h.id)}">'
+                   f"{_e(h.title or h.id)}</a><br><span class=muted>{_marked(h.snippet)}</span></td>"
+                   f"<td>{_when(h.submitted_at)}</td></tr>" for h in hits)
+    return (f"<h2>{len(hits)} found for “{_e(q)}”</h2>" +
+            (f"<table id=hits><tr><th>state</th><th>task</th><th>submitted</th></tr>{rows}</table>" if hits else ""))
+
+
+def _marked(snippet: str) -> str:
+    """The index marks the words it found [like this]: bold them, the rest escaped."""
+    return _e(snippet).replace("[", "<b>").replace("]", "</b>")
+
+
+def _stats_page(st: Any) -> str:
+    def table(title: str, data: dict[str, Any], money: bool = False) -> str:
+        rows = "".join(f"<tr><td>{_e(k)}</td><td>{usd(v) if money else _e(v)}</td></tr>" for k, v in data.items())
+        return f"<h3>{title}</h3><table>{rows or '<tr><td class=muted>none</td></tr>'}</table>"
+
+    days = {d: ", ".join(f"{n} {s}" for s, n in sorted(by.items())) for d, by in sorted(st.by_day.items())}
+    p50 = "-" if st.duration_p50_s is None else f"{st.duration_p50_s:.1f} s"
+    p95 = "-" if st.duration_p95_s is None else f"{st.duration_p95_s:.1f} s"
+    return (f"<h2>Stats</h2><p>{st.tasks} finished tasks; duration p50 {p50}, p95 {p95}</p>"
+            + table("Tasks per day", days) + table("Cost per day", dict(sorted(st.cost_by_day.items())), True)
+            + table("Cost per model", st.cost_by_model, True) + table("Failures by reason", st.failures))
 
 
 def _no_answer(state: str) -> str:

@@ -180,3 +180,23 @@ def test_metrics_speak_prometheus(sp, web) -> None:
     assert families["spoold_queue_depth"].samples[0].value == 2
     assert families["spoold_held"].samples[0].value == 0
     assert families["spoold_oldest_queued_age_seconds"].samples[0].value >= 0
+
+
+def test_search_and_stats_pages(sp: spool.Spool) -> None:
+    from starlette.testclient import TestClient
+
+    from spoold import transitions, web
+    from spoold.task import Task
+
+    t = Task(id=spool.new_id("sky"), prompt="Why is the sky blue?\n", title="Sky colour")
+    transitions.enqueue(sp, t)
+    claimed = transitions.claim(sp, spool.list_queued(sp)[0], "sonnet")
+    assert claimed
+    transitions.finish(sp, claimed, transitions.result_for(claimed, "done", answer="Rayleigh scattering <i>x</i>",
+                                                          cost_usd=0.25, duration_s=3.0))
+    with TestClient(web.build_app(sp.root)) as client:
+        found = client.get("/search", params={"q": "rayleigh"}).text
+        assert f'href="/task/{t.id}"' in found and "<b>Rayleigh</b>" in found and "<i>x</i>" not in found
+        assert "0 found" in client.get("/search", params={"q": "nothingmatches"}).text
+        stats = client.get("/stats").text
+        assert "1 finished tasks" in stats and "$0.25" in stats
