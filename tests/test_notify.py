@@ -172,13 +172,16 @@ def test_a_hold_and_its_end_are_told(sp: spool.Spool, daemon, receiver: Receiver
 
 
 def test_notify_test_sends_now_and_names_a_missing_target(sp: spool.Spool, receiver: Receiver) -> None:
-    write_config(sp, notify={"team": receiver.url})
+    ntfy = receiver.url.replace("json://", "ntfy://") + "/spoold-topic"  # an ntfy server's API, on the same receiver
+    write_config(sp, notify={"team": receiver.url, "phone": ntfy})
     cli = [sys.executable, "-m", "spoold.cli", "--spool", str(sp.root), "notify", "test"]
     out = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0 and out.stdout == "team: sent\n"
-    assert receiver.delivered()[0]["title"] == "spoold: test"
+    assert out.returncode == 0 and sorted(out.stdout.splitlines()) == ["phone: sent", "team: sent"]
+    assert {b["title"] for b in receiver.delivered()} == {"spoold: test"}
+    assert [b.get("topic") for b in receiver.delivered()].count("spoold-topic") == 1  # ntfy's own payload
+    receiver.posts.clear()
     missing = subprocess.run([*cli, "pager"], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and missing.stderr.startswith("spoold: no notification target 'pager'")
     receiver.failing = True
-    failed = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    failed = subprocess.run([*cli, "team"], capture_output=True, text=True, cwd=ROOT)
     assert failed.returncode == 1 and failed.stdout.startswith("team: not sent: ")
