@@ -46,4 +46,17 @@ def render(sp: Spool) -> tuple[bytes, str]:
           registry=registry).set(len(api.serving(sp)))
     Gauge("spoold_notify_targets_failing", "Notification targets a daemon cannot reach now",
           registry=registry).set(len(notify.failing(sp)))
+    from spoold import history
+
+    day_ago = datetime.fromtimestamp(now - 86_400, UTC)
+    recent = history.stats(sp, since=day_ago)
+    ended = Gauge("spoold_finished_24h", "Tasks submitted in the last 24 h that have ended, by state", ["state"],
+                  registry=registry)
+    for by_state in recent.by_day.values():
+        for state, n in by_state.items():
+            ended.labels(state).inc(n)
+    failures = Gauge("spoold_failures_24h", "Failures of the last 24 h, by the reason's first words", ["reason"],
+                     registry=registry)
+    for reason, n in recent.failures.items():
+        failures.labels(reason).set(n)
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -171,6 +171,12 @@ def test_bound_beyond_loopback_the_page_asks_for_its_token(sp: spool.Spool) -> N
 def test_metrics_speak_prometheus(sp, web) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
+    from spoold import transitions
+
+    api.submit(sp, "fails")
+    claimed = transitions.claim(sp, spool.list_queued(sp)[0], "sonnet")
+    assert claimed
+    transitions.finish(sp, claimed, transitions.result_for(claimed, "failed", "temporary API error: 529 Overloaded"))
     api.submit(sp, "one")
     api.submit(sp, "two")
     text = urllib.request.urlopen(web.url + "/metrics", timeout=5).read().decode()
@@ -180,6 +186,9 @@ def test_metrics_speak_prometheus(sp, web) -> None:
     assert families["spoold_queue_depth"].samples[0].value == 2
     assert families["spoold_held"].samples[0].value == 0
     assert families["spoold_oldest_queued_age_seconds"].samples[0].value >= 0
+    assert {s.labels["state"]: s.value for s in families["spoold_finished_24h"].samples} == {"failed": 1}
+    [failure] = families["spoold_failures_24h"].samples
+    assert failure.value == 1 and failure.labels["reason"].startswith("temporary API error")
 
 
 def test_search_and_stats_pages(sp: spool.Spool) -> None:
