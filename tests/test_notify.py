@@ -106,22 +106,29 @@ def test_a_finished_task_reaches_the_webhook_and_the_hook_once(sp: spool.Spool, 
 
 
 def test_a_notification_that_fails_is_delivered_once_after_the_daemon_is_killed(
-        sp: spool.Spool, daemon, receiver: Receiver) -> None:
+        sp: spool.Spool, daemon, receiver: Receiver, tmp_path: Path) -> None:
+    """The webhook answers 503 and the hook fails until a file exists; the daemon is killed; then both work:
+    each hears of the task exactly once."""
     receiver.failing = True
+    ready, ran = tmp_path / "hook-may-run", tmp_path / "hook-ran"
+    hook = [sys.executable, "-c", f"import os, sys; os.path.exists({str(ready)!r}) or sys.exit(1); "
+            f"open({str(ran)!r}, 'a').write(os.environ['SPOOLD_TASK_ID'] + '\\n')"]
     write_config(sp, backend="command", command=ECHO_COMMAND, notify={"team": receiver.url},
-                 notify_on={"done": ["team"]})
+                 notify_on={"done": ["team"]}, on_finish=hook)
     d = daemon(sp)
     tid = api.submit(sp, "tell me later").id
     wait_for(lambda: f"could not tell team about {tid}" in d.log, what="a failed delivery")
     assert "notifications to team are failing" in subprocess.run(
         [sys.executable, "-m", "spoold.cli", "status", "--spool", str(sp.root)], capture_output=True, text=True,
         cwd=ROOT).stdout
+    wait_for(lambda: f"could not tell on_finish about {tid}" in d.log, what="a failed hook")
     d.stop(signal.SIGKILL)
     receiver.failing = False
+    ready.touch()
     again = daemon(sp)  # takes the dead daemon's events over at once
-    wait_for(lambda: receiver.delivered() and _outbox_empty(sp), what="the delivery after the restart")
+    wait_for(lambda: receiver.delivered() and ran.exists() and _outbox_empty(sp), what="the delivery after the restart")
     assert [b["title"] for b in receiver.delivered()] == ["spoold: done: tell me later"]
-    assert again.stop() == 0 and len(receiver.delivered()) == 1
+    assert again.stop() == 0 and len(receiver.delivered()) == 1 and ran.read_text() == f"{tid}\n"
 
 
 def test_two_daemons_tell_each_ending_once(sp: spool.Spool, daemon, receiver: Receiver) -> None:
