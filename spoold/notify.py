@@ -118,8 +118,13 @@ def send(url: str, title: str, body: str) -> str | None:
     a = apprise.Apprise()
     if not a.add(url):
         return "not a notification URL Apprise knows (see https://github.com/caronc/apprise/wiki)"
-    with apprise.LogCapture(level=logging.WARNING, fmt="%(message)s") as logs:
-        ok = a.notify(title=title, body=body)
+    quiet = logging.getLogger("apprise")
+    was, quiet.propagate = quiet.propagate, False  # what it says comes back in our own one line
+    try:
+        with apprise.LogCapture(level=logging.WARNING, fmt="%(message)s") as logs:
+            ok = a.notify(title=title, body=body)
+    finally:
+        quiet.propagate = was
     if ok:
         return None
     said = [ln.strip() for ln in logs.getvalue().splitlines() if ln.strip()]
@@ -160,8 +165,8 @@ class Courier:
             except OSError as e:  # the spool cannot be read or written now: the daemon says so; try later
                 log.warning("notifications wait: %s", e.strerror or e)
                 delay = RETRY_S
-            if stopping.is_set():
-                return
+            if stopping.is_set() and not self.wake.is_set():
+                return  # (an event written during that pass, such as a stop's last "drained", gets one more)
             waits = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stopping.wait())]
             timeout = delay if delay is not None else self.settings().scan_interval_s
             _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

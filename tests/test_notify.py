@@ -192,3 +192,13 @@ def test_notify_test_sends_now_and_names_a_missing_target(sp: spool.Spool, recei
     receiver.failing = True
     failed = subprocess.run([*cli, "team"], capture_output=True, text=True, cwd=ROOT)
     assert failed.returncode == 1 and failed.stdout.startswith("team: not sent: ")
+
+
+def test_a_once_run_delivers_its_own_events_before_it_exits(sp: spool.Spool, receiver: Receiver) -> None:
+    """`spoold run --once` from cron: the run's own ending and the drained queue are told before it exits."""
+    write_config(sp, backend="command", command=ECHO_COMMAND, notify={"team": receiver.url})
+    api.submit(sp, "from cron")
+    subprocess.run([sys.executable, "-m", "spoold.cli", "run", "--once", "--spool", str(sp.root)], cwd=ROOT,
+                   capture_output=True, check=True, timeout=60)
+    assert {b["title"] for b in receiver.delivered()} == {"spoold: done: from cron", "spoold: queue drained"}
+    assert _outbox_empty(sp)
