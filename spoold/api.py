@@ -238,12 +238,13 @@ def info_and_result(sp: Spool, task_id: str, *, settings: Settings | None = None
     task = _read_task(loc.path, task_id) if loc.path.is_file() and not loc.path.is_symlink() else None
     if task:
         out.title, out.model, out.priority = title_of(task), task.model, task.priority
-        out.submitted_at, out.not_before = iso(task.submitted_at), iso(task.not_before)
+        out.not_before = iso(task.not_before)
         out.warnings, out.prompt, out.tags = task.warnings, task.prompt, task.tags
         asked = {"system": task.system, "timeout_s": task.timeout, "profile": task.profile, "resume": task.resume,
                  "effort": task.effort, "max_turns": task.max_turns, "max_budget_usd": task.max_budget_usd,
                  "fallback_model": task.fallback_model, "schema": task.schema}
         out.options = {k: v for k, v in asked.items() if v is not None}
+    out.submitted_at = iso(spool.id_time(task_id))  # an id says when it was submitted, whatever its file holds
     res = _in_flight(sp, out, loc.path, with_reason=True)
     if res:
         out.input_tokens, out.output_tokens = res.input_tokens, res.output_tokens
@@ -368,7 +369,8 @@ def _summary(sp: Spool, path: Path, task_id: str, state: str) -> TaskInfo:
     task = _read_task(path, task_id)
     if task:
         ti.title, ti.model, ti.priority = title_of(task), task.model, task.priority
-        ti.submitted_at, ti.not_before, ti.tags = iso(task.submitted_at), iso(task.not_before), task.tags
+        ti.not_before, ti.tags = iso(task.not_before), task.tags
+    ti.submitted_at = iso(spool.id_time(task_id))  # an id says when it was submitted, whatever its file holds
     _in_flight(sp, ti, path)
     return ti
 

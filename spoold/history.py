@@ -99,6 +99,7 @@ def _reason(error: str | None) -> str:
     """A failure's reason without its particulars (ids, numbers, paths), so alike failures count together."""
     if not error:
         return "no reason recorded"
+    error = re.sub(r"^[^\s:`]+\.(?:md|markdown|txt): ", "", error)  # bad input says its file first: not the reason
     text = re.sub(r"\d+(\.\d+)?", "N", error.split(":", 1)[0] if len(error) > 80 else error)
     return text[:80]
 

@@ -20,7 +20,7 @@ from typing import Any
 from spoold import spool
 from spoold.errors import BadInput, InvalidState
 from spoold.spool import Spool
-from spoold.task import Result, Task, parse_result, render_result, render_task
+from spoold.task import Result, Task, parse_result, parse_text, render_result, render_task
 from spoold.task import read as read_task
 from spoold.units import iso
 
@@ -360,10 +360,21 @@ def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
         task = read_task(loc.path, task_id, default_model)
     except (BadInput, OSError) as e:
         raise NotATask(f"task {task_id} cannot be retried as it is ({e}); fix {loc.path} and retry again", loc.path) from None
+    if not _written_by_spoold(loc.path, task_id):  # bad input the user fixed where it lies: taken in anew
+        raise NotATask(f"{loc.path} is the file as it was dropped", loc.path)
     _set_aside(sp, loc)
     dest = spool.move(loc.path, spool.queued_path_for(sp, task_id, task.priority, None))
     log.info("retry %s", task_id)
     return dest
+
+
+def _written_by_spoold(path: Path, task_id: str) -> bool:
+    """A task file intake wrote says its own id first; a dropped file moved aside as bad input does not."""
+    try:
+        meta, _ = parse_text(spool.read_bytes(path).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, BadInput):
+        return False
+    return str(meta.get("id")) == task_id
 
 
 def retake(sp: Spool, task: Task, original: Path) -> Path:

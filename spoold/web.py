@@ -130,7 +130,7 @@ def build_app(root: Path | str, *, token: str | None = None) -> Any:
         if (refused := guard(request)) is not None:
             return refused
         try:
-            return page(_task_page(sp, request.path_params["task_id"], csrf), "spoold: task")
+            return page(_task_page(sp, spool.resolve_id(sp, request.path_params["task_id"]), csrf), "spoold: task")
         except SpooldError as e:
             return page(f"<p class=error>{html.escape(str(e))}</p>", status=404)
 
@@ -322,7 +322,7 @@ def _home(sp: spool.Spool, csrf: str) -> str:
     return f"""<div id=rows>{_rows(sp)}{_status_line(sp)}</div>{hold}
 <h2>Ask</h2><form method=post action=/submit>{_csrf_field(csrf)}
 <textarea name=prompt required placeholder="A question to run later"></textarea>
-<p><input name=title placeholder=title> <input name=model placeholder="model (sonnet)">
+<p><input name=title placeholder=title> <input name=model placeholder="model ({_e(s['default_model'])})">
 <select name=priority><option>normal</option><option>high</option><option>urgent</option><option>low</option></select>
 <button>queue it</button></p></form>
 <h2>Limits</h2><form method=post action=/limits>{_csrf_field(csrf)}

@@ -81,3 +81,9 @@ def test_a_prune_interrupted_midway_is_finished_by_recovery(sp: spool.Spool) -> 
     os.rename(done, staged)
     assert recovery.recover(sp, max_attempts=3) == [f"finished pruning {done.name}"]
     assert not staged.exists()
+
+
+def test_bad_input_counts_by_its_reason_not_by_its_file_name() -> None:
+    one = history._reason("evil.md: `notify` names targets of the spool's config.yaml; a task cannot add an address")
+    two = history._reason("other.md: `notify` names targets of the spool's config.yaml; a task cannot add an address")
+    assert one == two and one.startswith("`notify` names targets")

@@ -239,5 +239,8 @@ def test_retry_of_bad_input_takes_the_fixed_file_in_again_under_its_id(sp: spool
     kept.write_text("---\nmodel: haiku\n---\nWhy?\n")  # fixed where it lies
     ti = api.retry(sp, tid)
     assert (ti.id, ti.state, ti.model, ti.prompt) == (tid, "queued", "haiku", "Why?\n")
+    queued = spool.locate(sp, tid).path.read_text()
+    assert f"id: {tid}" in queued and "submitted_at:" in queued  # written as intake writes a task, not moved as is
+    assert ti.submitted_at == api.iso(spool.id_time(tid))
     assert not kept.exists() and not spool.result_path_for(sp.dir("failed"), tid).exists()
     assert [r.kind for r in spool.attempt_records(sp, tid)] == ["retried"]
