@@ -349,6 +349,7 @@ def _task_page(sp: spool.Spool, task_id: str, csrf: str) -> str:
         actions = f'<form class=inline method=post action="/task/{_e(ti.id)}/retry">{_csrf_field(csrf)}<button>retry</button></form>'
     facts = [("state", f'<span id=state class="state {_e(ti.state)}">{_e(ti.state)}</span>'
               + (f" {_e(ti.error)}" if ti.error else "")),
+             ("place", f"#{ti.position}, starts ~{_when(ti.estimated_start)}" if ti.position else ""),
              ("model", _e(ti.model_resolved or ti.model)), ("submitted", _when(ti.submitted_at)),
              ("started", _when(ti.started_at)), ("finished", _when(ti.finished_at)),
              ("cost", usd(ti.cost_usd) if ti.cost_usd is not None else ""), ("attempts", _e(ti.attempts))]
