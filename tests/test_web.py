@@ -137,7 +137,7 @@ def test_the_page_submits_and_cancels_through_the_api(sp, web, browser) -> None:
     wait_for(lambda: "/task/" in browser.current_url, what="the task's page")
     tid = browser.current_url.rsplit("/", 1)[1]
     assert api.info(sp, tid).state == "queued" and api.info(sp, tid).title == "From the page"
-    assert "#1, starts ~" in browser.find_element(By.TAG_NAME, "table").text  # its place in the queue
+    wait_for(lambda: "#1, starts ~" in (_text(browser, By.TAG_NAME, "table") or ""), what="its place in the queue")
     _click(browser, By.XPATH, "//button[text()='cancel']")
     wait_for(lambda: _text(browser, By.ID, "state") == "cancelled", what="cancelled on the page")
     assert api.info(sp, tid).state == "cancelled"
