@@ -120,11 +120,20 @@ def test_the_page_shows_a_task_go_from_queued_to_done_live_and_renders_its_answe
     wait_for(lambda: _text(browser, By.CSS_SELECTOR, f'tr[data-id="{tid}"] td.state') == "done",
              what="the row to turn done by itself")
     _click(browser, By.LINK_TEXT, "Sky colour")
-    answer = browser.find_element(By.ID, "answer")
-    assert answer.find_element(By.TAG_NAME, "h1").text == "Rayleigh"
-    assert answer.find_element(By.TAG_NAME, "strong").text == "scatter"
-    assert "<script>alert(1)</script>" in answer.text  # shown as text, never run
-    assert not answer.find_elements(By.TAG_NAME, "script")
+
+    def rendered() -> tuple[str, str, str, int] | None:  # read in one go: a late change may reload the page
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+        try:
+            answer = browser.find_element(By.ID, "answer")
+            return (answer.find_element(By.TAG_NAME, "h1").text, answer.find_element(By.TAG_NAME, "strong").text,
+                    answer.text, len(answer.find_elements(By.TAG_NAME, "script")))
+        except (NoSuchElementException, StaleElementReferenceException):
+            return None
+
+    heading, bold, text, scripts = wait_for(rendered, what="the rendered answer")  # type: ignore[misc]
+    assert (heading, bold) == ("Rayleigh", "scatter")
+    assert "<script>alert(1)</script>" in text and scripts == 0  # shown as text, never run
 
 
 def test_the_page_submits_and_cancels_through_the_api(sp, web, browser) -> None:
