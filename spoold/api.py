@@ -76,6 +76,7 @@ class QueueStatus:
     daemons: list[dict[str, Any]] = field(default_factory=list)  # who serves the spool: owner, host, pid, since, alive
     serving: bool = False  # a daemon on this host is alive (another host's may be, unseen from here)
     notify_failing: dict[str, str] = field(default_factory=dict)  # target -> why a daemon cannot reach it now
+    oldest_queued: str | None = None  # the id of the task that has waited longest (ids sort by submission)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -508,6 +509,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
         settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),
         daemons=daemons, serving=bool(here), notify_failing=notify.failing(sp),
+        oldest_queued=min((spool.queued_id(n) for n in queued.names), default=None),
     )
 
 

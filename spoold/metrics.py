@@ -20,11 +20,9 @@ def render(sp: Spool) -> tuple[bytes, str]:
     tasks = Gauge("spoold_tasks", "Tasks in each state (inbox: files not taken in yet)", ["state"], registry=registry)
     for state, n in st.counts.items():
         tasks.labels(state).set(n)
-    queued = spool.list_queued(sp)
-    Gauge("spoold_queue_depth", "Tasks waiting in queued/", registry=registry).set(len(queued))
-    first = min((spool.queued_id(n) for n in queued.names), default=None)  # ids sort by submission time
+    Gauge("spoold_queue_depth", "Tasks waiting in queued/", registry=registry).set(st.counts["queued"])
     Gauge("spoold_oldest_queued_age_seconds", "How long the oldest queued task has waited",
-          registry=registry).set(now - spool.id_time(first).timestamp() if first else 0)
+          registry=registry).set(now - spool.id_time(st.oldest_queued).timestamp() if st.oldest_queued else 0)
     usage = ledger.read_usage(sp, now)
     settings = api.load_settings(sp)
     Gauge("spoold_held", "1 while starts wait for a hold (usage limit, login, budget, reserve)",
