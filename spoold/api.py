@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from spoold import config, ledger, notify, options, owners, spool, transitions
+from spoold import config, hosts, ledger, leftovers, notify, options, owners, spool, transitions
 from spoold.config import Settings
 from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.spool import Spool
@@ -77,6 +77,9 @@ class QueueStatus:
     serving: bool = False  # a daemon on this host is alive (another host's may be, unseen from here)
     notify_failing: dict[str, str] = field(default_factory=dict)  # target -> why a daemon cannot reach it now
     oldest_queued: str | None = None  # the id of the task that has waited longest (ids sort by submission)
+    hosts: list[dict[str, Any]] = field(default_factory=list)  # on a synced spool: host, age_s, live, running, leases
+    duplicates: int = 0  # second answers another host wrote for a finished task, kept beside its answer
+    leftovers: list[str] = field(default_factory=list)  # sync tools' conflict copies and temp files outside inbox/
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -396,7 +399,7 @@ def _in_flight(sp: Spool, ti: TaskInfo, path: Path, *, with_reason: bool = False
         if h:
             ti.attempts, ti.error = h.attempts, h.last_reason
         return None
-    result_path = spool.result_path_for(path.parent, ti.id)
+    result_path = spool.answer_path(path.parent, ti.id, spool.known_hosts(sp))
     res = _read_result(result_path) if result_path.exists() else None
     if res:
         ti.result_path = str(result_path)
@@ -497,8 +500,10 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
                             else load_settings(sp))
     now = time.time()
     queued = spool.list_queued(sp)  # once: a deep queue is the expensive listing
-    counts = {st: len(queued) if st == "queued" else _count(sp, st)
-              for st in spool.COUNTED}
+    counts, duplicates, left = {}, 0, leftovers.find(sp, terminal=False)
+    for st in spool.COUNTED:
+        counts[st], dups = (len(queued), 0) if st == "queued" else _count(sp, st, left)
+        duplicates += dups
     usage = ledger.read_usage(sp, now)
     g = ledger.gate(usage, settings, 0, now)
     nxt = ledger.estimate(sp, settings, queued, limit=1, now=now, usage=usage) if queued else []
@@ -510,20 +515,27 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
         settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),
         daemons=daemons, serving=bool(here), notify_failing=notify.failing(sp),
         oldest_queued=min((spool.queued_id(n) for n in queued.names), default=None),
+        hosts=[asdict(h) for h in hosts.host_status(sp, now)], duplicates=duplicates,
+        leftovers=[leftovers.describe(sp, hit) for hit in left],
     )
 
 
-def _count(sp: Spool, state: str) -> int:
+def _count(sp: Spool, state: str, left: list[leftovers.Leftover]) -> tuple[int, int]:
+    """Tasks in a state, and (terminal states) the duplicate answers beside them and sync tools' leftovers
+    (added to `left`): one listing of each directory."""
     from spoold import intake
 
     if state == "running":
-        return len(spool.list_running(sp))
+        return len(spool.list_running(sp)), 0
     if state == "inbox":
-        return sum(1 for n in os.listdir(sp.dir("inbox")) if not intake.is_ignored(n))
-    return sum(
-        sum(1 for n in os.listdir(d) if spool.is_task_file(n))
-        for d in spool.terminal_dirs(sp, state)
-    )
+        return sum(1 for n in os.listdir(sp.dir("inbox")) if not intake.is_ignored(n)), 0
+    tasks = duplicates = 0
+    for d in spool.terminal_dirs(sp, state):
+        names = os.listdir(d)
+        tasks += sum(1 for n in names if spool.is_task_file(n))
+        duplicates += spool.count_duplicates(names)
+        left += leftovers.among(d, names)
+    return tasks, duplicates
 
 
 def clear_hold(sp: Spool) -> None:

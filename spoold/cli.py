@@ -153,6 +153,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  daemon pid {d['pid']} on {where}, serving since {_local(d['since'])}")
     if not st.serving:
         print("  no daemon is serving this spool on this host: queued tasks wait until `spoold run` starts one")
+    for h in st.hosts:
+        runs = f", running {', '.join(h['running'][:3])}" + (" ..." if len(h["running"]) > 3 else "") if h["running"] else ""
+        state = "live" if h["live"] else "silent"
+        print(f"  host {h['host']}: {state}, heartbeat {h['age_s']:.0f} s ago (lease {h['lease_s']:g} s, "
+              f"running lease {h['running_lease_s']:g} s){runs}")
     print("  " + "  ".join(f"{k} {v}" for k, v in c.items()))
     s = st.settings
     print(f"  limit {s['max_requests']} per {s['window_minutes']:g} min, concurrency {s['concurrency']}"
@@ -170,6 +175,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  running {ti.id} {ti.title[:50]} (since {ti.started_at})")
     for target, why in st.notify_failing.items():
         print(f"  notifications to {target} are failing: {why}")
+    if st.duplicates:
+        print(f"  {st.duplicates} duplicate answer(s) from another host kept beside their task's answer (ID@HOST.result.md)")
+    for left in st.leftovers[:5]:
+        print(f"  sync leftover: {left}")
     if st.ignored_inbox_files:
         print(f"  inbox files that are not tasks (use .md or .txt): {', '.join(st.ignored_inbox_files[:5])}")
     return 0

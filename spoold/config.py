@@ -59,6 +59,12 @@ class Settings:
     on_finish: list[str] = field(default_factory=list)  # argv run (no shell) when a task ends
     on_hold: list[str] = field(default_factory=list)  # argv run when the queue is held
     hook_timeout_s: float = 30.0
+    # several hosts on one synced spool (spoold.hosts)
+    heartbeat_s: float = 30.0  # how often a daemon rewrites its heartbeat
+    host_lease_s: float = 300.0  # a host silent this long is gone: its queued tasks and dropped files move
+    running_lease_s: float = 900.0  # ... and this long: its running tasks are run again by another host
+    handover_s: float = 60.0  # a task whose owner changed waits this long for the old owner's renames to arrive
+    limit_mode: str = "shared"  # shared: the union of hosts' starts; strict: also each live host its share
 
 
 # Environment names, kept from the original design where they existed.
@@ -78,6 +84,7 @@ EVENTS = ("done", "failed", "cancelled", "held", "resumed", "drained")  # what a
 DEFAULT_NOTIFY_ON = {"done": ["all"], "failed": ["all"], "held": ["all"], "resumed": ["all"], "drained": ["all"]}
 TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")  # a notification target's name
 BACKENDS = ("claude", "command")
+LIMIT_MODES = ("shared", "strict")
 
 
 def spool_root(flag: str | None = None) -> Path:
@@ -188,6 +195,14 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("window_minutes must be more than 0")
     if s.concurrency < 1:
         raise ConfigError("concurrency must be at least 1")
+    if s.limit_mode not in LIMIT_MODES:
+        raise ConfigError(f"limit_mode must be one of {', '.join(LIMIT_MODES)}")
+    if not 0 < s.heartbeat_s <= s.host_lease_s / 3:
+        raise ConfigError(f"heartbeat_s must be above 0 and at most a third of host_lease_s ({s.host_lease_s:g})")
+    if s.running_lease_s < s.host_lease_s:
+        raise ConfigError("running_lease_s must be at least host_lease_s")
+    if s.handover_s < 0:
+        raise ConfigError("handover_s must be 0 or more")
     if s.strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}")
     if s.backend not in BACKENDS:

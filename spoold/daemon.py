@@ -20,7 +20,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from spoold import config, intake, ledger, notify, options, owners, recovery, runner, spool, transitions
+from spoold import (
+    config,
+    hosts,
+    intake,
+    ledger,
+    leftovers,
+    notify,
+    options,
+    owners,
+    recovery,
+    runner,
+    spool,
+    transitions,
+)
 from spoold.backends import get_backend
 from spoold.errors import CliUnusable, SpooldError
 from spoold.runner import WRITE_RETRY_S, to_thread_to_the_end
@@ -31,6 +44,8 @@ from spoold.watcher import Watcher
 log = logging.getLogger("spoold")
 PENDING_RECHECK_S = 0.05
 INTAKE_BATCH = 256  # files taken in per turn: a dropped corpus starts running while it is still taken in
+VIEW_REFRESH_S = 1.0  # how often the other hosts' heartbeats are read (a few small files)
+TIDY_S = 60.0  # how often a daemon on a synced spool removes sync tools' identical conflict copies
 
 
 @dataclass
@@ -65,6 +80,10 @@ class Daemon:
         self._ran_since_drained = False
         self._queue_empty = False
         self._gate: ledger.Gate | None = None  # the last admission's answer, for the queue's events
+        self.hosts = hosts.Membership(spool.owner_host(spool.owner_tag()))
+        self._beat_seq = 0
+        self._since = time.time()
+        self._last_tidy = 0.0
 
     @staticmethod
     def _mtime(path: Path) -> float | None:
@@ -92,6 +111,11 @@ class Daemon:
                 log.info("recovery: %s", action)
         except OSError as e:
             self._cannot_write(e)  # the loop's first turn recovers again once it can
+        try:
+            await asyncio.to_thread(self._beat_and_look)
+        except OSError as e:
+            log.warning("could not write this host's heartbeat (%s)", e.strerror or e)
+        beating = asyncio.ensure_future(self._beating())
         watcher = asyncio.ensure_future(self.watcher.run(self.stopping))
         courier = asyncio.ensure_future(self.courier.run(self.stopping))
         checking = asyncio.ensure_future(self._check_backend())  # alongside serving: it may take seconds
@@ -111,12 +135,13 @@ class Daemon:
             with contextlib.suppress(TimeoutError, Exception):
                 await asyncio.wait_for(courier, self.settings.grace_s)
             self.courier.stop()
-            for background in (watcher, checking, courier):
+            for background in (watcher, checking, courier, beating):
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await background
             if note is not None:
                 note.unlink(missing_ok=True)
+            hosts.drop_beat(self.sp, spool.owner_tag())
             owners.let_go(self.sp, owner_lock)
             log.info("stopped")
         return 0
@@ -128,6 +153,52 @@ class Daemon:
                 log.warning("%s", problem)
         except CliUnusable as e:
             log.error("tasks cannot run yet: %s", e)
+
+    # ---- the other hosts on a synced spool ---------------------------------------
+
+    def _beat_and_look(self, write: bool = True, running: tuple[str, ...] = ()) -> bool:
+        """Write our heartbeat (when due) and fold in everyone's; True when who owns what changed. A thread's work."""
+        if write:
+            hosts.drop_dead_local_beats(self.sp)
+            self._beat_seq += 1
+            hosts.write_beat(self.sp, self.hosts.beat(spool.owner_tag(), self._beat_seq, self.settings,
+                                                      running, self._since))
+        changed = self.hosts.refresh(hosts.read_beats(self.sp), self.settings)
+        view, local = self.hosts.view, self.sp.local
+        local.peers = view.peers
+        local.in_touch_until = time.time() + self.settings.heartbeat_s if view.in_touch else 0.0
+        return changed
+
+    async def _beating(self) -> None:
+        """Heartbeats every heartbeat_s, and at once when our view changed (so the others learn we see them);
+        the others' read every second. A change wakes the loop: tasks may have moved to us."""
+        last_beat = time.monotonic()
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), VIEW_REFRESH_S)
+            if self.stopping.is_set():
+                return
+            due = time.monotonic() - last_beat >= self.settings.heartbeat_s
+            try:
+                changed = await asyncio.to_thread(self._beat_and_look, due, tuple(self.running))
+                if changed and not due:
+                    await asyncio.to_thread(self._beat_and_look, True, tuple(self.running))
+                    due = True
+            except OSError as e:
+                log.warning("could not write this host's heartbeat (%s)", e.strerror or e)
+                continue
+            if due:
+                last_beat = time.monotonic()
+            if changed or self.hosts.view.peers:
+                self.wake.set()  # ownership moves with time too (a handover ending)
+
+    def _mine(self, key: str) -> bool:
+        return self.hosts.view.mine(key, self.settings.handover_s)
+
+    def _silent(self, host: str) -> bool:
+        """A host whose running tasks we may run again: silent for running_lease_s, as seen here."""
+        silent = self.hosts.silent_for(host)
+        return silent is not None and silent >= self.settings.running_lease_s
 
     def _news(self) -> None:
         self.news.set()
@@ -227,12 +298,23 @@ class Daemon:
         self.watcher.foreign_in_queued = False
         settings, running_here = self.settings, set(self.running)
 
+        view = self.hosts.view
+        shared = view.peers or not view.ready
+        mine = self._mine if shared else None
+        tidy = full and view.peers and time.monotonic() - self._last_tidy > TIDY_S
+        if tidy:
+            self._last_tidy = time.monotonic()
+
         def work() -> intake.IntakeReport:
             report = intake.scan(self.sp, default_model=settings.default_model, max_bytes=settings.max_bytes,
-                                 include_queued=full, limit=INTAKE_BATCH, settings=settings)
+                                 include_queued=full, limit=INTAKE_BATCH, settings=settings, mine=mine)
             if full:
-                for action in recovery.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here):
+                for action in recovery.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here,
+                                               silent=self._silent if shared else None):
                     log.info("recovery: %s", action)
+            if tidy:
+                for left in leftovers.tidy(self.sp):
+                    log.warning("sync leftover kept (it differs from its original): %s", left)
             return report
 
         report = await asyncio.to_thread(work)
@@ -266,9 +348,13 @@ class Daemon:
         entries = ledger.dispatch_order(listing, settings.strategy)
         started = 0
 
+        view = self.hosts.view
+        shared = view.peers or not view.ready
+
         def due() -> Iterator[spool.QueuedEntry]:  # consumed across batches: each entry is tried once a turn
             for e in entries:
-                if e.not_before is None or e.not_before.timestamp() <= time.time():
+                if (e.not_before is None or e.not_before.timestamp() <= time.time()) and (
+                        not shared or self._mine(e.task_id)):
                     yield e
 
         candidates = due()
@@ -282,7 +368,7 @@ class Daemon:
                 continue
             claimed, gate = await asyncio.to_thread(
                 ledger.start_many, self.sp, settings, candidates, self._claimer(settings), free,
-                finishing=frozenset(self._finishing), undo=self._unclaim,
+                finishing=frozenset(self._finishing), undo=self._unclaim, members=len(self.hosts.view.members),
             )
             for c in claimed:
                 started += 1

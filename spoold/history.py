@@ -32,12 +32,13 @@ class Finished:
 
 def finished(sp: Spool, states: tuple[str, ...] = spool.TERMINAL, since: datetime | None = None) -> Iterator[Finished]:
     """Finished tasks (submitted since `since`), with their results where they have one."""
+    hosts = spool.known_hosts(sp)
     for state in states:
         for path in spool.terminal_task_files(sp, state):
             task_id = path.name[:-3]
             if not spool.ID_RE.match(task_id) or (since is not None and spool.id_time(task_id) < since):
                 continue
-            rp = spool.result_path_for(path.parent, task_id)
+            rp = spool.answer_path(path.parent, task_id, hosts)
             try:
                 res = parse_result(spool.read_bytes(rp).decode("utf-8")) if rp.exists() else None
             except (OSError, UnicodeDecodeError, BadInput):

@@ -9,7 +9,9 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from spoold import options, spool, transitions
@@ -146,25 +148,28 @@ class IntakeReport:
 
 
 def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool = True,
-         limit: int | None = None, settings: Settings | None = None) -> IntakeReport:
+         limit: int | None = None, settings: Settings | None = None,
+         mine: Callable[[str], bool] | None = None) -> IntakeReport:
     """Take complete files from inbox/ (and, when asked, foreign files from queued/) into the queue.
 
     At most `limit` a call: a corpus of 100,000 dropped files is taken in batches, and the
     daemon starts tasks between them instead of after the last one. With `settings`, the names a
-    task uses (profile, schema file, the task it continues) are checked too.
+    task uses (profile, schema file, the task it continues) are checked too. With `mine` (a synced
+    spool), only the files this host owns are taken, each with an id every host would give it.
     """
     report = IntakeReport([], [], [])
     for state in ("inbox", "queued") if include_queued else ("inbox",):
         base = sp.dir(state)
         listing = sorted(os.listdir(base))
         present = set(listing) if state == "inbox" else set()
-        names = [n for n in listing if not (state == "queued" and spool.parse_queued_name(n))]
+        names = [n for n in listing if not (state == "queued" and spool.parse_queued_name(n))
+                 and (mine is None or mine(f"{state}/{n}"))]
         taken: list[Taken] = []
         for n in names:
             if limit is not None and len(report.queued) + len(report.failed) + len(taken) >= limit:
                 report.more = True
                 break
-            t = take_one(sp, base / n, report, present)
+            t = take_one(sp, base / n, report, present, stable=mine is not None)
             if t:
                 taken.append(t)
         if taken:
@@ -185,7 +190,8 @@ class Taken:
     mode: int
 
 
-def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | None = None) -> Taken | None:
+def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | None = None, *,
+             stable: bool = False) -> Taken | None:
     """Claim one complete dropped entry (the caller syncs the claims of a scan together).
 
     `present`: the names in its directory, to see an editor's lock or swap file beside it for free."""
@@ -205,7 +211,11 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     if regular and (not is_settled(path, st) or (st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S)):
         report.pending.append(name)  # still being written, or a writer's link-then-unlink is under way
         return None
-    task_id = spool.new_id(Path(name).stem)
+    if stable:  # a synced spool: the file's own time and a hash of what it is, the same on every host
+        secs = st.st_mtime_ns // 1_000_000_000  # whole seconds: what every sync tool keeps of a file's time
+        task_id = spool.new_id(Path(name).stem, datetime.fromtimestamp(secs, UTC), of=f"{name}\0{st.st_size}\0{secs}".encode())
+    else:
+        task_id = spool.new_id(Path(name).stem)
     claimed = transitions.claim_intake(sp, path, task_id)
     if claimed is None:
         return None  # another daemon took it first

@@ -260,8 +260,15 @@ def in_window(starts: list[float], settings: Settings, now: float) -> list[float
     return sorted(min(t, now) for t in starts if t > lo)
 
 
-def gate(usage: Usage, settings: Settings, running: int, now: float) -> Gate:
-    """The earliest time the next start is allowed, combining every rule."""
+def share(settings: Settings, members: int) -> int:
+    """A host's part of the limit in strict mode: N / live hosts, at least 1 (the union is checked too)."""
+    return max(1, settings.max_requests // max(1, members))
+
+
+def gate(usage: Usage, settings: Settings, running: int, now: float, *, own: list[float] | None = None,
+         members: int = 1) -> Gate:
+    """The earliest time the next start is allowed, combining every rule. `own` (strict mode on a synced
+    spool with `members` live hosts): this host's own starts, held to its share of the limit."""
     holds: list[tuple[float, str]] = []
     if usage.hold_until and usage.hold_until > now:
         holds.append((usage.hold_until, usage.hold_reason or "held"))
@@ -273,6 +280,12 @@ def gate(usage: Usage, settings: Settings, running: int, now: float) -> Gate:
     if len(win) >= settings.max_requests:
         t = win[-settings.max_requests] + settings.window_minutes * 60
         waits.append((t, f"rate limit: {settings.max_requests} starts per {settings.window_minutes:g} min"))
+    if own is not None and settings.limit_mode == "strict" and members > 1:
+        mine, part = in_window(own, settings, now), share(settings, members)
+        if len(mine) >= part:
+            t = mine[-part] + settings.window_minutes * 60
+            waits.append((t, f"strict limit: this host's share is {part} of {settings.max_requests} starts "
+                             f"per {settings.window_minutes:g} min ({members} hosts)"))
     if settings.min_interval_s and win:
         t = win[-1] + settings.min_interval_s
         if t > now:
@@ -334,13 +347,15 @@ def reserve_hold(usage: Usage, settings: Settings, now: float) -> tuple[float, s
 def start_many(
     sp: Spool, settings: Settings, candidates: Iterable[E], claim: Callable[[E, float], T | None], want: int,
     *, now: Callable[[], float] = time.time, finishing: frozenset[str] = frozenset(),
-    undo: Callable[[list[T]], None] | None = None,
+    undo: Callable[[list[T]], None] | None = None, members: int = 1,
 ) -> tuple[list[T], Gate]:
     """Admit and claim up to `want` candidates in order, under one lock and with one ledger write.
 
     Each start is gated as if the ones before it in the batch were already counted. Stops at
     the first gate that says wait (returned), or when the candidates run out. `finishing` are
-    ids of our running/ files whose process has already exited: they hold no concurrency slot.
+    ids of our running/ files whose process has already exited: they hold no concurrency slot. Concurrency
+    is this host's (other hosts' running/ files, synced here, use their machines); `members` live hosts
+    share the limit in strict mode.
     If the starts cannot be written (a full disk), `undo` gets the claims back before the error is raised.
     """
     out: list[T] = []
@@ -352,17 +367,21 @@ def start_many(
             _update_own(sp, lambda h: setattr(h, "starts", [min(x, t) for x in h.starts]), settings, t)
             hosts = _read_hosts(sp)
             usage = read_usage(sp, t, hosts)
-        running = sum(1 for e in spool.list_running(sp) if e.task_id not in finishing)
+        here = spool.owner_host(spool.owner_tag())
+        running = sum(1 for e in spool.list_running(sp) if e.host == here and e.task_id not in finishing)
+        own_ledger = hosts.get(host_file(sp).name)
+        own = list(own_ledger.starts) if own_ledger else []
         g = Gate(None, None)
         try:
             for c in candidates:
-                g = gate(usage, settings, running + len(out), t)
+                g = gate(usage, settings, running + len(out), t, own=own, members=members)
                 if g.waits:
                     break
                 claimed = claim(c, t)
                 if claimed is not None:
                     out.append(claimed)
                     usage.starts.append(t)
+                    own.append(t)
                     if len(out) >= want:
                         break
         except OSError:

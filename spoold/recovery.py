@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from spoold import owners, spool, transitions
@@ -17,20 +18,23 @@ from spoold.spool import Spool
 log = logging.getLogger("spoold")
 
 
-def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = None) -> list[str]:
+def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = None,
+            silent: Callable[[str], bool] | None = None) -> list[str]:
     """Recover dead owners' claims, staged writes and intake claims, and stray markers. Returns what was done.
 
     `running_here` (the ids this process is running) also recovers our own claims a
-    failed write left behind, as if their owner had died.
+    failed write left behind, as if their owner had died. `silent` (a synced spool) says which
+    other hosts have been silent for the running lease: their running tasks are run again here.
     """
     actions: list[str] = []
     mine = spool.owner_tag()
     markers = [n for n in spool.running_names(sp) if spool.parse_cancel_marker(n) is not None]  # before the tasks
     for entry in spool.list_running(sp):
         stray = running_here is not None and entry.owner == mine and entry.task_id not in running_here
-        if stray or not owners.owner_alive(sp, entry.owner):
+        gone = silent is not None and entry.host != spool.owner_host(mine) and silent(entry.host)
+        if stray or gone or not owners.owner_alive(sp, entry.owner):
             try:
-                actions.append(recover_running(sp, entry, max_attempts=max_attempts))
+                actions.append(recover_running(sp, entry, max_attempts=max_attempts, silent=gone))
             except (FileNotFoundError, FileExistsError) as e:  # a race with another recoverer: next scan
                 log.warning("recovery of %s left for the next scan (%s)", entry.task_id, e.strerror or e)
     for name in spool.tmp_names(sp):
@@ -46,10 +50,15 @@ def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = Non
     return [a for a in actions if a]
 
 
-def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int) -> str:
+def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int, silent: bool = False) -> str:
     """A dead owner's task: finish it if its result exists, else requeue it (or fail it after max_attempts);
-    cancel it if someone asked. A copy a power cut left in running/ beside a queued one is dropped."""
+    cancel it if someone asked. A copy a power cut left in running/ beside a queued one is dropped, and so is
+    one another host already took over (its record of this attempt came first)."""
     path = spool.running_file(sp, entry.name)
+    if any(r.attempt == entry.attempt and r.kind == "requeued" and spool.owner_host(r.owner) != entry.host
+           for r in spool.attempt_records(sp, entry.task_id)):
+        path.unlink(missing_ok=True)
+        return f"dropped {entry.task_id}: another host took it over while {entry.host} was silent"
     answered = transitions.to_its_result(sp, path, entry.task_id)
     if answered is not None:
         return answered
@@ -70,7 +79,9 @@ def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int) 
         msg = f"interrupted {claimed.attempt} times (the daemon died while it ran); run `spoold retry {entry.task_id}`"
         transitions.finish(sp, claimed, transitions.result_for(claimed, "failed", msg))
         return f"failed {entry.task_id}: {msg}"
-    transitions.requeue(sp, claimed, f"interrupted on {entry.host} (pid {entry.pid}); requeued")
+    why = (f"{entry.host} went silent while it ran (no heartbeat for the running lease); requeued" if silent
+           else f"interrupted on {entry.host} (pid {entry.pid}); requeued")
+    transitions.requeue(sp, claimed, why)
     return f"requeued {entry.task_id}"
 
 

@@ -150,7 +150,7 @@ def _row(task_id: str, state: str, path: Path) -> tuple[str, ...] | None:
     except (OSError, BadInput):
         return None
     answer = ""
-    rp = spool.result_path_for(path.parent, task_id)
+    rp = spool.answer_path(path.parent, task_id, None)
     try:
         answer = parse_result(spool.read_bytes(rp).decode("utf-8", "replace")).answer
     except (OSError, BadInput):

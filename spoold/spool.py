@@ -11,6 +11,7 @@ import base64
 import contextlib
 import errno
 import functools
+import hashlib
 import heapq
 import os
 import re
@@ -55,6 +56,8 @@ class Local:
     unsaved_lock: threading.Lock = field(default_factory=threading.Lock)  # a finish must not wait for a claim's fsyncs
     unsaved: list[float] = field(default_factory=list)
     reported: set[str] = field(default_factory=set)
+    peers: bool = False  # other hosts serve this spool over a sync tool: finishes look for an answer from elsewhere
+    in_touch_until: float = float("inf")  # until when our view vouches that no other host can be running our tasks
 
 
 @dataclass(frozen=True)
@@ -151,17 +154,20 @@ class _IdClock:
 _monotonic_now = _IdClock().now
 
 
-def new_id(hint: str = "", now: datetime | None = None) -> str:
+def new_id(hint: str = "", now: datetime | None = None, *, of: bytes | None = None) -> str:
     """A unique, time-sortable, filesystem-safe id with a readable slug.
 
     Millisecond UTC time first (sorts by submission), 30 random bits (unique
-    across processes and machines), then a slug of the hint.
+    across processes and machines), then a slug of the hint. With `of` (what identifies a dropped
+    file on a synced spool), the bits are its hash instead, so two hosts taking the same file in make
+    the same id, and the same bytes: the sync tool sees one file, never two tasks.
     """
     if now is None:
         now = _monotonic_now()
     now = now.astimezone(UTC)
     stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
-    rand = base64.b32encode(os.urandom(5)).decode().lower()[:6]
+    bits = os.urandom(5) if of is None else hashlib.blake2b(of, digest_size=5).digest()
+    rand = base64.b32encode(bits).decode().lower()[:6]
     slug = slugify(hint)
     return f"{stamp}-{rand}-{slug}" if slug else f"{stamp}-{rand}"
 
@@ -753,6 +759,73 @@ def daemon_owners(sp: Spool) -> list[str]:
     return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json")) if d.is_dir() else []
 
 
+def hosts_dir(sp: Spool) -> Path:
+    """`.spoold/hosts/`: one heartbeat per serving daemon, synced, so every host sees who is live."""
+    return sp.state_dir / "hosts"
+
+
+def beat_path(sp: Spool, owner: str) -> Path:
+    """`.spoold/hosts/HOST-PID.json`: a daemon's heartbeat, rewritten (tmp + rename) by that daemon alone."""
+    return hosts_dir(sp) / f"{owner}.json"
+
+
+def beat_owners(sp: Spool) -> list[str]:
+    d = hosts_dir(sp)
+    names = os.listdir(d) if d.is_dir() else []
+    return sorted(n[:-5] for n in names if n.endswith(".json") and _OWNER_RE.match(n[:-5]))
+
+
+_OWNER_RE = re.compile(r"^[A-Za-z0-9-]+-\d+$")
+
+
+def known_hosts(sp: Spool) -> list[str]:
+    """Every host that ever counted a start here (its ledger file stays): where host-named results may come from."""
+    d = ledger_dir(sp)
+    return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json")) if d.is_dir() else []
+
+
+def host_result_path(directory: Path, task_id: str, host: str) -> Path:
+    """`ID@HOST.result.md`: a result written by a host that could not rule out another host running the task
+    too (a synced spool with a host out of touch); never a sync tool's conflict copy of `ID.result.md`."""
+    return directory / f"{task_id}@{host}.result.md"
+
+
+def answer_path(directory: Path, task_id: str, hosts: list[str] | None = None) -> Path:
+    """The task's answer in one directory: `ID.result.md`, else the first host-named one (by host name);
+    every other result of the task there is a duplicate. The canonical path when none exists."""
+    canonical = result_path_for(directory, task_id)
+    if canonical.exists() or hosts == []:
+        return canonical
+    for name in sorted(os.listdir(directory)) if hosts is None and directory.is_dir() else []:
+        if name.startswith(f"{task_id}@") and name.endswith(".result.md"):
+            return directory / name
+    for host in hosts or []:
+        p = host_result_path(directory, task_id, host)
+        if p.exists():
+            return p
+    return canonical
+
+
+def count_duplicates(names: list[str]) -> int:
+    """Second answers in one directory's listing: every result of a task beyond its first (names alone)."""
+    if "@" not in "".join(n for n in names if n.endswith(".result.md")):
+        return 0
+    per: dict[str, int] = {}
+    for n in names:
+        if n.endswith(".result.md"):
+            tid = n[: -len(".result.md")].partition("@")[0]
+            per[tid] = per.get(tid, 0) + 1
+    return sum(c - 1 for c in per.values())
+
+
+def duplicate_results(directory: Path, task_id: str) -> list[Path]:
+    """The task's results in `directory` that are not its answer (each named for the host that wrote it)."""
+    answer = answer_path(directory, task_id, None)
+    prefix = f"{task_id}@"
+    return [directory / n for n in sorted(os.listdir(directory))
+            if n.startswith(prefix) and n.endswith(".result.md") and directory / n != answer]
+
+
 def ledger_dir(sp: Spool) -> Path:
     return sp.state_dir / "ledger"
 
@@ -769,6 +842,12 @@ def ledger_lock_path(sp: Spool) -> Path:
 def damaged_path(path: Path, when: float) -> Path:
     """A damaged file kept aside, never deleted: `NAME.damaged-EPOCH`."""
     return path.with_name(f"{path.name}.damaged-{int(when)}")
+
+
+def kept_claim_path(sp: Spool, running_name: str) -> Path:
+    """`.spoold/work/kept/NAME`: a hard link to a claimed task file, local, so that a sync tool deleting our
+    running/ copy (another host took the task over) never takes the task's bytes from us."""
+    return sp.state_dir / "work" / "kept" / running_name
 
 
 def work_dir(sp: Spool) -> Path:
@@ -1036,6 +1115,16 @@ def find_queued(sp: Spool, task_id: str) -> Path | None:
     """The task's file in queued/, if it is there (a listing of queued/: for recovery, not per claim)."""
     suffix = f".{task_id}.md"
     return next((queued_path(sp, n) for n in os.listdir(sp.dir("queued")) if n.endswith(suffix)), None)
+
+
+def find_finished(sp: Spool, task_id: str) -> Located | None:
+    """The task's file in a terminal state, if another host (or an earlier attempt) finished it: a few stats."""
+    for state in TERMINAL:
+        for d in terminal_dirs(sp, state):
+            p = task_path_for(d, task_id)
+            if p.exists():
+                return Located(state, p, task_id)
+    return None
 
 
 def find_result(sp: Spool, task_id: str) -> Path | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -183,7 +185,32 @@ def _read_claimed(sp: Spool, path: Path, task_id: str, default_model: str, attem
         spool.move(path, spool.task_path_for(sp.dir("failed"), task_id))
         log.warning("failed %s: %s", task_id, msg)
         return None
+    if sp.local.peers:
+        _keep(sp, path)
     return Claimed(path, task, attempt, number, started)
+
+
+def _keep(sp: Spool, path: Path) -> None:
+    """On a synced spool, hold a local hard link to a claimed file: another host taking the task over
+    deletes our running/ copy through the sync tool, and our answer must still land beside the task."""
+    kept = spool.kept_claim_path(sp, path.name)
+    kept.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.link(path, kept)
+
+
+def _source(sp: Spool, claimed: Claimed) -> Path | None:
+    """Where our claimed file is: running/, else (taken over by another host meanwhile) our kept link."""
+    if claimed.path.exists() or not sp.local.peers:
+        return claimed.path
+    kept = spool.kept_claim_path(sp, claimed.path.name)
+    return kept if kept.exists() else None
+
+
+def _let_go(sp: Spool, claimed: Claimed) -> None:
+    _drop_partial(claimed.path)
+    if sp.local.peers:
+        spool.kept_claim_path(sp, claimed.path.name).unlink(missing_ok=True)
 
 
 def unclaim(sp: Spool, claimed: Claimed) -> None:
@@ -244,14 +271,27 @@ def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
     """
     finished = result.finished_at or now()
     dest_dir = spool.date_dir(sp, "done", finished) if result.status == "done" else sp.dir("failed")
-    _write_result(sp, dest_dir, result)
+    host_named = False
+    if sp.local.peers:  # a synced spool: another host may have answered it, or may be answering it now
+        elsewhere = spool.find_finished(sp, claimed.task.id)
+        if elsewhere is not None:  # answered first elsewhere: ours is kept beside it, named for our host
+            dest_dir, host_named = elsewhere.path.parent, True
+            log.warning("%s was already %s (another host ran it too); our answer is kept as a duplicate",
+                        claimed.task.id, elsewhere.state)
+        elif not claimed.path.exists() or time.time() > sp.local.in_touch_until:
+            host_named = True  # taken over, or out of touch: a second answer may come; never a conflict copy
+    _write_result(sp, dest_dir, result, host_named=host_named)
     spool.fault("finish:result-written")
     dest = spool.task_path_for(dest_dir, claimed.task.id)
+    source = _source(sp, claimed)
     try:
-        spool.move(claimed.path, dest, sync="dest")
+        if source is not None:
+            spool.move(source, dest, sync="dest")
     except FileExistsError:  # a copy a power cut left beside its result: the same bytes (a task file never changes)
+        source.unlink(missing_ok=True)  # type: ignore[union-attr]
+    if source is not None and source != claimed.path:
         claimed.path.unlink(missing_ok=True)
-    _drop_partial(claimed.path)
+    _let_go(sp, claimed)
     spool.cancel_marker(sp, claimed.task.id).unlink(missing_ok=True)  # a cancel that came too late
     log.info("%s %s%s", result.status, claimed.task.id, f": {result.error}" if result.error else "")
     return dest
@@ -262,8 +302,9 @@ def _drop_partial(running: Path) -> None:
     spool.partial_path(running).unlink(missing_ok=True)
 
 
-def _write_result(sp: Spool, dest_dir: Path, result: Result) -> None:
-    path = spool.result_path_for(dest_dir, result.id)
+def _write_result(sp: Spool, dest_dir: Path, result: Result, *, host_named: bool = False) -> None:
+    path = (spool.host_result_path(dest_dir, result.id, spool.owner_host(spool.owner_tag())) if host_named
+            else spool.result_path_for(dest_dir, result.id))
     try:
         spool.write_new(sp, path, render_result(result))
     except FileExistsError:
@@ -281,6 +322,10 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
     task, ended = claimed.task, now()
     if spool.cancel_marker(sp, task.id).exists():  # asked to stop while it was ending: it ends cancelled
         return cancel_running(sp, claimed, "cancelled by request")
+    if _source(sp, claimed) != claimed.path:  # another host took it over: it is queued or running there
+        _let_go(sp, claimed)
+        log.info("not requeued %s: another host took it over", task.id)
+        return claimed.path
     record = {"attempt": claimed.number, "owner": spool.owner_tag(), "started_at": iso_ms(claimed.started),
               "ended_at": iso_ms(ended), "counted": count_attempt, "reason": reason}
     done = any(r.attempt == claimed.number and r.kind == "requeued" for r in spool.attempt_records(sp, task.id))
@@ -294,7 +339,7 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
         spool.move(claimed.path, dest)
     except FileExistsError:  # a queued copy a power cut left behind: the same bytes; it is the one that waits
         claimed.path.unlink(missing_ok=True)
-    _drop_partial(claimed.path)
+    _let_go(sp, claimed)
     log.info("requeued %s: %s", task.id, reason)
     return dest
 
@@ -306,8 +351,12 @@ def cancel_running(sp: Spool, claimed: Claimed, reason: str) -> Path:
     except OSError:
         answer = ""
     _write_result(sp, sp.dir("cancelled"), result_for(claimed, "cancelled", reason, answer))
-    dest = spool.move(claimed.path, spool.task_path_for(sp.dir("cancelled"), claimed.task.id))
-    _drop_partial(claimed.path)
+    dest = spool.task_path_for(sp.dir("cancelled"), claimed.task.id)
+    source = _source(sp, claimed)
+    if source is not None:
+        with contextlib.suppress(FileExistsError):
+            spool.move(source, dest)
+    _let_go(sp, claimed)
     spool.cancel_marker(sp, claimed.task.id).unlink(missing_ok=True)
     log.info("cancelled %s", claimed.task.id)
     return dest

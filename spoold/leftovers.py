@@ -1,0 +1,101 @@
+"""What sync tools leave in a spool: conflict copies, temp files and placeholders.
+
+In inbox/ a conflict copy of a dropped file is a task of its own (spoold.intake takes it in;
+temp files and placeholders are dotfiles it never touches). Anywhere else such a file is
+nothing spoold wrote: `spoold status` reports it, and a daemon on a synced spool removes the
+conflict copies that are byte-identical to their original (nothing is lost). A copy that
+differs is kept and reported: spoold never guesses which of two bytes the user wanted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from spoold import spool
+from spoold.spool import Spool
+
+log = logging.getLogger("spoold")
+
+# (tool, kind, pattern); a conflict pattern's groups are the original's stem and extension
+_PATTERNS: list[tuple[str, str, re.Pattern[str]]] = [
+    ("Syncthing", "conflict", re.compile(r"^(.+)\.sync-conflict-\d{8}-\d{6}(?:-[A-Z0-9]{7})?(\..+)?$")),
+    ("Syncthing", "temp", re.compile(r"^(?:\.syncthing\.|~syncthing~).+\.tmp$")),
+    ("Dropbox", "conflict", re.compile(r"^(.+) \((?:[^()]*'s )?conflicted copy(?: \d{4}-\d{2}-\d{2})?(?: \(\d+\))?\)(\..+)?$")),
+    ("Dropbox", "conflict", re.compile(r"^(.+) \(Case Conflict(?: \d+)?\)(\..+)?$")),
+    ("Dropbox", "temp", re.compile(r"^\.dropbox(?:\.cache|\.attr)?$")),
+    ("Nextcloud", "conflict", re.compile(r"^(.+) \(conflicted copy \d{4}-\d{2}-\d{2} \d{6}\)(\..+)?$")),
+    ("Nextcloud", "temp", re.compile(r"^\..+\.~[0-9a-f]+$|^\.(?:owncloudsync\.log|sync_[0-9a-f]+\.db.*|_sync_.+\.db.*)$")),
+    ("iCloud", "placeholder", re.compile(r"^\..+\.icloud$")),
+    ("iCloud", "conflict", re.compile(r"^(.+) [2-9](\.md|\.json|\.txt)$")),
+    ("OneDrive", "temp", re.compile(r"^~\$.+|.+\.~tmp$")),
+    ("Unison", "temp", re.compile(r"^\.unison\..+\.unison\.tmp$|^\.unison\.tmp$")),
+    ("Unison", "conflict", re.compile(r"^(.+) \(conflict on \d{4}-\d{2}-\d{2}[^)]*\)(\..+)?$")),
+    ("rsync", "temp", re.compile(r"^\..+\.[A-Za-z0-9]{6}$")),
+]
+
+
+@dataclass(frozen=True)
+class Leftover:
+    path: Path
+    tool: str
+    kind: str  # conflict, temp, placeholder
+    original: Path | None  # what a conflict copy is a copy of
+
+
+def classify(directory: Path, name: str) -> Leftover | None:
+    for tool, kind, pattern in _PATTERNS:
+        m = pattern.match(name)
+        if m:
+            original = directory / (m.group(1) + (m.group(2) or "")) if kind == "conflict" else None
+            return Leftover(directory / name, tool, kind, original)
+    return None
+
+
+def _dirs(sp: Spool, terminal: bool) -> list[Path]:
+    """Spool directories a sync tool writes into, except inbox/ (there a conflict copy is a task)."""
+    out = [sp.dir("queued"), sp.dir("running"), spool.hosts_dir(sp), spool.ledger_dir(sp), spool.notify_dir(sp)]
+    for state in spool.TERMINAL if terminal else ():
+        out += spool.terminal_dirs(sp, state)
+    return [d for d in out if d.is_dir()]
+
+
+def among(directory: Path, names: list[str]) -> list[Leftover]:
+    """The leftovers in one directory's listing. Every pattern has a space, a `~`, a leading dot or the word
+    conflict, none of which spoold's own names have: the rest is passed over without a regex."""
+    return [hit for n in names if (" " in n or "~" in n or n[:1] == "." or "conflict" in n)
+            and (hit := classify(directory, n)) is not None]
+
+
+def find(sp: Spool, *, terminal: bool = True) -> list[Leftover]:
+    """Leftovers in the spool (`terminal`: also in the finished tasks' directories, the big listings)."""
+    return [hit for d in _dirs(sp, terminal) for hit in among(d, os.listdir(d))]
+
+
+def tidy(sp: Spool) -> list[str]:
+    """Remove conflict copies that are byte-identical to their original; report the rest (returned)."""
+    kept = []
+    for hit in find(sp):
+        if hit.kind == "conflict" and hit.original is not None and _same(hit.path, hit.original):
+            hit.path.unlink(missing_ok=True)
+            log.info("removed %s: a %s conflict copy identical to %s", hit.path.name, hit.tool, hit.original.name)
+        else:
+            kept.append(describe(sp, hit))
+    return kept
+
+
+def describe(sp: Spool, hit: Leftover) -> str:
+    where = hit.path.relative_to(sp.root)
+    return f"{where} ({hit.tool} {hit.kind}" + (f" of {hit.original.name})" if hit.original else ")")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        return spool.read_bytes(a) == spool.read_bytes(b)
+    except OSError:
+        return False
