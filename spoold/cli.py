@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from spoold import __version__, api, config, spool, task
+from spoold import __version__, api, config, spool, syncrules, task
 from spoold.errors import ConfigError, SpooldError
 
 # One contract for result, wait, show, cancel and retry (the README's table); errors carry their own
@@ -75,10 +75,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         d.chmod(0o700)
     if opened and not args.json:
         print(f"made {len(opened)} spool directories private (0700): others could read your prompts and answers")
+    synced = syncrules.write(sp, args.sync) if args.sync else []
     if args.json:
         _print_json({"spool": str(sp.root), "inbox": str(sp.dir("inbox")), "config": str(sp.config_path),
-                     "format": spool.read_format(sp)})
+                     "format": spool.read_format(sp), "sync": synced})
     else:
+        for line in synced:
+            print(line)
         print(f"spool ready at {sp.root}: drop Markdown files into {sp.dir('inbox')}")
     return 0
 
@@ -660,7 +663,9 @@ def parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    add("init", cmd_init, "create the spool directories")
+    i = add("init", cmd_init, "create the spool directories")
+    i.add_argument("--sync", choices=syncrules.TOOLS, help="also write this sync tool's rules for what stays on "
+                   "each machine (.stignore, a Unison profile, an rsync filter, .sync-exclude.lst, Dropbox attributes)")
     r = add("run", cmd_run, "run the daemon")
     r.add_argument("--once", action="store_true", help="drain what can start now, then exit (for cron)")
     r.add_argument("--log-file", help="append the log to this file instead of stderr (for `spoold run &` and cron)")

@@ -779,9 +779,11 @@ _OWNER_RE = re.compile(r"^[A-Za-z0-9-]+-\d+$")
 
 
 def known_hosts(sp: Spool) -> list[str]:
-    """Every host that ever counted a start here (its ledger file stays): where host-named results may come from."""
+    """Every host that ever counted a start here (its ledger file stays) or beats now: where host-named
+    results may come from."""
     d = ledger_dir(sp)
-    return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json")) if d.is_dir() else []
+    counted = {n[:-5] for n in os.listdir(d) if n.endswith(".json")} if d.is_dir() else set()
+    return sorted(counted | {owner_host(o) for o in beat_owners(sp)})
 
 
 def host_result_path(directory: Path, task_id: str, host: str) -> Path:
@@ -792,17 +794,20 @@ def host_result_path(directory: Path, task_id: str, host: str) -> Path:
 
 def answer_path(directory: Path, task_id: str, hosts: list[str] | None = None) -> Path:
     """The task's answer in one directory: `ID.result.md`, else the first host-named one (by host name);
-    every other result of the task there is a duplicate. The canonical path when none exists."""
+    every other result of the task there is a duplicate. The canonical path when none exists.
+
+    `hosts` (spool.known_hosts) makes the usual miss a few stats; the directory is listed only when
+    none of them wrote one either."""
     canonical = result_path_for(directory, task_id)
-    if canonical.exists() or hosts == []:
+    if canonical.exists():
         return canonical
-    for name in sorted(os.listdir(directory)) if hosts is None and directory.is_dir() else []:
-        if name.startswith(f"{task_id}@") and name.endswith(".result.md"):
-            return directory / name
     for host in hosts or []:
         p = host_result_path(directory, task_id, host)
         if p.exists():
             return p
+    for name in sorted(os.listdir(directory)) if directory.is_dir() else []:
+        if name.startswith(f"{task_id}@") and name.endswith(".result.md"):
+            return directory / name
     return canonical
 
 

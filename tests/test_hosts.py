@@ -1,0 +1,212 @@
+"""Several hosts on one synced spool, one process at a time: ownership, views, duplicates, takeover, shares.
+
+The same rules over real Syncthing and Unison are in test_multihost.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from spoold import api, config, hosts, intake, ledger, leftovers, recovery, spool, syncrules, transitions
+from spoold.task import Task
+
+S = config.Settings(host_lease_s=60, running_lease_s=120, heartbeat_s=5, handover_s=10)
+KEYS = [f"20261201T000000{i:03d}Z-abcdef" for i in range(999)]
+
+
+def _beat(owner: str, seq: int, at: float, sees: tuple[str, ...] = ()) -> hosts.Beat:
+    return hosts.Beat(owner=owner, seq=seq, at=at, sees=sees)
+
+
+def test_every_host_computes_the_same_owner_and_a_leaving_host_moves_only_its_own_tasks() -> None:
+    three = ("desk-aaaaaa", "lap-bbbbbb", "nas-cccccc")
+    owners = {k: hosts.owner_of(k, three) for k in KEYS}
+    assert owners == {k: hosts.owner_of(k, tuple(reversed(three))) for k in KEYS}  # order-free
+    spread = Counter(owners.values())
+    assert all(250 < n < 420 for n in spread.values()), spread  # about a third each
+    two = ("desk-aaaaaa", "nas-cccccc")
+    moved = [k for k in KEYS if hosts.owner_of(k, two) != owners[k]]
+    assert moved and all(owners[k] == "lap-bbbbbb" for k in moved)
+
+
+def test_a_host_claims_nothing_until_every_live_host_sees_it_then_waits_the_handover_for_what_moved() -> None:
+    m = hosts.Membership("lap-bbbbbb")
+    t = 1000.0
+    m.refresh([_beat("desk-aaaaaa-1", 1, t)], S, now=t)  # desk is live but does not list us yet
+    v = m.view
+    assert v.members == ("desk-aaaaaa", "lap-bbbbbb") and not v.ready and v.peers
+    assert not any(v.mine(k, S.handover_s, t) for k in KEYS)
+    m.refresh([_beat("desk-aaaaaa-1", 2, t + 1, sees=("desk-aaaaaa", "lap-bbbbbb"))], S, now=t + 1)
+    v = m.view
+    ours = [k for k in KEYS if hosts.owner_of(k, v.members) == "lap-bbbbbb"]
+    assert v.ready and ours
+    assert not any(v.mine(k, S.handover_s, t + 2) for k in KEYS)  # they were desk's a moment ago
+    assert all(v.mine(k, S.handover_s, t + 1 + S.handover_s) == (k in ours) for k in KEYS)
+
+
+def test_a_silent_host_loses_its_queued_tasks_at_once_and_its_running_ones_after_the_running_lease() -> None:
+    m = hosts.Membership("lap-bbbbbb")
+    t = 1000.0
+    both = ("desk-aaaaaa", "lap-bbbbbb")
+    m.refresh([_beat("desk-aaaaaa-1", 1, t, both)], S, now=t)
+    desks = [k for k in KEYS if hosts.owner_of(k, both) == "desk-aaaaaa"]
+    assert not any(m.view.mine(k, S.handover_s, t + 20) for k in desks)
+    for i in range(1, 12):  # desk's beat stops changing; we keep looking every 6 s
+        m.refresh([_beat("desk-aaaaaa-1", 1, t, both)], S, now=t + 6 * i)
+    v = m.view
+    assert v.members == ("lap-bbbbbb",) and v.departed_stale == frozenset({"desk-aaaaaa"})
+    assert all(v.mine(k, S.handover_s, t + 66) for k in desks)  # at once: desk went silent a lease ago
+    assert not v.in_touch  # desk is known, not live: a second answer could come, so ours is host-named
+    silent = m.silent_for("desk-aaaaaa", now=t + 66)
+    assert silent is not None and S.host_lease_s < silent < S.running_lease_s
+    assert m.silent_for("nobody-zzzzzz") is None  # no heartbeat: never taken over
+
+
+def test_a_first_sight_of_an_old_heartbeat_is_not_a_live_host_and_a_sleep_forgets_what_we_saw() -> None:
+    m = hosts.Membership("lap-bbbbbb")
+    m.refresh([_beat("desk-aaaaaa-1", 7, 1000.0, ("desk-aaaaaa",))], S, now=1000.0 + 3600)
+    assert m.view.members == ("lap-bbbbbb",) and m.view.ready
+    m = hosts.Membership("lap-bbbbbb")
+    both = ("desk-aaaaaa", "lap-bbbbbb")
+    m.refresh([_beat("desk-aaaaaa-1", 1, 1000.0, both)], S, now=1000.0)
+    assert m.view.in_touch
+    m.refresh([_beat("desk-aaaaaa-1", 2, 1000.0, both)], S, now=1000.0 + S.host_lease_s)  # the lid was shut
+    assert not m.view.in_touch  # after a gap, nothing we saw before vouches for the other host
+
+
+def _task(sp: spool.Spool, prompt: str = "q\n") -> Task:
+    t = Task(id=spool.new_id(prompt), prompt=prompt)
+    transitions.enqueue(sp, t)
+    return t
+
+
+def _claim(sp: spool.Spool, t: Task) -> transitions.Claimed:
+    entry = next(e for e in spool.list_queued(sp) if e.task_id == t.id)
+    c = transitions.claim(sp, entry, "sonnet")
+    assert c is not None
+    return c
+
+
+def test_an_answer_that_comes_second_is_kept_beside_the_first_named_for_its_host(sp: spool.Spool) -> None:
+    sp.local.peers = True
+    t = _task(sp)
+    c = _claim(sp, t)
+    other_dir = spool.date_dir(sp, "done", transitions.now())
+    other_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(c.path, spool.task_path_for(other_dir, t.id))  # another host's finish, synced here
+    first = transitions.result_for(c, "done", answer="theirs")
+    spool.write_new(sp, spool.result_path_for(other_dir, t.id), transitions.render_result(first))
+    transitions.finish(sp, c, transitions.result_for(c, "done", answer="ours"))
+    names = sorted(os.listdir(other_dir))
+    host = spool.owner_host(spool.owner_tag())
+    assert names == sorted([f"{t.id}.md", f"{t.id}.result.md", f"{t.id}@{host}.result.md"])
+    st = api.status(sp)
+    assert st.counts["done"] == 1 and st.duplicates == 1 and st.counts["running"] == 0
+    assert api.answer_of(api.info_and_result(sp, t.id)[1]).strip() == "theirs"
+
+
+def test_out_of_touch_a_host_names_its_answer_for_itself_and_readers_still_find_it(sp: spool.Spool) -> None:
+    sp.local.peers, sp.local.in_touch_until = True, 0.0
+    t = _task(sp)
+    c = _claim(sp, t)
+    ledger.record_finish(sp, S, None, 1.0)
+    ledger.flush(sp, S)  # this host's ledger file: readers learn its name from it
+    transitions.finish(sp, c, transitions.result_for(c, "done", answer="mine"))
+    loc = spool.locate(sp, t.id)
+    host = spool.owner_host(spool.owner_tag())
+    assert loc.state == "done" and not loc.result_path.exists()
+    assert spool.host_result_path(loc.path.parent, t.id, host).exists()
+    assert api.answer_of(api.info_and_result(sp, t.id)[1]).strip() == "mine"
+    assert api.status(sp).duplicates == 0
+
+
+def test_a_claim_another_host_took_over_ends_beside_the_task_and_is_never_requeued(sp: spool.Spool) -> None:
+    sp.local.peers = True
+    t = _task(sp)
+    c = _claim(sp, t)
+    assert spool.kept_claim_path(sp, c.path.name).exists()
+    c.path.unlink()  # what a sync tool does to our running/ copy when another host renames it
+    assert transitions.requeue(sp, c, "stop", count_attempt=False) == c.path
+    assert len(spool.list_queued(sp)) == 0 and not spool.kept_claim_path(sp, c.path.name).exists()
+    c2 = _claim(sp, _task(sp, "again\n"))
+    c2.path.unlink()
+    transitions.finish(sp, c2, transitions.result_for(c2, "done", answer="late"))
+    loc = spool.locate(sp, c2.task.id)
+    assert loc.state == "done" and api.answer_of(api.info_and_result(sp, c2.task.id)[1]).strip() == "late"
+    assert not any(n.endswith(".md") for n in os.listdir(sp.dir("running")))
+
+
+def test_recovery_runs_again_what_a_silent_host_was_running_and_that_host_drops_its_copy(sp: spool.Spool) -> None:
+    t = _task(sp)
+    c = _claim(sp, t)
+    theirs = spool.running_path(sp, t.id, c.number, c.started, "desk-aaaaaa-4242")
+    os.rename(c.path, theirs)
+    assert recovery.recover(sp, max_attempts=3, silent=lambda h: False) == []  # a live host's: left alone
+    assert recovery.recover(sp, max_attempts=3, silent=lambda h: h == "desk-aaaaaa") == [f"requeued {t.id}"]
+    assert spool.locate(sp, t.id).state == "queued"
+    assert "went silent" in (transitions.history(sp, t.id).last_reason or "")
+    # desk comes back with its old copy still in running/ (its sync had not caught up): it must not run it again
+    entry = spool.parse_running_name(theirs.name)
+    assert entry is not None
+    theirs.write_bytes(spool.read_bytes(spool.locate(sp, t.id).path))
+    assert "another host took it over" in recovery.recover_running(sp, entry, max_attempts=3)
+    assert not theirs.exists() and spool.locate(sp, t.id).state == "queued"
+
+
+def test_strict_mode_holds_each_host_to_its_share_and_the_union_to_the_limit(sp: spool.Spool) -> None:
+    s = replace(S, max_requests=9, window_minutes=60, limit_mode="strict")
+    now = 10_000.0
+    own = [now - 10] * 3
+    g = ledger.gate(ledger.Usage(own, {}, [], None, None), s, 0, now, own=own, members=3)
+    assert g.waits and "share is 3 of 9" in (g.reason or "")
+    assert not ledger.gate(ledger.Usage(own, {}, [], None, None), s, 0, now, own=own, members=2).waits
+    union = [now - 10] * 9
+    assert ledger.gate(ledger.Usage(union, {}, [], None, None), s, 0, now, own=[], members=3).waits
+    shared = replace(s, limit_mode="shared")
+    assert not ledger.gate(ledger.Usage(own, {}, [], None, None), shared, 0, now, own=own, members=3).waits
+
+
+def test_two_hosts_taking_in_the_same_dropped_file_make_the_same_task_byte_for_byte(tmp_path: Path) -> None:
+    a, b = spool.open_spool(tmp_path / "a"), spool.open_spool(tmp_path / "b")
+    for s in (a, b):
+        p = s.dir("inbox") / "sky.md"
+        p.write_text("---\npriority: high\n---\nWhy is the sky blue?\n")
+        os.utime(p, (1_700_000_000.25, 1_700_000_000.25))
+        report = intake.scan(s, default_model="sonnet", max_bytes=1 << 20, mine=lambda name: True)
+        assert len(report.queued) == 1
+    qa, qb = os.listdir(a.dir("queued")), os.listdir(b.dir("queued"))
+    assert qa == qb
+    assert (a.dir("queued") / qa[0]).read_bytes() == (b.dir("queued") / qb[0]).read_bytes()
+
+
+def test_identical_conflict_copies_are_removed_and_differing_ones_kept_and_reported(sp: spool.Spool) -> None:
+    d = spool.date_dir(sp, "done", transitions.now())
+    d.mkdir(parents=True)
+    (d / "x.md").write_text("same\n")
+    (d / "x.sync-conflict-20261201-101010-ABCDEF1.md").write_text("same\n")
+    (d / "y.result.md").write_text("one\n")
+    (d / "y.result (conflicted copy 2026-12-01).md").write_text("two\n")
+    (sp.dir("queued") / ".syncthing.z.md.tmp").write_text("")
+    assert len(api.status(sp).leftovers) == 3
+    kept = leftovers.tidy(sp)
+    assert not (d / "x.sync-conflict-20261201-101010-ABCDEF1.md").exists() and (d / "x.md").exists()
+    assert (d / "y.result (conflicted copy 2026-12-01).md").exists()
+    assert any("Dropbox conflict of y.result.md" in k for k in kept)
+
+
+@pytest.mark.parametrize("tool", ["syncthing", "unison", "rsync", "nextcloud"])
+def test_each_tools_rules_keep_every_local_path_local(sp: spool.Spool, tool: str) -> None:
+    (line,) = syncrules.write(sp, tool)
+    text = (sp.root / syncrules.RULE_FILES[tool][0]).read_text()
+    assert line.startswith("wrote ")
+    for rel, _ in syncrules.LOCAL:
+        assert rel in text
+    assert "running/*.partial" in text
+    assert syncrules.is_local("tmp/x") and syncrules.is_local("running/a.1.b@h-1.partial")
+    assert not syncrules.is_local("running/a.1.b@h-1.md") and not syncrules.is_local(".spoold/hosts/h-1.json")
