@@ -421,7 +421,7 @@ class Daemon:
                 read[0].pop(None, None)
             families = read[0]
             c = transitions.claim(self.sp, entry, settings.default_model, started=t)
-            if c is None:
+            if c is None or (self.sp.local.peers and transitions.drop_answered(self.sp, c)):
                 return None
             family = family_of(c.task.model) if families else None
             wait = families.get(family)

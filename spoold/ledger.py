@@ -120,16 +120,25 @@ def _window(v: dict[str, object]) -> WindowSeen:
 
 
 def _read_hosts(sp: Spool) -> dict[str, HostLedger]:
-    """Every host's file by name. A damaged file is kept aside and rebuilt, never read as empty."""
+    """Every host's file by name. Our own damaged file is kept aside and rebuilt, never read as empty; another
+    host's is never written here (one writer: a sync tool would make a conflict copy of it), so a damaged one
+    counts, in memory, every start the spool's own files show, erring on the limit's side."""
     d = ledger_dir(sp)
     hosts: dict[str, HostLedger] = {}
+    own = host_file(sp).name
     for name in sorted(os.listdir(d)) if d.is_dir() else []:
-        if not name.endswith(".json"):
-            continue
+        if not name.endswith(".json") or not spool.HOST_ID_RE.match(name[:-5]):
+            continue  # a sync tool's conflict copy or temp file is no host's account
         try:
             hosts[name] = _load_host(d / name)
+        except FileNotFoundError:
+            continue  # removed (or replaced by a sync tool) since the listing
         except (OSError, ValueError, TypeError, KeyError) as e:
-            hosts[name] = _rebuild(sp, d / name, e)
+            if name == own:
+                hosts[name] = _rebuild(sp, d / name, e)
+            else:
+                log.warning("ledger %s of another host is unreadable (%s); counting every start the spool shows", name, e)
+                hosts[name] = HostLedger(starts=started_stamps(sp))
     return hosts
 
 
@@ -354,8 +363,9 @@ def start_many(
     Each start is gated as if the ones before it in the batch were already counted. Stops at
     the first gate that says wait (returned), or when the candidates run out. `finishing` are
     ids of our running/ files whose process has already exited: they hold no concurrency slot. Concurrency
-    is this host's (other hosts' running/ files, synced here, use their machines); `members` live hosts
-    share the limit in strict mode.
+    is this host's (other hosts' running/ files, synced here, use their machines); in strict mode the limit
+    is shared by the `members` live hosts and any other host that started a task in the window (so a host
+    that looks silent for a moment keeps its share, and the shares never add up past the limit).
     If the starts cannot be written (a full disk), `undo` gets the claims back before the error is raised.
     """
     out: list[T] = []
@@ -371,6 +381,8 @@ def start_many(
         running = sum(1 for e in spool.list_running(sp) if e.host == here and e.task_id not in finishing)
         own_ledger = hosts.get(host_file(sp).name)
         own = list(own_ledger.starts) if own_ledger else []
+        if settings.limit_mode == "strict":  # a host that started in this window still holds its share
+            members = max(members, sum(1 for h in hosts.values() if in_window(h.starts, settings, t)))
         g = Gate(None, None)
         try:
             for c in candidates:

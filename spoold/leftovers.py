@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from spoold import spool
 from spoold.spool import Spool
 
 log = logging.getLogger("spoold")
+TEMP_AGE_S = 3600.0
 
 # (tool, kind, pattern); a conflict pattern's groups are the original's stem and extension
 _PATTERNS: list[tuple[str, str, re.Pattern[str]]] = [
@@ -33,7 +35,7 @@ _PATTERNS: list[tuple[str, str, re.Pattern[str]]] = [
     ("iCloud", "conflict", re.compile(r"^(.+) [2-9](\.md|\.json|\.txt)$")),
     ("OneDrive", "temp", re.compile(r"^~\$.+|.+\.~tmp$")),
     ("Unison", "temp", re.compile(r"^\.unison\..+\.unison\.tmp$|^\.unison\.tmp$")),
-    ("Unison", "conflict", re.compile(r"^(.+) \(conflict on \d{4}-\d{2}-\d{2}[^)]*\)(\..+)?$")),
+    ("Unison", "conflict", re.compile(r"^(.+) \(conflict(?: #\d+)?_on_\d{4}-\d{2}-\d{2}(?:_was_deleted)?\)(\..+)?$")),
     ("rsync", "temp", re.compile(r"^\..+\.[A-Za-z0-9]{6}$")),
 ]
 
@@ -63,11 +65,20 @@ def _dirs(sp: Spool, terminal: bool) -> list[Path]:
     return [d for d in out if d.is_dir()]
 
 
-def among(directory: Path, names: list[str]) -> list[Leftover]:
+def among(directory: Path, names: list[str], now: float | None = None) -> list[Leftover]:
     """The leftovers in one directory's listing. Every pattern has a space, a `~`, a leading dot or the word
-    conflict, none of which spoold's own names have: the rest is passed over without a regex."""
+    conflict, none of which spoold's own names have: the rest is passed over without a regex. A temp file
+    is a transfer in flight until it is an hour old (then its tool has given up on it)."""
+    now = time.time() if now is None else now
     return [hit for n in names if (" " in n or "~" in n or n[:1] == "." or "conflict" in n)
-            and (hit := classify(directory, n)) is not None]
+            and (hit := classify(directory, n)) is not None and (hit.kind != "temp" or _age(hit.path, now) > TEMP_AGE_S)]
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def find(sp: Spool, *, terminal: bool = True) -> list[Leftover]:

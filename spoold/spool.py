@@ -782,7 +782,7 @@ def known_hosts(sp: Spool) -> list[str]:
     """Every host that ever counted a start here (its ledger file stays) or beats now: where host-named
     results may come from."""
     d = ledger_dir(sp)
-    counted = {n[:-5] for n in os.listdir(d) if n.endswith(".json")} if d.is_dir() else set()
+    counted = {n[:-5] for n in os.listdir(d) if n.endswith(".json") and HOST_ID_RE.match(n[:-5])} if d.is_dir() else set()
     return sorted(counted | {owner_host(o) for o in beat_owners(sp)})
 
 

@@ -36,10 +36,14 @@ def syncthing() -> str:
     return "\n".join(lines) + "\n"
 
 
+def unison_patterns() -> list[str]:
+    """Unison path patterns (`-ignore PATTERN`, or `ignore = PATTERN` in a profile), relative to the roots."""
+    return [f"Path {p}" for p, _ in LOCAL] + [f"Path {g}" for g in LOCAL_GLOBS]
+
+
 def unison() -> str:
-    """Lines for a Unison profile (`include` it, or paste it): paths relative to the roots."""
-    lines = [f"# {_HEADER.format(tool='unison')}"]
-    lines += [f"ignore = Path {p}" for p, _ in LOCAL] + [f"ignore = Path {g}" for g in LOCAL_GLOBS]
+    """Lines for a Unison profile (`include` it, or paste it)."""
+    lines = [f"# {_HEADER.format(tool='unison')}"] + [f"ignore = {p}" for p in unison_patterns()]
     return "\n".join(lines) + "\n"
 
 

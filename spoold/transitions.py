@@ -297,6 +297,18 @@ def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
     return dest
 
 
+def drop_answered(sp: Spool, claimed: Claimed) -> bool:
+    """On a synced spool, a claimed task another host already finished (its queued copy came back from a
+    partition): drop our copy, the same bytes as the finished one, instead of running it again."""
+    found = spool.find_finished(sp, claimed.task.id)
+    if found is None:
+        return False
+    claimed.path.unlink(missing_ok=True)
+    _let_go(sp, claimed)
+    log.info("not running %s: it was already %s on another host", claimed.task.id, found.state)
+    return True
+
+
 def _drop_partial(running: Path) -> None:
     """The answer so far is the owner's scratch: once the task has left running/, its result says it all."""
     spool.partial_path(running).unlink(missing_ok=True)

@@ -190,12 +190,17 @@ def test_identical_conflict_copies_are_removed_and_differing_ones_kept_and_repor
     d.mkdir(parents=True)
     (d / "x.md").write_text("same\n")
     (d / "x.sync-conflict-20261201-101010-ABCDEF1.md").write_text("same\n")
+    (d / "z.md").write_text("same\n")
+    (d / "z (conflict_on_2026-12-01).md").write_text("same\n")  # Unison's -copyonconflict
     (d / "y.result.md").write_text("one\n")
     (d / "y.result (conflicted copy 2026-12-01).md").write_text("two\n")
     (sp.dir("queued") / ".syncthing.z.md.tmp").write_text("")
-    assert len(api.status(sp).leftovers) == 3
+    assert len(api.status(sp).leftovers) == 3  # a temp file is a transfer in flight for an hour
+    os.utime(sp.dir("queued") / ".syncthing.z.md.tmp", (1e9, 1e9))
+    assert len(api.status(sp).leftovers) == 4
     kept = leftovers.tidy(sp)
     assert not (d / "x.sync-conflict-20261201-101010-ABCDEF1.md").exists() and (d / "x.md").exists()
+    assert not (d / "z (conflict_on_2026-12-01).md").exists()
     assert (d / "y.result (conflicted copy 2026-12-01).md").exists()
     assert any("Dropbox conflict of y.result.md" in k for k in kept)
 
