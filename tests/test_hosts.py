@@ -215,3 +215,10 @@ def test_each_tools_rules_keep_every_local_path_local(sp: spool.Spool, tool: str
     assert "running/*.partial" in text
     assert syncrules.is_local("tmp/x") and syncrules.is_local("running/a.1.b@h-1.partial")
     assert not syncrules.is_local("running/a.1.b@h-1.md") and not syncrules.is_local(".spoold/hosts/h-1.json")
+
+
+def test_the_examples_are_what_init_writes() -> None:
+    examples = Path(__file__).parent.parent / "examples" / "sync"
+    for name, render in (("stignore", syncrules.syncthing), ("spoold-unison.prf", syncrules.unison),
+                         ("spoold-rsync-filter", syncrules.rsync), ("sync-exclude.lst", syncrules.nextcloud)):
+        assert (examples / name).read_text() == render(), f"examples/sync/{name} is stale: regenerate it"

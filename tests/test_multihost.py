@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -24,7 +25,7 @@ from spoold.task import parse_result
 from tests.conftest import DaemonProc, drop, wait_for
 from tests.sync_engines import conflict_copies, start_syncthing, start_unison
 
-pytestmark = pytest.mark.skipif(not (os.path.exists("/usr/bin/syncthing") or os.path.exists("/usr/bin/unison")),
+pytestmark = pytest.mark.skipif(not (shutil.which("syncthing") and shutil.which("unison")),
                                 reason="needs syncthing and unison (apt-get install syncthing unison)")
 
 N = 3
