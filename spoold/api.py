@@ -399,7 +399,7 @@ def _in_flight(sp: Spool, ti: TaskInfo, path: Path, *, with_reason: bool = False
         if h:
             ti.attempts, ti.error = h.attempts, h.last_reason
         return None
-    result_path = spool.answer_path(path.parent, ti.id, spool.known_hosts(sp))
+    result_path = spool.answer_path(path.parent, ti.id, lambda: spool.known_hosts(sp))
     res = _read_result(result_path) if result_path.exists() else None
     if res:
         ti.result_path = str(result_path)
@@ -500,7 +500,8 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
                             else load_settings(sp))
     now = time.time()
     queued = spool.list_queued(sp)  # once: a deep queue is the expensive listing
-    counts, duplicates, left = {}, 0, leftovers.find(sp, terminal=False)
+    counts, duplicates = {}, 0
+    left = leftovers.find(sp, terminal=False) + leftovers.among(sp.dir("queued"), queued.unparsed)
     for st in spool.COUNTED:
         counts[st], dups = (len(queued), 0) if st == "queued" else _count(sp, st, left)
         duplicates += dups

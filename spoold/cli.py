@@ -78,7 +78,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     synced = syncrules.write(sp, args.sync) if args.sync else []
     if args.json:
         _print_json({"spool": str(sp.root), "inbox": str(sp.dir("inbox")), "config": str(sp.config_path),
-                     "format": spool.read_format(sp), "sync": synced})
+                     "format": spool.read_format(sp), **({"sync": synced} if args.sync else {})})
     else:
         for line in synced:
             print(line)
@@ -156,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  daemon pid {d['pid']} on {where}, serving since {_local(d['since'])}")
     if not st.serving:
         print("  no daemon is serving this spool on this host: queued tasks wait until `spoold run` starts one")
-    for h in st.hosts:
+    for h in st.hosts if len(st.hosts) > 1 else []:  # a synced spool's hosts; a lone host is said above
         runs = f", running {', '.join(h['running'][:3])}" + (" ..." if len(h["running"]) > 3 else "") if h["running"] else ""
         state = "live" if h["live"] else "silent"
         print(f"  host {h['host']}: {state}, heartbeat {h['age_s']:.0f} s ago (lease {h['lease_s']:g} s, "

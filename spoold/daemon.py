@@ -82,6 +82,7 @@ class Daemon:
         self._gate: ledger.Gate | None = None  # the last admission's answer, for the queue's events
         self.hosts = hosts.Membership(spool.owner_host(spool.owner_tag()))
         self._beat_seq = 0
+        self._beat_ok = True
         self._since = time.time()
         self._last_tidy = 0.0
 
@@ -111,10 +112,7 @@ class Daemon:
                 log.info("recovery: %s", action)
         except OSError as e:
             self._cannot_write(e)  # the loop's first turn recovers again once it can
-        try:
-            await asyncio.to_thread(self._beat_and_look)
-        except OSError as e:
-            log.warning("could not write this host's heartbeat (%s)", e.strerror or e)
+        await asyncio.to_thread(self._beat_and_look)
         beating = asyncio.ensure_future(self._beating())
         watcher = asyncio.ensure_future(self.watcher.run(self.stopping))
         courier = asyncio.ensure_future(self.courier.run(self.stopping))
@@ -157,13 +155,24 @@ class Daemon:
     # ---- the other hosts on a synced spool ---------------------------------------
 
     def _beat_and_look(self, write: bool = True, running: tuple[str, ...] = ()) -> bool:
-        """Write our heartbeat (when due) and fold in everyone's; True when who owns what changed. A thread's work."""
+        """Write our heartbeat (when due) and fold in everyone's; True when who owns what changed. A thread's work.
+
+        A beat that cannot be written makes us take nothing on a synced spool (the others would soon count
+        us as gone), but we still read theirs."""
         if write:
-            hosts.drop_dead_local_beats(self.sp)
             self._beat_seq += 1
-            hosts.write_beat(self.sp, self.hosts.beat(spool.owner_tag(), self._beat_seq, self.settings,
-                                                      running, self._since))
-        changed = self.hosts.refresh(hosts.read_beats(self.sp), self.settings)
+            try:
+                hosts.write_beat(self.sp, self.hosts.beat(spool.owner_tag(), self._beat_seq, self.settings,
+                                                          running, self._since))
+                self._beat_ok = True
+            except OSError as e:
+                if self._beat_ok:
+                    log.warning("could not write this host's heartbeat (%s)", e.strerror or e)
+                self._beat_ok = False
+        changed = self.hosts.refresh(hosts.read_beats(self.sp), self.settings, beat_ok=self._beat_ok,
+                                     alive_here=lambda owner: owners.owner_alive(self.sp, owner))
+        for owner in self.hosts.remove:
+            hosts.drop_beat(self.sp, owner)
         view, local = self.hosts.view, self.sp.local
         local.peers = view.peers
         local.in_touch_until = time.time() + self.settings.heartbeat_s if view.in_touch else 0.0
@@ -171,8 +180,9 @@ class Daemon:
 
     async def _beating(self) -> None:
         """Heartbeats every heartbeat_s, and at once when our view changed (so the others learn we see them);
-        the others' read every second. A change wakes the loop: tasks may have moved to us."""
-        last_beat = time.monotonic()
+        the others' read every second. The loop wakes when tasks may have moved to us: a change, or the
+        end of a handover."""
+        last_beat, looked = time.monotonic(), time.time()
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), VIEW_REFRESH_S)
@@ -184,13 +194,21 @@ class Daemon:
                 if changed and not due:
                     await asyncio.to_thread(self._beat_and_look, True, tuple(self.running))
                     due = True
-            except OSError as e:
-                log.warning("could not write this host's heartbeat (%s)", e.strerror or e)
+            except OSError as e:  # the heartbeats cannot be read: the view stays as it was, and ages
+                log.warning("could not read the hosts' heartbeats (%s)", e.strerror or e)
                 continue
             if due:
                 last_beat = time.monotonic()
-            if changed or self.hosts.view.peers:
-                self.wake.set()  # ownership moves with time too (a handover ending)
+            if self.hosts.twin is not None:
+                log.error("another machine uses this host id (%s: its daemon %s beats here); give each machine its "
+                          "own: set SPOOLD_HOST_ID, or delete ~/.config/spoold/host_id on one of them; stopping",
+                          spool.owner_host(self.hosts.twin), self.hosts.twin)
+                self.request_stop()
+                return
+            ends, now = self.hosts.handover_ends(self.settings), time.time()
+            if changed or looked < ends <= now:
+                self.wake.set()
+            looked = now
 
     def _mine(self, key: str) -> bool:
         return self.hosts.view.mine(key, self.settings.handover_s)
@@ -260,6 +278,10 @@ class Daemon:
             log.info("--once: stopping; the next start waits until %s", iso(wait_until))
             return True
         listing = await asyncio.to_thread(spool.list_queued, self.sp)
+        view = self.hosts.view
+        if view.peers or not view.ready:  # a synced spool: only what this host may take counts
+            mine = [e for e in listing if self._mine(e.task_id)]
+            return ledger.next_eligible(mine, time.time()) is None
         return ledger.next_eligible(listing, time.time()) is None
 
     async def _shutdown(self) -> None:
@@ -414,13 +436,20 @@ class Daemon:
         and counts as no start: a model family whose own window is rejected or past the reserve (weekly Opus:
         other families' tasks still start), or a follow-up whose earlier task has not finished."""
         read: list[dict[str | None, tuple[float, str]]] = []
+        busy: set[str] = set(self.running)  # on a synced spool: tasks running anywhere (a queued copy came back)
 
         def claim(entry: spool.QueuedEntry, t: float) -> transitions.Claimed | None:  # runs in a worker thread
             if not read:  # once per batch, in the batch's thread (a file read: not on the loop)
                 read.append(ledger.reserve_holds(ledger.read_usage(self.sp), settings, time.time()))
                 read[0].pop(None, None)
+                if self.sp.local.peers:
+                    busy.update(e.task_id for e in spool.list_running(self.sp))
             families = read[0]
+            if entry.task_id in busy:
+                return None  # left queued: once the run ends, its claim finds it answered and drops it
             c = transitions.claim(self.sp, entry, settings.default_model, started=t)
+            if c is not None:
+                busy.add(c.task.id)
             if c is None or (self.sp.local.peers and transitions.drop_answered(self.sp, c)):
                 return None
             family = family_of(c.task.model) if families else None

@@ -6,6 +6,7 @@ took and why it failed. Nothing here is a second record to keep in step.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ class Finished:
 
 def finished(sp: Spool, states: tuple[str, ...] = spool.TERMINAL, since: datetime | None = None) -> Iterator[Finished]:
     """Finished tasks (submitted since `since`), with their results where they have one."""
-    hosts = spool.known_hosts(sp)
+    hosts = functools.cache(lambda: spool.known_hosts(sp))
     for state in states:
         for path in spool.terminal_task_files(sp, state):
             task_id = path.name[:-3]
@@ -129,12 +130,14 @@ def prune(sp: Spool, older_than: datetime, states: tuple[str, ...] = spool.TERMI
             old.append(f)
         elif f.result and f.result.session_id:
             kept_sessions.add(f.result.session_id)
+    hosts = functools.cache(lambda: spool.known_hosts(sp))
     sessions = {f.result.session_id for f in old if f.result and f.result.session_id} - kept_sessions
     transcripts = _transcripts(sessions, claude_dir or _claude_dir())
     if not dry_run:
         for f in old:
             records = spool.attempts_dir(sp, f.task_id)
-            for path in (f.task_path, spool.result_path_for(f.task_path.parent, f.task_id), records):
+            results = spool.results_of(f.task_path.parent, f.task_id, hosts)
+            for path in (f.task_path, *results, records):
                 try:
                     staged = spool.move(path, spool.prune_path(sp, path), sync="none")
                 except FileNotFoundError:

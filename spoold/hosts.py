@@ -23,16 +23,16 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from spoold import owners, spool
+from spoold import spool
 from spoold.config import Settings
 from spoold.spool import Spool
 
 log = logging.getLogger("spoold")
-FORGET_S = 86400.0  # a host silent this long is forgotten: it no longer keeps the others from the canonical names
+FORGET_S = 86400.0  # a beat a day old by its own clock, unchanged for a lease here, is forgotten and removed
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def owner_of(key: str, members: Sequence[str]) -> str:
 @dataclass
 class _Seen:
     seq: int
-    changed_at: float  # our clock: when we last saw this beat change (or its own time, at first sight)
+    changed_at: float  # our clock: when we first saw this beat, or saw it change
     beat: Beat
 
 
@@ -114,7 +114,7 @@ class View:
     host: str
     members: tuple[str, ...]
     previous: tuple[str, ...] = ()
-    ready: bool = True  # every live host sees us
+    ready: bool = True  # every live host sees us (and our own heartbeat could be written)
     was_ready: bool = True
     changed_at: float = 0.0  # when members or readiness last changed
     departed_stale: frozenset[str] = frozenset()  # hosts that left by going silent: their tasks move at once
@@ -122,9 +122,9 @@ class View:
     peers: bool = False  # another host has a heartbeat here
 
     def mine(self, key: str, handover_s: float, now: float | None = None) -> bool:
-        """Whether this host may take a queued task (or a dropped file) now."""
-        if len(self.members) == 1:
-            return self.ready
+        """Whether this host may take a queued task (or a dropped file) now: it is the key's owner, and was
+        before the last change, or the handover since that change is over (the old owner's renames have
+        arrived), or the old owner left by going silent a lease ago."""
         if not self.ready or owner_of(key, self.members) != self.host:
             return False
         now = time.time() if now is None else now
@@ -138,52 +138,81 @@ class View:
 class Membership:
     """A daemon's view of the hosts on its spool, refreshed from the heartbeats (one thread at a time).
 
-    Times are this host's wall clock (it counts a laptop's sleep); another host's clock only
-    matters at first sight of its beat.
+    Times are this host's wall clock (it counts a laptop's sleep), from when this host saw a beat
+    appear or change: another host's clock is never compared with ours, so clocks need not agree,
+    and a beat that is old when first seen (we just started, or slept) counts as live for a lease.
     """
 
     host: str
-    seen: dict[str, _Seen] = field(default_factory=dict)  # by owner
+    seen: dict[str, _Seen] = field(default_factory=dict)  # other hosts' beats, by owner
+    ours: dict[str, _Seen] = field(default_factory=dict)  # our host's other daemons' beats, by owner
     view: View = field(init=False)
     refreshed_at: float = 0.0
+    twin: str | None = None  # a daemon of another machine using our host id
+    remove: list[str] = field(default_factory=list)  # beats to delete: a dead daemon's of ours, or forgotten ones
 
     def __post_init__(self) -> None:
         self.view = View(self.host, (self.host,))
 
-    def refresh(self, beats: Iterable[Beat], settings: Settings, now: float | None = None) -> bool:
-        """Fold the latest heartbeats in; True when who owns what changed."""
+    def refresh(self, beats: Iterable[Beat], settings: Settings, now: float | None = None, *,
+                alive_here: Callable[[str], bool] = lambda owner: True, beat_ok: bool = True) -> bool:
+        """Fold the latest heartbeats in; True when who owns what changed. `alive_here` tells whether an owner
+        of our host is a live daemon here; `beat_ok` False (our own beat could not be written) takes nothing
+        while other hosts are there (they would soon count us as gone)."""
         now = time.time() if now is None else now
         gap = bool(self.refreshed_at) and now - self.refreshed_at > settings.host_lease_s / 2  # we slept or stalled
         if gap:
             self.seen.clear()
         self.refreshed_at = now
-        present = set()
+        present, self.remove = set(), []
         for b in beats:
+            if now - b.at > FORGET_S and now - self._changed(b, now) > settings.host_lease_s:
+                self.remove.append(b.owner)  # silent for a day by its clock and unchanged here: forgotten
+                continue
             if b.host == self.host:
+                self._ours(b, now, settings, alive_here)
                 continue  # our own host is live while we are; its other daemons race us by rename, locally
             present.add(b.owner)
             s = self.seen.get(b.owner)
-            if s is None:
-                self.seen[b.owner] = _Seen(b.seq, min(now, b.at), b)
-            elif s.seq != b.seq:
+            if s is None or s.seq != b.seq:
                 self.seen[b.owner] = _Seen(b.seq, now, b)
         for gone in set(self.seen) - present:
             del self.seen[gone]
-        live_beats = [s.beat for s in self.seen.values() if now - s.changed_at <= settings.host_lease_s]
-        members = tuple(sorted({self.host, *(b.host for b in live_beats)}))
-        ready = all(self.host in b.sees for b in live_beats)
-        known = {s.beat.host for s in self.seen.values() if now - s.changed_at <= FORGET_S}
+        live = [s.beat for s in self.seen.values() if now - s.changed_at <= settings.host_lease_s]
+        members = tuple(sorted({self.host, *(b.host for b in live)}))
+        ready = (beat_ok or not self.seen) and all(self.host in b.sees for b in live)  # alone, a beat is news to none
+        known = {s.beat.host for s in self.seen.values()}
         old = self.view
         in_touch = not gap and ready and known <= set(members)
         if members == old.members and ready == old.ready:
-            self.view = View(self.host, members, old.previous, ready, old.was_ready, old.changed_at,
-                             old.departed_stale, in_touch, bool(self.seen))
+            self.view = replace(old, in_touch=in_touch, peers=bool(self.seen))
             return False
         stale = frozenset(h for h in old.members if h not in members and any(s.beat.host == h for s in self.seen.values()))
-        self.view = View(self.host, members, old.members, ready, old.ready, now, stale, in_touch, bool(self.seen))
+        self.view = View(self.host, members, previous=old.members, ready=ready, was_ready=old.ready, changed_at=now,
+                         departed_stale=stale, in_touch=in_touch, peers=bool(self.seen))
         log.info("hosts on the spool: %s%s", ", ".join(members),
                  "" if ready else " (waiting until every live host sees this one)")
         return True
+
+    def _changed(self, b: Beat, now: float) -> float:
+        s = self.seen.get(b.owner) or self.ours.get(b.owner)
+        return s.changed_at if s is not None and s.seq == b.seq else now
+
+    def _ours(self, b: Beat, now: float, settings: Settings, alive_here: Callable[[str], bool]) -> None:
+        """A beat under our host id: a daemon of ours (live, or dead and then removed once unchanged for a
+        lease), or, if it keeps changing while no such daemon lives here, another machine using our id."""
+        s = self.ours.get(b.owner)
+        if alive_here(b.owner) or s is None:
+            self.ours[b.owner] = _Seen(b.seq, now, b)
+        elif s.seq != b.seq:
+            self.twin = b.owner
+        elif now - s.changed_at > settings.host_lease_s:
+            self.remove.append(b.owner)
+            del self.ours[b.owner]
+
+    def handover_ends(self, settings: Settings) -> float:
+        """When the handover after the last change ends (tasks that moved to us may be taken then)."""
+        return self.view.changed_at + settings.handover_s
 
     def silent_for(self, host: str, now: float | None = None) -> float | None:
         """How long since any heartbeat of a host changed, as seen here; None if it has none (it never beat,
@@ -196,14 +225,6 @@ class Membership:
         return Beat(owner=owner, seq=seq, at=time.time(), sees=self.view.members, running=tuple(sorted(running)),
                     lease_s=settings.host_lease_s, running_lease_s=settings.running_lease_s,
                     concurrency=settings.concurrency, since=since)
-
-
-def drop_dead_local_beats(sp: Spool) -> None:
-    """Heartbeats our host's dead daemons left (a kill -9): not a lock, so a live daemon of the host removes them."""
-    here = spool.host_id()
-    for owner in spool.beat_owners(sp):
-        if spool.owner_host(owner) == here and not owners.owner_alive(sp, owner):
-            spool.beat_path(sp, owner).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from spoold import options, spool, transitions
 from spoold.config import Settings
 from spoold.errors import BadInput
+from spoold.leftovers import among
 from spoold.spool import Spool
 from spoold.task import Task, parse_user_task
 
@@ -162,7 +163,7 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
         base = sp.dir(state)
         listing = sorted(os.listdir(base))
         present = set(listing) if state == "inbox" else set()
-        names = [n for n in listing if not (state == "queued" and spool.parse_queued_name(n))
+        names = [n for n in listing if not (state == "queued" and (spool.parse_queued_name(n) or leftover(base, n)))
                  and (mine is None or mine(f"{state}/{n}"))]
         taken: list[Taken] = []
         for n in names:
@@ -190,6 +191,11 @@ class Taken:
     mode: int
 
 
+def leftover(directory: Path, name: str) -> bool:
+    """A sync tool's conflict copy or temp file in queued/: reported by `status`, never a new task."""
+    return bool(among(directory, [name]))
+
+
 def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | None = None, *,
              stable: bool = False) -> Taken | None:
     """Claim one complete dropped entry (the caller syncs the claims of a scan together).
@@ -211,16 +217,26 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     if regular and (not is_settled(path, st) or (st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S)):
         report.pending.append(name)  # still being written, or a writer's link-then-unlink is under way
         return None
-    if stable:  # a synced spool: the file's own time and a hash of what it is, the same on every host
-        secs = st.st_mtime_ns // 1_000_000_000  # whole seconds: what every sync tool keeps of a file's time
-        task_id = spool.new_id(Path(name).stem, datetime.fromtimestamp(secs, UTC), of=f"{name}\0{st.st_size}\0{secs}".encode())
-    else:
-        task_id = spool.new_id(Path(name).stem)
+    task_id = (stable and regular and _stable_id(sp, path, name, st)) or spool.new_id(Path(name).stem)
     claimed = transitions.claim_intake(sp, path, task_id)
     if claimed is None:
         return None  # another daemon took it first
     shown = os.fsencode(name).decode("utf-8", "replace")  # a name that is not UTF-8 still gets a readable source
     return Taken(claimed, path, task_id, shown, st.st_mode)
+
+
+def _stable_id(sp: Spool, path: Path, name: str, st: os.stat_result) -> str | None:
+    """On a synced spool, the id every host gives this dropped file: its time in whole seconds (what every sync
+    tool keeps of a file's time) and a hash of its name, size, time and bytes. None (a fresh id) when a task of
+    that id already finished: the same file dropped again is a new task."""
+    secs = st.st_mtime_ns // 1_000_000_000
+    try:
+        data = spool.read_bytes(path, limit=MAX_HASHED)
+    except OSError:
+        return None
+    task_id = spool.new_id(Path(name).stem, datetime.fromtimestamp(secs, UTC),
+                           of=b"\0".join([os.fsencode(name), b"%d" % st.st_size, b"%d" % secs, data]))
+    return None if spool.find_finished(sp, task_id) else task_id
 
 
 def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport, *, default_model: str,
@@ -250,6 +266,9 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
                 transitions.drop_intake_copy(claimed)
 
 
+MAX_HASHED = 1024 * 1024  # bytes of a dropped file its stable id hashes (max_bytes' default: all of a task)
+
+
 def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: str, max_bytes: int,
                    settings: Settings | None = None) -> bool:
     """Queue (True: its claimed copy can go once queued/ is synced) or reject one taken entry."""
@@ -273,8 +292,14 @@ def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: 
         transitions.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name}: {e}")
         report.failed.append(t.task_id)
         return False
-    transitions.accept_intake(sp, task)
-    report.queued.append(t.task_id)
+    try:
+        transitions.accept_intake(sp, task)
+    except FileExistsError:  # a synced spool: another host took the same file in first, or a different one
+        if not transitions.same_queued(sp, task):
+            task.id = spool.new_id(Path(t.name).stem)
+            task.submitted_at = spool.id_time(task.id)
+            transitions.accept_intake(sp, task)
+    report.queued.append(task.id)
     return True
 
 

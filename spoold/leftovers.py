@@ -59,7 +59,7 @@ def classify(directory: Path, name: str) -> Leftover | None:
 
 def _dirs(sp: Spool, terminal: bool) -> list[Path]:
     """Spool directories a sync tool writes into, except inbox/ (there a conflict copy is a task)."""
-    out = [sp.dir("queued"), sp.dir("running"), spool.hosts_dir(sp), spool.ledger_dir(sp), spool.notify_dir(sp)]
+    out = [sp.dir("running"), spool.hosts_dir(sp), spool.ledger_dir(sp), spool.notify_dir(sp)]
     for state in spool.TERMINAL if terminal else ():
         out += spool.terminal_dirs(sp, state)
     return [d for d in out if d.is_dir()]
@@ -82,7 +82,8 @@ def _age(path: Path, now: float) -> float:
 
 
 def find(sp: Spool, *, terminal: bool = True) -> list[Leftover]:
-    """Leftovers in the spool (`terminal`: also in the finished tasks' directories, the big listings)."""
+    """Leftovers in the spool but queued/ (`terminal`: also in the finished tasks' directories, the big
+    listings); `among` a queued/ listing the caller already made finds those."""
     return [hit for d in _dirs(sp, terminal) for hit in among(d, os.listdir(d))]
 
 

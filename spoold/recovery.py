@@ -7,6 +7,7 @@ Run by a daemon at start and every scan interval. Each step is a transition of i
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,20 @@ def recover(sp: Spool, *, max_attempts: int, running_here: set[str] | None = Non
     for name in markers:
         if spool.parse_cancel_marker(name) not in running:
             spool.running_file(sp, name).unlink(missing_ok=True)  # its task had already ended
+    _drop_kept(sp, mine, running_here)
     return [a for a in actions if a]
+
+
+def _drop_kept(sp: Spool, mine: str, running_here: set[str] | None) -> None:
+    """Local links to claims (a synced spool's) whose owner died, or that we no longer run."""
+    d = spool.kept_dir(sp)
+    for name in os.listdir(d) if d.is_dir() else []:
+        entry = spool.parse_running_name(name)
+        if entry is None:
+            continue
+        ours_done = entry.owner == mine and running_here is not None and entry.task_id not in running_here
+        if ours_done or (entry.owner != mine and not owners.owner_alive(sp, entry.owner)):
+            (d / name).unlink(missing_ok=True)
 
 
 def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int, silent: bool = False) -> str:

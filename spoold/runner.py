@@ -184,7 +184,8 @@ def tell(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, sta
     try:
         notify.task_ended(sp, settings, task_id=claimed.task.id, number=claimed.number, state=state,
                           title=title_of(claimed.task), chosen=claimed.task.notify, error=error, answer=answer,
-                          task_file=task_file, result_file=spool.result_path_for(task_file.parent, claimed.task.id),
+                          task_file=task_file,
+                          result_file=spool.answer_path(task_file.parent, claimed.task.id, lambda: spool.known_hosts(sp)),
                           cost_usd=cost_usd)
     except OSError as e:
         log.warning("could not queue the notification for %s (%s)", claimed.task.id, e.strerror or e)

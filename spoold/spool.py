@@ -20,7 +20,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -538,10 +538,11 @@ class QueuedListing(Sequence[QueuedEntry]):
     parsing every name cost ~0.35 s, sorting the names costs ~0.03 s.
     """
 
-    __slots__ = ("_entries", "names")
+    __slots__ = ("_entries", "names", "unparsed")
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], unparsed: list[str] | None = None) -> None:
         self.names = names  # valid queued names, sorted
+        self.unparsed = unparsed or []  # the directory's other names: foreign files, sync tools' leftovers
         self._entries: list[QueuedEntry | None] = [None] * len(names)
 
     def __len__(self) -> int:
@@ -589,10 +590,10 @@ class QueuedListing(Sequence[QueuedEntry]):
 
 def list_queued(sp: Spool) -> QueuedListing:
     """The queue in dispatch order, from names alone (a file with any other name is not queued yet)."""
-    names = [n for n in os.listdir(sp.dir("queued")) if _QUEUED_RE.match(n) and (untimed(n) or
-                                                                              parse_queued_name(n))]
+    listed = os.listdir(sp.dir("queued"))
+    names = [n for n in listed if _QUEUED_RE.match(n) and (untimed(n) or parse_queued_name(n))]
     names.sort()
-    return QueuedListing(names)
+    return QueuedListing(names, sorted(set(listed) - set(names)) if len(names) != len(listed) else None)
 
 
 def list_running(sp: Spool) -> list[RunningEntry]:
@@ -792,23 +793,29 @@ def host_result_path(directory: Path, task_id: str, host: str) -> Path:
     return directory / f"{task_id}@{host}.result.md"
 
 
-def answer_path(directory: Path, task_id: str, hosts: list[str] | None = None) -> Path:
+def answer_path(directory: Path, task_id: str, hosts: Callable[[], list[str]] | None = None) -> Path:
     """The task's answer in one directory: `ID.result.md`, else the first host-named one (by host name);
     every other result of the task there is a duplicate. The canonical path when none exists.
 
-    `hosts` (spool.known_hosts) makes the usual miss a few stats; the directory is listed only when
-    none of them wrote one either."""
+    `hosts` (spool.known_hosts, asked only on a miss) makes a miss a few stats; the directory is
+    listed only when none of them wrote one either."""
     canonical = result_path_for(directory, task_id)
     if canonical.exists():
         return canonical
-    for host in hosts or []:
-        p = host_result_path(directory, task_id, host)
-        if p.exists():
-            return p
-    for name in sorted(os.listdir(directory)) if directory.is_dir() else []:
-        if name.startswith(f"{task_id}@") and name.endswith(".result.md"):
-            return directory / name
-    return canonical
+    return next(iter(results_of(directory, task_id, hosts)), canonical)
+
+
+def results_of(directory: Path, task_id: str, hosts: Callable[[], list[str]] | None = None) -> list[Path]:
+    """Every result of a task in one directory, its answer first: `ID.result.md`, then `ID@HOST.result.md`."""
+    canonical = result_path_for(directory, task_id)
+    found = [canonical] if canonical.exists() else []
+    if hosts is not None:  # a few stats; the directory (maybe 100,000 names) is listed only when they find nothing
+        named = [p for h in hosts() if (p := host_result_path(directory, task_id, h)).exists()]
+        if found or named:
+            return found + named
+    prefix = f"{task_id}@"
+    return found + sorted(directory / n for n in (os.listdir(directory) if directory.is_dir() else [])
+                          if n.startswith(prefix) and n.endswith(".result.md"))
 
 
 def count_duplicates(names: list[str]) -> int:
@@ -823,12 +830,9 @@ def count_duplicates(names: list[str]) -> int:
     return sum(c - 1 for c in per.values())
 
 
-def duplicate_results(directory: Path, task_id: str) -> list[Path]:
-    """The task's results in `directory` that are not its answer (each named for the host that wrote it)."""
-    answer = answer_path(directory, task_id, None)
-    prefix = f"{task_id}@"
-    return [directory / n for n in sorted(os.listdir(directory))
-            if n.startswith(prefix) and n.endswith(".result.md") and directory / n != answer]
+def spool_path(sp: Spool, rel: str) -> Path:
+    """A path the format names relative to the spool's root (the sync rules' list of what stays local)."""
+    return sp.root / rel
 
 
 def ledger_dir(sp: Spool) -> Path:
@@ -850,9 +854,14 @@ def damaged_path(path: Path, when: float) -> Path:
 
 
 def kept_claim_path(sp: Spool, running_name: str) -> Path:
-    """`.spoold/work/kept/NAME`: a hard link to a claimed task file, local, so that a sync tool deleting our
-    running/ copy (another host took the task over) never takes the task's bytes from us."""
-    return sp.state_dir / "work" / "kept" / running_name
+    """`.spoold/kept/NAME`: a hard link to a claimed task file, local, so that a sync tool deleting our
+    running/ copy (another host took the task over) never takes the task's bytes from us. Not in work/:
+    that is where tasks run, and a task must not read another's prompt."""
+    return kept_dir(sp) / running_name
+
+
+def kept_dir(sp: Spool) -> Path:
+    return sp.state_dir / "kept"
 
 
 def work_dir(sp: Spool) -> Path:
@@ -1133,10 +1142,14 @@ def find_finished(sp: Spool, task_id: str) -> Located | None:
 
 
 def find_result(sp: Spool, task_id: str) -> Path | None:
-    """A result already written for a task (the task file may not have moved yet)."""
+    """A result already written for a task, canonical or host-named (the task file may not have moved yet)."""
+    hosts = known_hosts(sp)
     for state in TERMINAL:
         for d in terminal_dirs(sp, state):
             p = result_path_for(d, task_id)
             if p.exists():
                 return p
+            for host in hosts:
+                if (p := host_result_path(d, task_id, host)).exists():
+                    return p
     return None

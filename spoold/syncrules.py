@@ -3,8 +3,9 @@
 The format defines it, here, once: staging (tmp/), flocks (a sync tool replacing a lock file's
 inode would let two local processes hold one lock), the working directory with its kept claim
 links, and a running task's partial answer (its owner's scratch, rewritten as it streams).
-Everything else is synced: each file is written once under a name no other host writes, or by
-one writer only (config.yaml, a host's ledger and heartbeat), so a sync tool never needs to merge.
+Everything else is synced: each file is written once under a name no other host writes, or is
+one host's own (its ledger and heartbeats), or is yours (config.yaml: change it on one machine at
+a time), so a sync tool never needs to merge.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ LOCAL: list[tuple[str, bool]] = [
     ("tmp", True),
     (".spoold/locks", True),
     (".spoold/work", True),
+    (".spoold/kept", True),
     (".spoold/ledger/.lock", False),
     (".spoold/migrate.lock", False),
 ]
@@ -70,7 +72,7 @@ def write(sp: Spool, tool: str) -> list[str]:
     if tool == "dropbox":
         return _dropbox(sp)
     name, render = RULE_FILES[tool]
-    path = sp.root / name
+    path = spool.spool_path(sp, name)
     spool.rewrite(sp, path, render().encode())
     return [f"wrote {path}"]
 
@@ -81,7 +83,7 @@ def _dropbox(sp: Spool) -> list[str]:
     is harmless, only traffic."""
     done = []
     for rel, is_dir in LOCAL:
-        path = sp.root / rel
+        path = spool.spool_path(sp, rel)
         if is_dir:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         else:

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,14 @@ def accept_intake(sp: Spool, task: Task) -> Path:
     return path
 
 
+def same_queued(sp: Spool, task: Task) -> bool:
+    """Whether queued/ already holds this very task, byte for byte (another host took the same file in)."""
+    try:
+        return spool.read_bytes(spool.queued_path_for(sp, task.id, task.priority, task.not_before)) == render_task(task)
+    except OSError:
+        return False
+
+
 def drop_intake_copy(claimed: Path) -> None:
     try:
         claimed.unlink()  # no fsync: if a power cut brings the copy back, recovery sees the task and drops it
@@ -84,7 +92,8 @@ def drop_intake_copy(claimed: Path) -> None:
 
 def reject_intake(sp: Spool, claimed: Path, task_id: str, source: str, message: str) -> None:
     """Keep the bad entry in failed/ untouched, with a result that says what to fix."""
-    t = now()
+    # On a synced spool, the id's time: two hosts rejecting one dropped file write the same bytes
+    t = spool.id_time(task_id) if sp.local.peers else now()
     result = Result(id=task_id, status="failed", submitted_at=t, finished_at=t, attempts=0, error=message)
     spool.write_new(sp, spool.result_path_for(sp.dir("failed"), task_id), render_result(result))
     try:
@@ -150,6 +159,7 @@ class Claimed:
     attempt: int  # since the last retry: what max_attempts counts (1 on a first run)
     number: int  # over the task's life, as in the running/ name
     started: datetime
+    kept: Path | None = None  # on a synced spool, our local link to the claimed file (see _keep)
 
 
 def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: float | None = None) -> Claimed | None:
@@ -185,32 +195,35 @@ def _read_claimed(sp: Spool, path: Path, task_id: str, default_model: str, attem
         spool.move(path, spool.task_path_for(sp.dir("failed"), task_id))
         log.warning("failed %s: %s", task_id, msg)
         return None
-    if sp.local.peers:
-        _keep(sp, path)
-    return Claimed(path, task, attempt, number, started)
+    return Claimed(path, task, attempt, number, started, _keep(sp, path) if sp.local.peers else None)
 
 
-def _keep(sp: Spool, path: Path) -> None:
+def _keep(sp: Spool, path: Path) -> Path | None:
     """On a synced spool, hold a local hard link to a claimed file: another host taking the task over
     deletes our running/ copy through the sync tool, and our answer must still land beside the task."""
     kept = spool.kept_claim_path(sp, path.name)
     kept.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
+    try:
         os.link(path, kept)
+    except FileExistsError:
+        pass
+    except OSError as e:  # (a filesystem without hard links): run it all the same, as before synced spools
+        log.warning("could not keep a local link to %s (%s)", path.name, e.strerror or e)
+        return None
+    return kept
 
 
-def _source(sp: Spool, claimed: Claimed) -> Path | None:
+def _source(claimed: Claimed) -> Path | None:
     """Where our claimed file is: running/, else (taken over by another host meanwhile) our kept link."""
-    if claimed.path.exists() or not sp.local.peers:
+    if claimed.kept is None or claimed.path.exists():
         return claimed.path
-    kept = spool.kept_claim_path(sp, claimed.path.name)
-    return kept if kept.exists() else None
+    return claimed.kept if claimed.kept.exists() else None
 
 
-def _let_go(sp: Spool, claimed: Claimed) -> None:
+def _let_go(claimed: Claimed) -> None:
     _drop_partial(claimed.path)
-    if sp.local.peers:
-        spool.kept_claim_path(sp, claimed.path.name).unlink(missing_ok=True)
+    if claimed.kept is not None:
+        claimed.kept.unlink(missing_ok=True)
 
 
 def unclaim(sp: Spool, claimed: Claimed) -> None:
@@ -271,27 +284,19 @@ def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
     """
     finished = result.finished_at or now()
     dest_dir = spool.date_dir(sp, "done", finished) if result.status == "done" else sp.dir("failed")
-    host_named = False
-    if sp.local.peers:  # a synced spool: another host may have answered it, or may be answering it now
-        elsewhere = spool.find_finished(sp, claimed.task.id)
-        if elsewhere is not None:  # answered first elsewhere: ours is kept beside it, named for our host
-            dest_dir, host_named = elsewhere.path.parent, True
-            log.warning("%s was already %s (another host ran it too); our answer is kept as a duplicate",
-                        claimed.task.id, elsewhere.state)
-        elif not claimed.path.exists() or time.time() > sp.local.in_touch_until:
-            host_named = True  # taken over, or out of touch: a second answer may come; never a conflict copy
+    dest_dir, host_named = _where_our_result_goes(sp, claimed, dest_dir)
     _write_result(sp, dest_dir, result, host_named=host_named)
     spool.fault("finish:result-written")
     dest = spool.task_path_for(dest_dir, claimed.task.id)
-    source = _source(sp, claimed)
-    try:
-        if source is not None:
+    source = _source(claimed)
+    if source is not None:
+        try:
             spool.move(source, dest, sync="dest")
-    except FileExistsError:  # a copy a power cut left beside its result: the same bytes (a task file never changes)
-        source.unlink(missing_ok=True)  # type: ignore[union-attr]
+        except FileExistsError:  # a copy a power cut left beside its result, or another host's: the same bytes
+            source.unlink(missing_ok=True)
     if source is not None and source != claimed.path:
         claimed.path.unlink(missing_ok=True)
-    _let_go(sp, claimed)
+    _let_go(claimed)
     spool.cancel_marker(sp, claimed.task.id).unlink(missing_ok=True)  # a cancel that came too late
     log.info("%s %s%s", result.status, claimed.task.id, f": {result.error}" if result.error else "")
     return dest
@@ -304,9 +309,25 @@ def drop_answered(sp: Spool, claimed: Claimed) -> bool:
     if found is None:
         return False
     claimed.path.unlink(missing_ok=True)
-    _let_go(sp, claimed)
+    _let_go(claimed)
     log.info("not running %s: it was already %s on another host", claimed.task.id, found.state)
     return True
+
+
+def _where_our_result_goes(sp: Spool, claimed: Claimed, dest_dir: Path) -> tuple[Path, bool]:
+    """The one rule for naming an attempt's result: the directory, and whether under our host's name.
+
+    On a synced spool another host may have answered the task, or may be answering it now: an
+    answer that comes second goes beside the first, named for our host, and so does one written
+    while we are out of touch or after the task was taken over from us; never a conflict copy."""
+    if not sp.local.peers:
+        return dest_dir, False
+    elsewhere = spool.find_finished(sp, claimed.task.id)
+    if elsewhere is not None:
+        log.warning("%s was already %s (another host ran it too); our result is kept beside it as a duplicate",
+                    claimed.task.id, elsewhere.state)
+        return elsewhere.path.parent, True
+    return dest_dir, not claimed.path.exists() or time.time() > sp.local.in_touch_until
 
 
 def _drop_partial(running: Path) -> None:
@@ -334,8 +355,8 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
     task, ended = claimed.task, now()
     if spool.cancel_marker(sp, task.id).exists():  # asked to stop while it was ending: it ends cancelled
         return cancel_running(sp, claimed, "cancelled by request")
-    if _source(sp, claimed) != claimed.path:  # another host took it over: it is queued or running there
-        _let_go(sp, claimed)
+    if _source(claimed) != claimed.path:  # another host took it over: it is queued or running there
+        _let_go(claimed)
         log.info("not requeued %s: another host took it over", task.id)
         return claimed.path
     record = {"attempt": claimed.number, "owner": spool.owner_tag(), "started_at": iso_ms(claimed.started),
@@ -351,7 +372,7 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
         spool.move(claimed.path, dest)
     except FileExistsError:  # a queued copy a power cut left behind: the same bytes; it is the one that waits
         claimed.path.unlink(missing_ok=True)
-    _let_go(sp, claimed)
+    _let_go(claimed)
     log.info("requeued %s: %s", task.id, reason)
     return dest
 
@@ -362,13 +383,14 @@ def cancel_running(sp: Spool, claimed: Claimed, reason: str) -> Path:
         answer = spool.read_bytes(spool.partial_path(claimed.path)).decode("utf-8", "replace")
     except OSError:
         answer = ""
-    _write_result(sp, sp.dir("cancelled"), result_for(claimed, "cancelled", reason, answer))
-    dest = spool.task_path_for(sp.dir("cancelled"), claimed.task.id)
-    source = _source(sp, claimed)
+    dest_dir, host_named = _where_our_result_goes(sp, claimed, sp.dir("cancelled"))
+    _write_result(sp, dest_dir, result_for(claimed, "cancelled", reason, answer), host_named=host_named)
+    dest = spool.task_path_for(dest_dir, claimed.task.id)
+    source = _source(claimed)
     if source is not None:
         with contextlib.suppress(FileExistsError):
             spool.move(source, dest)
-    _let_go(sp, claimed)
+    _let_go(claimed)
     spool.cancel_marker(sp, claimed.task.id).unlink(missing_ok=True)
     log.info("cancelled %s", claimed.task.id)
     return dest
@@ -453,13 +475,15 @@ def _set_aside(sp: Spool, loc: spool.Located) -> None:
     """Move a finished task's result into its records (or, without one, write that a retry happened): what
     resets its attempt count. A late cancel marker goes too."""
     h = history(sp, loc.task_id)
+    results = spool.results_of(loc.path.parent, loc.task_id, lambda: spool.known_hosts(sp))  # the answer first
     try:
-        ran = parse_result(spool.read_bytes(loc.result_path).decode("utf-8")).attempts or 0
+        ran = parse_result(spool.read_bytes(results[0]).decode("utf-8")).attempts or 0 if results else 0
     except (OSError, UnicodeDecodeError, BadInput):
         ran = 0  # no result (a cancel a crash cut short): the records still say how many ran
-    aside = spool.retried_result_path(sp, loc.task_id, max(h.next_number - 1, h.base + ran), now())
-    if loc.result_path.exists():
-        spool.move(loc.result_path, aside)
-    else:  # still set the count back: the retry's record is what does it
-        spool.write_new(sp, aside, b"(no result was written before this retry)\n")
+    number, t = max(h.next_number - 1, h.base + ran), now()
+    for i, result in enumerate(results):  # a synced spool's duplicates go along, each a record of its own
+        spool.move(result, spool.retried_result_path(sp, loc.task_id, number, t + timedelta(milliseconds=i)))
+    if not results:  # still set the count back: the retry's record is what does it
+        spool.write_new(sp, spool.retried_result_path(sp, loc.task_id, number, t),
+                        b"(no result was written before this retry)\n")
     spool.cancel_marker(sp, loc.task_id).unlink(missing_ok=True)

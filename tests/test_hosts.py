@@ -68,16 +68,62 @@ def test_a_silent_host_loses_its_queued_tasks_at_once_and_its_running_ones_after
     assert m.silent_for("nobody-zzzzzz") is None  # no heartbeat: never taken over
 
 
-def test_a_first_sight_of_an_old_heartbeat_is_not_a_live_host_and_a_sleep_forgets_what_we_saw() -> None:
-    m = hosts.Membership("lap-bbbbbb")
-    m.refresh([_beat("desk-aaaaaa-1", 7, 1000.0, ("desk-aaaaaa",))], S, now=1000.0 + 3600)
-    assert m.view.members == ("lap-bbbbbb",) and m.view.ready
-    m = hosts.Membership("lap-bbbbbb")
+def test_another_hosts_clock_is_never_compared_with_ours_and_a_sleep_forgets_what_we_saw() -> None:
+    """A beat an hour old by its writer's clock, first seen now (we just started, or its clock is behind):
+    live until it has not changed for a lease by ours; its running tasks are not taken on first sight."""
     both = ("desk-aaaaaa", "lap-bbbbbb")
+    m = hosts.Membership("lap-bbbbbb")
+    t = 1000.0 + 3600
+    m.refresh([_beat("desk-aaaaaa-1", 7, 1000.0, both)], S, now=t)
+    assert m.view.members == both and m.silent_for("desk-aaaaaa", now=t) == 0
+    for i in range(1, 12):
+        m.refresh([_beat("desk-aaaaaa-1", 7, 1000.0, both)], S, now=t + 6 * i)
+    assert m.view.members == ("lap-bbbbbb",)  # unchanged for a lease, as seen here: gone
+    m = hosts.Membership("lap-bbbbbb")
     m.refresh([_beat("desk-aaaaaa-1", 1, 1000.0, both)], S, now=1000.0)
     assert m.view.in_touch
     m.refresh([_beat("desk-aaaaaa-1", 2, 1000.0, both)], S, now=1000.0 + S.host_lease_s)  # the lid was shut
     assert not m.view.in_touch  # after a gap, nothing we saw before vouches for the other host
+
+
+def test_with_two_hosts_a_clean_stop_still_waits_the_handover() -> None:
+    """B stops (its beat deleted): B's last renames may arrive after the deletion, so its tasks wait."""
+    both = ("desk-aaaaaa", "lap-bbbbbb")
+    m = hosts.Membership("lap-bbbbbb")
+    m.refresh([_beat("desk-aaaaaa-1", 1, 1000.0, both)], S, now=1000.0)
+    desks = [k for k in KEYS if hosts.owner_of(k, both) == "desk-aaaaaa"]
+    m.refresh([], S, now=1001.0)
+    v = m.view
+    assert v.members == ("lap-bbbbbb",) and not v.departed_stale
+    assert not any(v.mine(k, S.handover_s, 1002.0) for k in desks)
+    assert all(v.mine(k, S.handover_s, 1001.0 + S.handover_s) for k in desks)
+
+
+def test_a_beat_under_our_host_id_that_keeps_changing_from_a_pid_not_ours_is_another_machine() -> None:
+    m = hosts.Membership("lap-bbbbbb")
+    def mine_dead(owner: str) -> bool:  # only our own daemon (pid 1) lives here
+        return owner == "lap-bbbbbb-1"
+
+    m.refresh([_beat("lap-bbbbbb-77", 3, 1000.0)], S, now=1000.0, alive_here=mine_dead)
+    assert m.twin is None
+    m.refresh([_beat("lap-bbbbbb-77", 3, 1000.0)], S, now=1000.0 + S.host_lease_s + 1, alive_here=mine_dead)
+    assert m.remove == ["lap-bbbbbb-77"] and m.twin is None  # a dead daemon of ours: its beat goes
+    m.refresh([_beat("lap-bbbbbb-88", 1, 2000.0)], S, now=2000.0, alive_here=mine_dead)
+    m.refresh([_beat("lap-bbbbbb-88", 2, 2001.0)], S, now=2001.0, alive_here=mine_dead)
+    assert m.twin == "lap-bbbbbb-88"
+
+
+def test_a_host_that_cannot_write_its_heartbeat_takes_nothing_and_a_day_old_beat_is_forgotten() -> None:
+    both = ("desk-aaaaaa", "lap-bbbbbb")
+    m = hosts.Membership("lap-bbbbbb")
+    m.refresh([_beat("desk-aaaaaa-1", 1, 1000.0, both)], S, now=1000.0, beat_ok=False)
+    assert not m.view.ready and not any(m.view.mine(k, 0, 1000.0) for k in KEYS)
+    m = hosts.Membership("lap-bbbbbb")
+    old = _beat("desk-aaaaaa-1", 1, 1000.0, both)
+    later = 1000.0 + hosts.FORGET_S + 1
+    for i in range(12):  # unchanged for a lease here too
+        m.refresh([old], S, now=later + 6 * i)
+    assert m.remove == ["desk-aaaaaa-1"] and not m.view.peers
 
 
 def _task(sp: spool.Spool, prompt: str = "q\n") -> Task:
@@ -222,3 +268,45 @@ def test_the_examples_are_what_init_writes() -> None:
     for name, render in (("stignore", syncrules.syncthing), ("spoold-unison.prf", syncrules.unison),
                          ("spoold-rsync-filter", syncrules.rsync), ("sync-exclude.lst", syncrules.nextcloud)):
         assert (examples / name).read_text() == render(), f"examples/sync/{name} is stale: regenerate it"
+
+
+def test_a_re_dropped_finished_file_is_a_new_task_and_a_copy_already_queued_is_taken_as_is(sp: spool.Spool) -> None:
+    def drop_same() -> intake.IntakeReport:
+        p = sp.dir("inbox") / "weekly.md"
+        p.write_text("Summarise the week.\n")
+        os.utime(p, (1_700_000_000, 1_700_000_000))
+        return intake.scan(sp, default_model="sonnet", max_bytes=1 << 20, mine=lambda name: True)
+
+    (first,) = drop_same().queued
+    (again,) = drop_same().queued  # the same bytes while the first is still queued: another host's copy
+    assert again == first and len(spool.list_queued(sp)) == 1
+    c = _claim(sp, _task_of(sp, first))
+    transitions.finish(sp, c, transitions.result_for(c, "done", answer="week 1"))
+    (third,) = drop_same().queued  # dropped again after it finished: a task of its own
+    assert third != first and spool.locate(sp, third).state == "queued"
+
+
+def _task_of(sp: spool.Spool, task_id: str) -> Task:
+    return Task(id=task_id, prompt="")
+
+
+def test_a_conflict_copy_in_queued_is_reported_never_taken_in(sp: spool.Spool) -> None:
+    t = _task(sp)
+    (name,) = spool.list_queued(sp).names
+    copy = sp.dir("queued") / name.replace(".md", ".sync-conflict-20261201-101010-ABCDEF1.md")
+    copy.write_bytes((sp.dir("queued") / name).read_bytes() + b"x")
+    report = intake.scan(sp, default_model="sonnet", max_bytes=1 << 20, mine=lambda n: True)
+    assert report.queued == [] and copy.exists() and t.id in copy.name
+    assert any("sync-conflict" in left for left in api.status(sp).leftovers)
+
+
+def test_a_retry_sets_every_result_of_the_task_aside(sp: spool.Spool) -> None:
+    sp.local.peers, sp.local.in_touch_until = True, 0.0
+    t = _task(sp)
+    c = _claim(sp, t)
+    transitions.finish(sp, c, transitions.result_for(c, "failed", "boom"))
+    loc = spool.locate(sp, t.id)
+    assert loc.state == "failed" and spool.results_of(loc.path.parent, t.id)
+    transitions.retry(sp, t.id)
+    assert spool.locate(sp, t.id).state == "queued" and spool.results_of(sp.dir("failed"), t.id) == []
+    assert any(r.kind == "retried" for r in spool.attempt_records(sp, t.id))
