@@ -1072,12 +1072,7 @@ def _locate_once(sp: Spool, task_id: str) -> Located | None:
     for name in os.listdir(sp.dir("queued")):
         if name.endswith(suffix):
             return Located("queued", sp.dir("queued") / name, task_id)
-    for state in TERMINAL:
-        for d in terminal_dirs(sp, state):
-            p = task_path_for(d, task_id)
-            if p.exists():
-                return Located(state, p, task_id)
-    return None
+    return find_finished(sp, task_id)
 
 
 def all_ids(sp: Spool) -> Iterator[str]:
