@@ -310,3 +310,22 @@ def test_a_retry_sets_every_result_of_the_task_aside(sp: spool.Spool) -> None:
     transitions.retry(sp, t.id)
     assert spool.locate(sp, t.id).state == "queued" and spool.results_of(sp.dir("failed"), t.id) == []
     assert any(r.kind == "retried" for r in spool.attempt_records(sp, t.id))
+
+
+def test_status_shows_each_host_its_heartbeat_age_what_it_runs_and_the_leases(sp: spool.Spool) -> None:
+    import subprocess
+    import sys
+    import time
+
+    now = time.time()
+    hosts.write_beat(sp, replace(_beat("desk-aaaaaa-11", 4, now - 3), running=("20261201T000000000Z-abcdef",),
+                                 lease_s=300, running_lease_s=900))
+    hosts.write_beat(sp, _beat("lap-bbbbbb-22", 9, now - 400))
+    st = api.status(sp)
+    by = {h["host"]: h for h in st.hosts}
+    assert by["desk-aaaaaa"]["live"] and not by["lap-bbbbbb"]["live"]
+    assert list(by["desk-aaaaaa"]["running"]) == ["20261201T000000000Z-abcdef"]
+    out = subprocess.run([sys.executable, "-m", "spoold.cli", "status", "--spool", str(sp.root)],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "host desk-aaaaaa: live, heartbeat 3 s ago (lease 300 s, running lease 900 s), running 20261201T" in out
+    assert "host lap-bbbbbb: silent, heartbeat 400 s ago" in out
