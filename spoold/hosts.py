@@ -113,9 +113,9 @@ class View:
 
     host: str
     members: tuple[str, ...]
-    previous: tuple[str, ...] = ()
+    earlier: tuple[tuple[str, ...], ...] = ()  # the members of every view that ended within a handover of now
     ready: bool = True  # every live host sees us (and our own heartbeat could be written)
-    was_ready: bool = True
+    was_ready: bool = True  # ... and did in each of those views
     changed_at: float = 0.0  # when members or readiness last changed
     departed_stale: frozenset[str] = frozenset()  # hosts that left by going silent: their tasks move at once
     in_touch: bool = True  # every known host is live and sees us: the canonical result name is safe
@@ -123,15 +123,15 @@ class View:
 
     def mine(self, key: str, handover_s: float, now: float | None = None) -> bool:
         """Whether this host may take a queued task (or a dropped file) now: it is the key's owner, and was
-        before the last change, or the handover since that change is over (the old owner's renames have
-        arrived), or the old owner left by going silent a lease ago."""
+        in every view of the last handover_s, or that handover is over (an old owner's renames have
+        arrived), or each old owner left by going silent a lease ago."""
         if not self.ready or owner_of(key, self.members) != self.host:
             return False
         now = time.time() if now is None else now
         if now - self.changed_at >= handover_s:
             return True
-        before = owner_of(key, self.previous) if self.previous else self.host
-        return (before == self.host and self.was_ready) or before in self.departed_stale
+        return all((o == self.host and self.was_ready) or o in self.departed_stale
+                   for o in {owner_of(key, members) for members in self.earlier})
 
 
 @dataclass
@@ -188,7 +188,11 @@ class Membership:
             self.view = replace(old, in_touch=in_touch, peers=bool(self.seen))
             return False
         stale = frozenset(h for h in old.members if h not in members and any(s.beat.host == h for s in self.seen.values()))
-        self.view = View(self.host, members, previous=old.members, ready=ready, was_ready=old.ready, changed_at=now,
+        if now - old.changed_at < settings.handover_s:  # a change within a handover: every view in it counts
+            earlier, was_ready, stale = (*old.earlier, old.members), old.was_ready and old.ready, stale | old.departed_stale
+        else:
+            earlier, was_ready = (old.members,), old.ready
+        self.view = View(self.host, members, earlier=earlier, ready=ready, was_ready=was_ready, changed_at=now,
                          departed_stale=stale, in_touch=in_touch, peers=bool(self.seen))
         log.info("hosts on the spool: %s%s", ", ".join(members),
                  "" if ready else " (waiting until every live host sees this one)")

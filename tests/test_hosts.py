@@ -329,3 +329,18 @@ def test_status_shows_each_host_its_heartbeat_age_what_it_runs_and_the_leases(sp
                          capture_output=True, text=True, timeout=60).stdout
     assert "host desk-aaaaaa: live, heartbeat 3 s ago (lease 300 s, running lease 900 s), running 20261201T" in out
     assert "host lap-bbbbbb: silent, heartbeat 400 s ago" in out
+
+
+def test_two_changes_within_a_handover_are_measured_from_before_both() -> None:
+    """desk leaves cleanly, then nas joins, within one handover: what was desk's waits for the full handover."""
+    m = hosts.Membership("lap-bbbbbb")
+    two = ("desk-aaaaaa", "lap-bbbbbb")
+    m.refresh([_beat("desk-aaaaaa-1", 1, 1000.0, two)], S, now=1000.0)
+    desks = [k for k in KEYS if hosts.owner_of(k, two) == "desk-aaaaaa"]
+    m.refresh([], S, now=1001.0)
+    m.refresh([_beat("nas-cccccc-1", 1, 1002.0, ("lap-bbbbbb", "nas-cccccc"))], S, now=1002.0)
+    v = m.view
+    ours_now = [k for k in desks if hosts.owner_of(k, v.members) == "lap-bbbbbb"]
+    assert ours_now and two in v.earlier
+    assert not any(v.mine(k, S.handover_s, 1003.0) for k in ours_now)
+    assert all(v.mine(k, S.handover_s, 1002.0 + S.handover_s) for k in ours_now)
