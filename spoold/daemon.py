@@ -107,12 +107,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        try:  # the other hosts first: recovery on a synced spool names its results by what they say
+            await asyncio.to_thread(self._beat_and_look)
+        except OSError as e:
+            log.warning("could not read the hosts' heartbeats (%s)", e.strerror or e)
         try:
             for action in recovery.recover(self.sp, max_attempts=self.settings.max_attempts):
                 log.info("recovery: %s", action)
         except OSError as e:
             self._cannot_write(e)  # the loop's first turn recovers again once it can
-        await asyncio.to_thread(self._beat_and_look)
         beating = asyncio.ensure_future(self._beating())
         watcher = asyncio.ensure_future(self.watcher.run(self.stopping))
         courier = asyncio.ensure_future(self.courier.run(self.stopping))
@@ -133,13 +136,16 @@ class Daemon:
             with contextlib.suppress(TimeoutError, Exception):
                 await asyncio.wait_for(courier, self.settings.grace_s)
             self.courier.stop()
+            with contextlib.suppress(Exception):  # a beat being written must land before our beat is dropped
+                await asyncio.wait_for(beating, VIEW_REFRESH_S * 5)
             for background in (watcher, checking, courier, beating):
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await background
             if note is not None:
                 note.unlink(missing_ok=True)
-            hosts.drop_beat(self.sp, spool.owner_tag())
+            with contextlib.suppress(OSError):
+                hosts.drop_beat(self.sp, spool.owner_tag())
             owners.let_go(self.sp, owner_lock)
             log.info("stopped")
         return 0
@@ -170,9 +176,11 @@ class Daemon:
                     log.warning("could not write this host's heartbeat (%s)", e.strerror or e)
                 self._beat_ok = False
         changed = self.hosts.refresh(hosts.read_beats(self.sp), self.settings, beat_ok=self._beat_ok,
-                                     alive_here=lambda owner: owners.owner_alive(self.sp, owner))
+                                     alive_here=lambda owner: owners.owner_alive(self.sp, owner),
+                                     own=(spool.owner_tag(), self._beat_seq if self._beat_ok else None))
         for owner in self.hosts.remove:
-            hosts.drop_beat(self.sp, owner)
+            with contextlib.suppress(OSError):
+                hosts.drop_beat(self.sp, owner)
         view, local = self.hosts.view, self.sp.local
         local.peers = view.peers
         local.in_touch_until = time.time() + self.settings.heartbeat_s if view.in_touch else 0.0
@@ -279,8 +287,10 @@ class Daemon:
             return True
         listing = await asyncio.to_thread(spool.list_queued, self.sp)
         view = self.hosts.view
-        if view.peers or not view.ready:  # a synced spool: only what this host may take counts
-            mine = [e for e in listing if self._mine(e.task_id)]
+        if view.peers or not view.ready:  # a synced spool: only what this host owns counts, handover or not
+            if not view.ready and time.time() - self._since < self.settings.host_lease_s:
+                return False  # the others have not seen us yet (or a dead host's beat counts live for a lease)
+            mine = [e for e in listing if hosts.owner_of(e.task_id, view.members) == view.host]
             return ledger.next_eligible(mine, time.time()) is None
         return ledger.next_eligible(listing, time.time()) is None
 

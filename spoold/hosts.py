@@ -105,6 +105,7 @@ class _Seen:
     seq: int
     changed_at: float  # our clock: when we first saw this beat, or saw it change
     beat: Beat
+    dead: bool = False  # (our host's beats) its daemon was seen dead here
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,12 @@ class Membership:
         self.view = View(self.host, (self.host,))
 
     def refresh(self, beats: Iterable[Beat], settings: Settings, now: float | None = None, *,
-                alive_here: Callable[[str], bool] = lambda owner: True, beat_ok: bool = True) -> bool:
+                alive_here: Callable[[str], bool] = lambda owner: True, beat_ok: bool = True,
+                own: tuple[str, int | None] | None = None) -> bool:
         """Fold the latest heartbeats in; True when who owns what changed. `alive_here` tells whether an owner
         of our host is a live daemon here; `beat_ok` False (our own beat could not be written) takes nothing
-        while other hosts are there (they would soon count us as gone)."""
+        while other hosts are there (they would soon count us as gone). `own`: our owner tag and the seq we
+        last wrote (None: not known), to notice a machine with our host id and our pid writing our beat."""
         now = time.time() if now is None else now
         gap = bool(self.refreshed_at) and now - self.refreshed_at > settings.host_lease_s / 2  # we slept or stalled
         if gap:
@@ -170,7 +173,11 @@ class Membership:
                 self.remove.append(b.owner)  # silent for a day by its clock and unchanged here: forgotten
                 continue
             if b.host == self.host:
-                self._ours(b, now, settings, alive_here)
+                if own is not None and b.owner == own[0]:
+                    if own[1] is not None and b.seq != own[1]:
+                        self.twin = b.owner  # our very beat, rewritten by someone else
+                else:
+                    self._ours(b, now, settings, alive_here)
                 continue  # our own host is live while we are; its other daemons race us by rename, locally
             present.add(b.owner)
             s = self.seen.get(b.owner)
@@ -189,7 +196,8 @@ class Membership:
             return False
         stale = frozenset(h for h in old.members if h not in members and any(s.beat.host == h for s in self.seen.values()))
         if now - old.changed_at < settings.handover_s:  # a change within a handover: every view in it counts
-            earlier, was_ready, stale = (*old.earlier, old.members), old.was_ready and old.ready, stale | old.departed_stale
+            earlier, was_ready = (*old.earlier, old.members), old.was_ready and old.ready
+            stale = (stale | old.departed_stale) - set(members)  # a host back since is no longer gone
         else:
             earlier, was_ready = (old.members,), old.ready
         self.view = View(self.host, members, earlier=earlier, ready=ready, was_ready=was_ready, changed_at=now,
@@ -206,10 +214,12 @@ class Membership:
         """A beat under our host id: a daemon of ours (live, or dead and then removed once unchanged for a
         lease), or, if it keeps changing while no such daemon lives here, another machine using our id."""
         s = self.ours.get(b.owner)
-        if alive_here(b.owner) or s is None:
-            self.ours[b.owner] = _Seen(b.seq, now, b)
+        if alive_here(b.owner):
+            self.ours[b.owner] = _Seen(b.seq, now, b)  # (a daemon of ours that dies between beats is not a twin)
+        elif s is None or not s.dead:
+            self.ours[b.owner] = _Seen(b.seq, now, b, dead=True)  # first seen dead: its last beat, from now on
         elif s.seq != b.seq:
-            self.twin = b.owner
+            self.twin = b.owner  # it changed after its daemon was seen dead here: another machine writes it
         elif now - s.changed_at > settings.host_lease_s:
             self.remove.append(b.owner)
             del self.ours[b.owner]

@@ -185,8 +185,11 @@ def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
     from spoold.task import parse_result  # local: only a damaged ledger needs it
 
     out = [e.started.timestamp() for e in spool.list_running(sp)]
-    results = [spool.result_path_for(p.parent, p.stem) for p in spool.terminal_task_files(sp, "done", days=since_days)]
-    results += [spool.result_path_for(p.parent, p.stem) for p in spool.terminal_task_files(sp, "failed")]
+    def hosts() -> list[str]:
+        return spool.known_hosts(sp)
+
+    results = [r for state, days in (("done", since_days), ("failed", None))
+               for p in spool.terminal_task_files(sp, state, days=days) for r in spool.results_of(p.parent, p.stem, hosts)]
     for p in results:
         try:
             started = parse_result(spool.read_bytes(p).decode("utf-8")).started_at

@@ -90,7 +90,7 @@ def find(sp: Spool, *, terminal: bool = True) -> list[Leftover]:
 def tidy(sp: Spool) -> list[str]:
     """Remove conflict copies that are byte-identical to their original; report the rest (returned)."""
     kept = []
-    for hit in find(sp):
+    for hit in [*find(sp), *among(sp.dir("queued"), os.listdir(sp.dir("queued")))]:
         if hit.kind == "conflict" and hit.original is not None and _same(hit.path, hit.original):
             hit.path.unlink(missing_ok=True)
             log.info("removed %s: a %s conflict copy identical to %s", hit.path.name, hit.tool, hit.original.name)

@@ -108,7 +108,8 @@ def session_to_resume(sp: Spool, task: Task) -> str:
     if loc.state in spool.PENDING:
         raise NotYet(f"waiting for {task.resume}, the task it continues, to finish")
     try:
-        result = parse_result(spool.read_bytes(loc.result_path).decode("utf-8"))
+        answer = spool.answer_path(loc.path.parent, loc.task_id, lambda: spool.known_hosts(sp))
+        result = parse_result(spool.read_bytes(answer).decode("utf-8"))
     except (OSError, UnicodeDecodeError, BadInput):
         result = None
     if result is None or not result.session_id:

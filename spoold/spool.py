@@ -814,8 +814,10 @@ def results_of(directory: Path, task_id: str, hosts: Callable[[], list[str]] | N
         if found or named:
             return found + named
     prefix = f"{task_id}@"
-    return found + sorted(directory / n for n in (os.listdir(directory) if directory.is_dir() else [])
-                          if n.startswith(prefix) and n.endswith(".result.md"))
+    listed = [n for n in (os.listdir(directory) if directory.is_dir() else [])
+              if n.startswith(prefix) and n.endswith(".result.md")]
+    by_host = sorted(listed, key=lambda n: n[len(prefix):-len(".result.md")])  # the order the stats above give
+    return found + [directory / n for n in by_host]
 
 
 def count_duplicates(names: list[str]) -> int:

@@ -95,7 +95,12 @@ def reject_intake(sp: Spool, claimed: Path, task_id: str, source: str, message: 
     # On a synced spool, the id's time: two hosts rejecting one dropped file write the same bytes
     t = spool.id_time(task_id) if sp.local.peers else now()
     result = Result(id=task_id, status="failed", submitted_at=t, finished_at=t, attempts=0, error=message)
-    spool.write_new(sp, spool.result_path_for(sp.dir("failed"), task_id), render_result(result))
+    try:
+        spool.write_new(sp, spool.result_path_for(sp.dir("failed"), task_id), render_result(result))
+    except FileExistsError:
+        if not sp.local.peers:
+            raise
+        log.info("%s was already rejected on another host", task_id)  # the same file: the same result
     try:
         move_rejected(sp, claimed, task_id)
     except OSError as e:  # the result is written: recovery moves the entry beside it
@@ -213,11 +218,35 @@ def _keep(sp: Spool, path: Path) -> Path | None:
     return kept
 
 
-def _source(claimed: Claimed) -> Path | None:
-    """Where our claimed file is: running/, else (taken over by another host meanwhile) our kept link."""
-    if claimed.kept is None or claimed.path.exists():
+def _source(sp: Spool, claimed: Claimed) -> Path | None:
+    """Where our claimed file is: running/, else (taken over by another host meanwhile) our kept link, else
+    nowhere (None). Alone on a spool, running/ without a look: nobody else moves our claims."""
+    if claimed.kept is None and not sp.local.peers:
         return claimed.path
-    return claimed.kept if claimed.kept.exists() else None
+    if claimed.path.exists():
+        return claimed.path
+    return claimed.kept if claimed.kept is not None and claimed.kept.exists() else None
+
+
+def _move_claimed(sp: Spool, claimed: Claimed, dest: Path, sync: str = "both") -> None:
+    """Our claimed file to its next state; the same bytes already there (a power cut's copy, or another
+    host's) or our copy gone (taken over) leave just the one. A sync tool may delete running/ under us."""
+    source = _source(sp, claimed)
+    if source is None:
+        return
+    try:
+        spool.move(source, dest, sync=sync)
+    except FileExistsError:
+        source.unlink(missing_ok=True)
+    except FileNotFoundError:
+        if claimed.kept is None or source == claimed.kept or not claimed.kept.exists():
+            if not sp.local.peers:
+                raise
+            return
+        with contextlib.suppress(FileExistsError):
+            spool.move(claimed.kept, dest, sync=sync)
+    if source != claimed.path:
+        claimed.path.unlink(missing_ok=True)
 
 
 def _let_go(claimed: Claimed) -> None:
@@ -288,14 +317,7 @@ def finish(sp: Spool, claimed: Claimed, result: Result) -> Path:
     _write_result(sp, dest_dir, result, host_named=host_named)
     spool.fault("finish:result-written")
     dest = spool.task_path_for(dest_dir, claimed.task.id)
-    source = _source(claimed)
-    if source is not None:
-        try:
-            spool.move(source, dest, sync="dest")
-        except FileExistsError:  # a copy a power cut left beside its result, or another host's: the same bytes
-            source.unlink(missing_ok=True)
-    if source is not None and source != claimed.path:
-        claimed.path.unlink(missing_ok=True)
+    _move_claimed(sp, claimed, dest, sync="dest")
     _let_go(claimed)
     spool.cancel_marker(sp, claimed.task.id).unlink(missing_ok=True)  # a cancel that came too late
     log.info("%s %s%s", result.status, claimed.task.id, f": {result.error}" if result.error else "")
@@ -355,7 +377,7 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
     task, ended = claimed.task, now()
     if spool.cancel_marker(sp, task.id).exists():  # asked to stop while it was ending: it ends cancelled
         return cancel_running(sp, claimed, "cancelled by request")
-    if _source(claimed) != claimed.path:  # another host took it over: it is queued or running there
+    if _source(sp, claimed) != claimed.path:  # another host took it over: it is queued or running there
         _let_go(claimed)
         log.info("not requeued %s: another host took it over", task.id)
         return claimed.path
@@ -386,10 +408,7 @@ def cancel_running(sp: Spool, claimed: Claimed, reason: str) -> Path:
     dest_dir, host_named = _where_our_result_goes(sp, claimed, sp.dir("cancelled"))
     _write_result(sp, dest_dir, result_for(claimed, "cancelled", reason, answer), host_named=host_named)
     dest = spool.task_path_for(dest_dir, claimed.task.id)
-    source = _source(claimed)
-    if source is not None:
-        with contextlib.suppress(FileExistsError):
-            spool.move(source, dest)
+    _move_claimed(sp, claimed, dest)
     _let_go(claimed)
     spool.cancel_marker(sp, claimed.task.id).unlink(missing_ok=True)
     log.info("cancelled %s", claimed.task.id)

@@ -344,3 +344,59 @@ def test_two_changes_within_a_handover_are_measured_from_before_both() -> None:
     assert ours_now and two in v.earlier
     assert not any(v.mine(k, S.handover_s, 1003.0) for k in ours_now)
     assert all(v.mine(k, S.handover_s, 1002.0 + S.handover_s) for k in ours_now)
+
+
+def test_a_sibling_daemon_dying_between_beats_is_not_a_twin_but_our_own_beat_rewritten_is() -> None:
+    alive = {"lap-bbbbbb-1", "lap-bbbbbb-2"}
+    m = hosts.Membership("lap-bbbbbb")
+    m.refresh([_beat("lap-bbbbbb-2", 5, 1000.0)], S, now=1000.0, alive_here=lambda o: o in alive)
+    alive.discard("lap-bbbbbb-2")  # it wrote seq 6, then was killed before our next look
+    m.refresh([_beat("lap-bbbbbb-2", 6, 1001.0)], S, now=1001.0, alive_here=lambda o: o in alive)
+    m.refresh([_beat("lap-bbbbbb-2", 6, 1001.0)], S, now=1002.0, alive_here=lambda o: o in alive)
+    assert m.twin is None
+    m.refresh([_beat("lap-bbbbbb-1", 9, 1003.0)], S, now=1003.0, own=("lap-bbbbbb-1", 9))
+    assert m.twin is None
+    m.refresh([_beat("lap-bbbbbb-1", 4, 1004.0)], S, now=1004.0, own=("lap-bbbbbb-1", 10))  # same id, same pid
+    assert m.twin == "lap-bbbbbb-1"
+
+
+def test_a_host_back_within_a_handover_is_no_longer_counted_as_gone() -> None:
+    m = hosts.Membership("lap-bbbbbb")
+    two = ("desk-aaaaaa", "lap-bbbbbb")
+    m.refresh([_beat("desk-aaaaaa-1", 1, 1000.0, two)], S, now=1000.0)
+    for i in range(1, 12):
+        m.refresh([_beat("desk-aaaaaa-1", 1, 1000.0, two)], S, now=1000.0 + 6 * i)
+    assert m.view.departed_stale == frozenset({"desk-aaaaaa"})
+    t = 1066.0 + 1
+    m.refresh([_beat("desk-aaaaaa-1", 2, t, two)], S, now=t)  # desk is back
+    m.refresh([_beat("desk-aaaaaa-1", 2, t, two), _beat("nas-cccccc-1", 1, t, ("desk-aaaaaa", "lap-bbbbbb",
+                                                                                 "nas-cccccc"))], S, now=t + 1)
+    assert "desk-aaaaaa" not in m.view.departed_stale
+
+
+def test_a_claim_made_alone_then_taken_over_ends_without_an_error(sp: spool.Spool) -> None:
+    t = _task(sp)
+    c = _claim(sp, t)  # alone: no kept link
+    assert c.kept is None
+    sp.local.peers = True  # another host appeared, and took the task over
+    c.path.unlink()
+    transitions.finish(sp, c, transitions.result_for(c, "done", answer="mine"))
+    d = spool.date_dir(sp, "done", transitions.now())
+    assert spool.results_of(d, t.id)  # the answer is kept; the task file is the other host's to move
+
+
+def test_a_file_rejected_on_two_hosts_is_one_result(tmp_path: Path) -> None:
+    """The other host's result for the same dropped file arrived before its task file: no stall, one result."""
+    other, here = spool.open_spool(tmp_path / "other"), spool.open_spool(tmp_path / "here")
+    for s in (other, here):
+        s.local.peers = True
+        p = s.dir("inbox") / "bad.md"
+        p.write_bytes(b"\0binary")
+        os.utime(p, (1_700_000_000, 1_700_000_000))
+    intake.scan(other, default_model="sonnet", max_bytes=1 << 20, mine=lambda name: True)
+    (result,) = [n for n in os.listdir(other.dir("failed")) if n.endswith(".result.md")]
+    shutil.copy(other.dir("failed") / result, here.dir("failed") / result)
+    report = intake.scan(here, default_model="sonnet", max_bytes=1 << 20, mine=lambda name: True)
+    assert report.failed == [result[: -len(".result.md")]]
+    assert sorted(os.listdir(here.dir("failed"))) == sorted(os.listdir(other.dir("failed")))
+    assert (here.dir("failed") / result).read_bytes() == (other.dir("failed") / result).read_bytes()
