@@ -114,8 +114,8 @@ def test_the_page_shows_a_task_go_from_queued_to_done_live_and_renders_its_answe
     write_config(sp, backend="command", command=MARKDOWN_ECHO)
     tid = api.submit(sp, "Why is the sky blue?", title="Sky colour").id
     browser.get(web.url + "/")
-    row = browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{tid}"] td.state')
-    assert row.text == "queued"
+    wait_for(lambda: _text(browser, By.CSS_SELECTOR, f'tr[data-id="{tid}"] td.state') == "queued",
+             what="the row, queued")  # through the helper: the submit's own change may still reload the rows
     daemon(sp)  # the page is already open: the change must come to it, not be reloaded
     wait_for(lambda: _text(browser, By.CSS_SELECTOR, f'tr[data-id="{tid}"] td.state') == "done",
              what="the row to turn done by itself")
