@@ -217,7 +217,14 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     if regular and (not is_settled(path, st) or (st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S)):
         report.pending.append(name)  # still being written, or a writer's link-then-unlink is under way
         return None
-    task_id = (stable and regular and _stable_id(sp, path, name, st)) or spool.new_id(Path(name).stem)
+    task_id = spool.new_id(Path(name).stem)
+    if stable and regular:
+        same, late_copy = _stable_id(sp, path, name, st)
+        if late_copy:  # a sync tool's late copy of a file already taken in and answered: not a new drop
+            path.unlink(missing_ok=True)
+            log.info("dropped a late copy of %s: it was taken in as %s, which has finished", name, same)
+            return None
+        task_id = same or task_id
     claimed = transitions.claim_intake(sp, path, task_id)
     if claimed is None:
         return None  # another daemon took it first
@@ -225,18 +232,30 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     return Taken(claimed, path, task_id, shown, st.st_mode)
 
 
-def _stable_id(sp: Spool, path: Path, name: str, st: os.stat_result) -> str | None:
+def _stable_id(sp: Spool, path: Path, name: str, st: os.stat_result) -> tuple[str | None, bool]:
     """On a synced spool, the id every host gives this dropped file: its time in whole seconds (what every sync
-    tool keeps of a file's time) and a hash of its name, size, time and bytes. None (a fresh id) when a task of
-    that id already finished: the same file dropped again is a new task."""
+    tool keeps of a file's time) and a hash of its name, size, time and bytes; and whether the file is a late
+    copy of one that was taken in as that id and has finished.
+
+    When a task of that id finished, the file's arrival here decides, both on this host's clock: a file that
+    was here before the finished task arrived is the sync tool's late copy of the original drop (its deletion
+    had not reached us yet); one that came after is the same file dropped again, a new task (None: a fresh id).
+    """
     secs = st.st_mtime_ns // 1_000_000_000
     try:
         data = spool.read_bytes(path, limit=MAX_HASHED)
     except OSError:
-        return None
+        return None, False
     task_id = spool.new_id(Path(name).stem, datetime.fromtimestamp(secs, UTC),
                            of=b"\0".join([os.fsencode(name), b"%d" % st.st_size, b"%d" % secs, data]))
-    return None if spool.find_finished(sp, task_id) else task_id
+    finished = spool.find_finished(sp, task_id)
+    if finished is None:
+        return task_id, False
+    try:
+        late = st.st_ctime <= os.stat(finished.path).st_ctime
+    except OSError:
+        late = False
+    return (task_id, True) if late else (None, False)
 
 
 def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport, *, default_model: str,

@@ -400,3 +400,23 @@ def test_a_file_rejected_on_two_hosts_is_one_result(tmp_path: Path) -> None:
     assert report.failed == [result[: -len(".result.md")]]
     assert sorted(os.listdir(here.dir("failed"))) == sorted(os.listdir(other.dir("failed")))
     assert (here.dir("failed") / result).read_bytes() == (other.dir("failed") / result).read_bytes()
+
+
+def test_a_late_copy_of_a_dropped_file_already_answered_elsewhere_is_not_a_new_task(tmp_path: Path) -> None:
+    """The sync tool brought the other host's finished task before its deletion of the dropped file."""
+    other, here = spool.open_spool(tmp_path / "other"), spool.open_spool(tmp_path / "here")
+    for s in (other, here):
+        s.local.peers = True
+        p = s.dir("inbox") / "sky.md"
+        p.write_text("Why is the sky blue?\n")
+        os.utime(p, (1_700_000_000, 1_700_000_000))
+    (tid,) = intake.scan(other, default_model="sonnet", max_bytes=1 << 20, mine=lambda name: True).queued
+    c = _claim(other, _task_of(other, tid))
+    finished = transitions.finish(other, c, transitions.result_for(c, "done", answer="blue"))
+    arrived = spool.date_dir(here, "done", transitions.now())
+    arrived.mkdir(parents=True, exist_ok=True)
+    for f in finished.parent.iterdir():  # it arrives here after the dropped file did
+        shutil.copy(f, arrived / f.name)
+    report = intake.scan(here, default_model="sonnet", max_bytes=1 << 20, mine=lambda name: True)
+    assert report.queued == [] and not (here.dir("inbox") / "sky.md").exists()
+    assert len(spool.list_queued(here)) == 0
