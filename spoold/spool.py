@@ -20,6 +20,7 @@ import stat
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -822,14 +823,12 @@ def results_of(directory: Path, task_id: str, hosts: Callable[[], list[str]] | N
 
 def count_duplicates(names: list[str]) -> int:
     """Second answers in one directory's listing: every result of a task beyond its first (names alone)."""
-    if "@" not in "".join(n for n in names if n.endswith(".result.md")):
+    named = [n for n in names if "@" in n and n.endswith(".result.md")]  # usually none: no dict, no join
+    if not named:
         return 0
-    per: dict[str, int] = {}
-    for n in names:
-        if n.endswith(".result.md"):
-            tid = n[: -len(".result.md")].partition("@")[0]
-            per[tid] = per.get(tid, 0) + 1
-    return sum(c - 1 for c in per.values())
+    answered = {n[: -len(".result.md")] for n in names if n.endswith(".result.md") and "@" not in n}
+    per = Counter(n.partition("@")[0] for n in named)
+    return sum(c - (tid not in answered) for tid, c in per.items())
 
 
 def spool_path(sp: Spool, rel: str) -> Path:
