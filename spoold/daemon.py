@@ -85,6 +85,7 @@ class Daemon:
         self._beat_ok = True
         self._since = time.time()
         self._last_tidy = 0.0
+        self._told_leftovers: set[str] = set()
 
     @staticmethod
     def _mtime(path: Path) -> float | None:
@@ -287,7 +288,7 @@ class Daemon:
             return True
         listing = await asyncio.to_thread(spool.list_queued, self.sp)
         view = self.hosts.view
-        if view.peers or not view.ready:  # a synced spool: only what this host owns counts, handover or not
+        if view.shared:  # a synced spool: only what this host owns counts, handover or not
             if not view.ready and time.time() - self._since < self.settings.host_lease_s:
                 return False  # the others have not seen us yet (or a dead host's beat counts live for a lease)
             mine = [e for e in listing if hosts.owner_of(e.task_id, view.members) == view.host]
@@ -331,7 +332,7 @@ class Daemon:
         settings, running_here = self.settings, set(self.running)
 
         view = self.hosts.view
-        shared = view.peers or not view.ready
+        shared = view.shared
         mine = self._mine if shared else None
         tidy = full and view.peers and time.monotonic() - self._last_tidy > TIDY_S
         if tidy:
@@ -345,7 +346,8 @@ class Daemon:
                                                silent=self._silent if shared else None):
                     log.info("recovery: %s", action)
             if tidy:
-                for left in leftovers.tidy(self.sp):
+                for left in set(leftovers.tidy(self.sp)) - self._told_leftovers:
+                    self._told_leftovers.add(left)  # said once; `spoold status` keeps listing it
                     log.warning("sync leftover kept (it differs from its original): %s", left)
             return report
 
@@ -381,7 +383,7 @@ class Daemon:
         started = 0
 
         view = self.hosts.view
-        shared = view.peers or not view.ready
+        shared = view.shared
 
         def due() -> Iterator[spool.QueuedEntry]:  # consumed across batches: each entry is tried once a turn
             for e in entries:

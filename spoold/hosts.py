@@ -122,6 +122,11 @@ class View:
     in_touch: bool = True  # every known host is live and sees us: the canonical result name is safe
     peers: bool = False  # another host has a heartbeat here
 
+    @property
+    def shared(self) -> bool:
+        """Other hosts are on the spool, or may be (we wait to be seen): ownership decides what we take."""
+        return self.peers or not self.ready
+
     def mine(self, key: str, handover_s: float, now: float | None = None) -> bool:
         """Whether this host may take a queued task (or a dropped file) now: it is the key's owner, and was
         in every view of the last handover_s, or that handover is over (an old owner's renames have
