@@ -65,6 +65,9 @@ class Settings:
     running_lease_s: float = 900.0  # ... and this long: its running tasks are run again by another host
     handover_s: float = 60.0  # a task whose owner changed waits this long for the old owner's renames to arrive
     limit_mode: str = "shared"  # shared: the union of hosts' starts; strict: also each live host its share
+    # group commit: "full" fsyncs every transition as it happens; "batch" flushes the daemon's writes together
+    durability: str = "full"
+    commit_interval_ms: float = 50.0  # batch: at most this long between a write and its flush
 
 
 # Environment names, kept from the original design where they existed.
@@ -85,6 +88,7 @@ DEFAULT_NOTIFY_ON = {"done": ["all"], "failed": ["all"], "held": ["all"], "resum
 TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")  # a notification target's name
 BACKENDS = ("claude", "command")
 LIMIT_MODES = ("shared", "strict")
+DURABILITIES = ("full", "batch")
 
 
 def spool_root(flag: str | None = None) -> Path:
@@ -197,6 +201,10 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("concurrency must be at least 1")
     if s.limit_mode not in LIMIT_MODES:
         raise ConfigError(f"limit_mode must be one of {', '.join(LIMIT_MODES)}")
+    if s.durability not in DURABILITIES:
+        raise ConfigError(f"durability must be one of {', '.join(DURABILITIES)}")
+    if not 1 <= s.commit_interval_ms <= 10_000:
+        raise ConfigError("commit_interval_ms must be from 1 to 10000")
     if not 0 < s.heartbeat_s <= s.host_lease_s / 3:
         raise ConfigError(f"heartbeat_s must be above 0 and at most a third of host_lease_s ({s.host_lease_s:g})")
     if s.running_lease_s < s.host_lease_s:

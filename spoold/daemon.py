@@ -118,6 +118,7 @@ class Daemon:
         except OSError as e:
             self._cannot_write(e)  # the loop's first turn recovers again once it can
         beating = asyncio.ensure_future(self._beating())
+        committing = asyncio.ensure_future(self._committing())
         watcher = asyncio.ensure_future(self.watcher.run(self.stopping))
         courier = asyncio.ensure_future(self.courier.run(self.stopping))
         checking = asyncio.ensure_future(self._check_backend())  # alongside serving: it may take seconds
@@ -139,10 +140,11 @@ class Daemon:
             self.courier.stop()
             with contextlib.suppress(Exception):  # a beat being written must land before our beat is dropped
                 await asyncio.wait_for(beating, VIEW_REFRESH_S * 5)
-            for background in (watcher, checking, courier, beating):
+            for background in (watcher, checking, courier, beating, committing):
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await background
+            self._commit()  # the last writes of a batch, before we say we stopped
             if note is not None:
                 note.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
@@ -150,6 +152,23 @@ class Daemon:
             owners.let_go(self.sp, owner_lock)
             log.info("stopped")
         return 0
+
+    async def _committing(self) -> None:
+        """Group commit (`durability: batch`): one flush every commit_interval_ms for whatever the threads wrote
+        meanwhile, instead of an fsync or two per file. A kill -9 loses nothing (the page cache outlives us);
+        a power cut may undo the last interval, which recovery handles like any crash."""
+        while not self.stopping.is_set():
+            self.sp.local.batch = batch = self.settings.durability == "batch"  # a reload may change it
+            with contextlib.suppress(TimeoutError):  # full durability: only a reload can make work here
+                await asyncio.wait_for(self.stopping.wait(), self.settings.commit_interval_ms / 1000 if batch else 5.0)
+            if self.sp.local.dirty:
+                await asyncio.to_thread(self._commit)
+
+    def _commit(self) -> None:
+        try:
+            spool.commit(self.sp)
+        except OSError as e:  # the next interval tries again; until then the writes are as safe as a kill's
+            log.warning("group commit failed (%s); trying again", e.strerror or e)
 
     async def _check_backend(self) -> None:
         """Say what will stop tasks before the first one meets it; the tasks themselves wait, never fail, for it."""
@@ -537,3 +556,4 @@ class Daemon:
 
 def serve(sp: Spool, overrides: dict[str, object] | None = None, *, once: bool = False) -> int:
     return asyncio.run(Daemon(sp, overrides, once=once).run())
+

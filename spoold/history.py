@@ -139,7 +139,7 @@ def prune(sp: Spool, older_than: datetime, states: tuple[str, ...] = spool.TERMI
             results = spool.results_of(f.task_path.parent, f.task_id, hosts)
             for path in (f.task_path, *results, records):
                 try:
-                    staged = spool.move(path, spool.prune_path(sp, path), sync="none")
+                    staged = spool.move(path, spool.prune_path(sp, path), sync="none", sp=sp)
                 except FileNotFoundError:
                     continue
                 if path == records:
@@ -147,7 +147,7 @@ def prune(sp: Spool, older_than: datetime, states: tuple[str, ...] = spool.TERMI
                 else:
                     staged.unlink(missing_ok=True)
         for d in {f.task_path.parent for f in old}:
-            spool.fsync_dir(d)
+            spool.fsync_dir(d, sp)
         for t in transcripts:
             t.unlink(missing_ok=True)
     return Pruned([f.task_id for f in old], [str(t) for t in transcripts], dry_run)

@@ -266,8 +266,8 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
     synced, and only then are the claimed originals removed: a power cut at any point leaves
     each task in tmp/ (recovery returns it to inbox/), queued, or both (recovery drops the copy).
     """
-    spool.fsync_dir(sp.dir("tmp"))
-    spool.fsync_dir(base)
+    spool.fsync_dir(sp.dir("tmp"), sp)
+    spool.fsync_dir(base, sp)
     accepted: list[Path] = []
     try:
         for i, t in enumerate(taken):
@@ -280,7 +280,7 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
                 raise
     finally:
         if accepted:
-            spool.fsync_dir(sp.dir("queued"))
+            spool.fsync_dir(sp.dir("queued"), sp)
             for claimed in accepted:
                 transitions.drop_intake_copy(claimed)
 

@@ -198,7 +198,7 @@ class Courier:
     def _take_over(self, path: Path, event_id: str) -> Path | None:
         mine = spool.event_path(self.sp, event_id)
         try:
-            spool.move(path, mine)
+            spool.move(path, mine, sp=self.sp)
         except (FileNotFoundError, FileExistsError):
             return None  # another daemon took it first
         return mine

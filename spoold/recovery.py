@@ -78,7 +78,7 @@ def recover_running(sp: Spool, entry: spool.RunningEntry, *, max_attempts: int, 
         return answered
     if spool.find_queued(sp, entry.task_id) is not None:  # the claim's rename undone by a power cut, half
         path.unlink(missing_ok=True)
-        spool.fsync_dir(path.parent)
+        spool.fsync_dir(path.parent, sp)
         return f"dropped a stale running/ copy of {entry.task_id} (it is queued)"
     claimed = transitions.take_over(sp, entry)
     if claimed is None:
@@ -141,7 +141,7 @@ def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]
     if _failed(sp, task_id):
         transitions.move_rejected(sp, path, task_id)
         return [f"moved {source} to failed (its result was already written)"]
-    spool.move(path, spool.returned_path(sp, source, task_id))
+    spool.move(path, spool.returned_path(sp, source, task_id), sp=sp)
     return [f"returned {source} to inbox (intake was interrupted)"]
 
 

@@ -53,7 +53,7 @@ def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
     """
     dest = spool.intake_claim_path(sp, task_id, path.name)
     try:
-        return spool.move(path, dest, sync="none")
+        return spool.move(path, dest, sync="none", sp=sp)
     except FileNotFoundError:
         return None
 
@@ -61,7 +61,7 @@ def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
 def unclaim_intake(sp: Spool, claimed: Path, original: Path) -> None:
     """Undo claim_intake when the task could not be written; recovery does it if even this fails."""
     try:
-        spool.move(claimed, original)
+        spool.move(claimed, original, sp=sp)
     except OSError as e:
         log.warning("left %s in tmp/ (%s); recovery returns it to %s", claimed.name, e.strerror or e, original.parent.name)
 
@@ -110,7 +110,7 @@ def reject_intake(sp: Spool, claimed: Path, task_id: str, source: str, message: 
 
 def move_rejected(sp: Spool, claimed: Path, task_id: str) -> None:
     regular = claimed.is_file() and not claimed.is_symlink()
-    spool.move(claimed, spool.rejected_path(sp, task_id, regular))
+    spool.move(claimed, spool.rejected_path(sp, task_id, regular), sp=sp)
 
 
 # ---- what a task's records say -------------------------------------------------
@@ -174,14 +174,14 @@ def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: floa
     t = datetime.fromtimestamp(started, UTC) if started is not None else now()
     dest = spool.running_path(sp, entry.task_id, h.next_number, t)
     try:
-        spool.move(spool.queued_path(sp, entry.name), dest)
+        spool.move(spool.queued_path(sp, entry.name), dest, sp=sp)
     except (FileNotFoundError, FileExistsError):
         return None  # another process took it
     now_h = history(sp, entry.task_id)  # read again now that it is ours: records cannot change under us any more
     if now_h.next_number != h.next_number:  # a requeue's record landed between our look and our rename
         h, stale = now_h, dest
         dest = spool.running_path(sp, entry.task_id, h.next_number, t)
-        spool.move(stale, dest)
+        spool.move(stale, dest, sp=sp)
     claimed = _read_claimed(sp, dest, entry.task_id, default_model, h.next_number - h.base, h.next_number, t)
     if claimed is not None:
         log.info("running %s (attempt %d, model %s)", claimed.task.id, claimed.attempt, claimed.task.model)
@@ -197,7 +197,7 @@ def _read_claimed(sp: Spool, path: Path, task_id: str, default_model: str, attem
         msg = f"the queued task file cannot be read: {e}"
         result = Result(id=task_id, status="failed", finished_at=now(), attempts=attempt - 1, error=msg)
         _write_result(sp, sp.dir("failed"), result)
-        spool.move(path, spool.task_path_for(sp.dir("failed"), task_id))
+        spool.move(path, spool.task_path_for(sp.dir("failed"), task_id), sp=sp)
         log.warning("failed %s: %s", task_id, msg)
         return None
     return Claimed(path, task, attempt, number, started, _keep(sp, path) if sp.local.peers else None)
@@ -235,7 +235,7 @@ def _move_claimed(sp: Spool, claimed: Claimed, dest: Path, sync: str = "both") -
     if source is None:
         return
     try:
-        spool.move(source, dest, sync=sync)
+        spool.move(source, dest, sync=sync, sp=sp)
     except FileExistsError:
         source.unlink(missing_ok=True)
     except FileNotFoundError:
@@ -244,7 +244,7 @@ def _move_claimed(sp: Spool, claimed: Claimed, dest: Path, sync: str = "both") -
                 raise
             return
         with contextlib.suppress(FileExistsError):
-            spool.move(claimed.kept, dest, sync=sync)
+            spool.move(claimed.kept, dest, sync=sync, sp=sp)
     if source != claimed.path:
         claimed.path.unlink(missing_ok=True)
 
@@ -259,7 +259,7 @@ def unclaim(sp: Spool, claimed: Claimed) -> None:
     """Undo a claim whose start could not be counted (the disk is full): one rename back, no record, so the
     attempt does not count and its number is used again."""
     task = claimed.task
-    spool.move(claimed.path, spool.queued_path_for(sp, task.id, task.priority, None))
+    spool.move(claimed.path, spool.queued_path_for(sp, task.id, task.priority, None), sp=sp)
 
 
 def to_its_result(sp: Spool, path: Path, task_id: str) -> str | None:
@@ -270,10 +270,10 @@ def to_its_result(sp: Spool, path: Path, task_id: str) -> str | None:
     if result_path is None:
         return None
     try:
-        spool.move(path, spool.task_path_for(result_path.parent, task_id))
+        spool.move(path, spool.task_path_for(result_path.parent, task_id), sp=sp)
     except FileExistsError:  # it had finished; a power cut brought back its running/ copy
         path.unlink(missing_ok=True)
-        spool.fsync_dir(path.parent)
+        spool.fsync_dir(path.parent, sp)
         return f"dropped a stale running/ copy of {task_id} (it had already finished)"
     except FileNotFoundError:
         return ""
@@ -289,7 +289,7 @@ def take_over(sp: Spool, entry: spool.RunningEntry, default_model: str = "sonnet
     path = spool.running_file(sp, entry.name)
     if path != mine:
         try:
-            spool.move(path, mine)
+            spool.move(path, mine, sp=sp)
         except (FileNotFoundError, FileExistsError):
             return None
     return _read_claimed(sp, mine, entry.task_id, default_model, entry.attempt - h.base, entry.attempt, entry.started)
@@ -391,7 +391,7 @@ def requeue(sp: Spool, claimed: Claimed, reason: str, *, count_attempt: bool = T
             spool.write_new(sp, path, (json.dumps(record) + "\n").encode())
     dest = spool.queued_path_for(sp, task.id, task.priority, not_before)
     try:
-        spool.move(claimed.path, dest)
+        spool.move(claimed.path, dest, sp=sp)
     except FileExistsError:  # a queued copy a power cut left behind: the same bytes; it is the one that waits
         claimed.path.unlink(missing_ok=True)
     _let_go(claimed)
@@ -423,7 +423,7 @@ def cancel(sp: Spool, task_id: str) -> str:
         if loc.state == "queued":
             dest = spool.task_path_for(sp.dir("cancelled"), task_id)
             try:
-                spool.move(loc.path, dest)
+                spool.move(loc.path, dest, sp=sp)
             except FileNotFoundError:
                 continue  # claimed meanwhile: cancel it as running
             h = history(sp, task_id)
@@ -465,7 +465,7 @@ def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
     if not _written_by_spoold(loc.path, task_id):  # bad input the user fixed where it lies: taken in anew
         raise NotATask(f"{loc.path} is the file as it was dropped", loc.path)
     _set_aside(sp, loc)
-    dest = spool.move(loc.path, spool.queued_path_for(sp, task_id, task.priority, None))
+    dest = spool.move(loc.path, spool.queued_path_for(sp, task_id, task.priority, None), sp=sp)
     log.info("retry %s", task_id)
     return dest
 
@@ -485,7 +485,7 @@ def retake(sp: Spool, task: Task, original: Path) -> Path:
     dest = enqueue(sp, task)
     _set_aside(sp, spool.locate_in(sp, "failed", task.id))
     original.unlink(missing_ok=True)
-    spool.fsync_dir(original.parent)
+    spool.fsync_dir(original.parent, sp)
     log.info("retry %s (its fixed file taken in again)", task.id)
     return dest
 
@@ -501,7 +501,7 @@ def _set_aside(sp: Spool, loc: spool.Located) -> None:
         ran = 0  # no result (a cancel a crash cut short): the records still say how many ran
     number, t = max(h.next_number - 1, h.base + ran), now()
     for i, result in enumerate(results):  # a synced spool's duplicates go along, each a record of its own
-        spool.move(result, spool.retried_result_path(sp, loc.task_id, number, t + timedelta(milliseconds=i)))
+        spool.move(result, spool.retried_result_path(sp, loc.task_id, number, t + timedelta(milliseconds=i)), sp=sp)
     if not results:  # still set the count back: the retry's record is what does it
         spool.write_new(sp, spool.retried_result_path(sp, loc.task_id, number, t),
                         b"(no result was written before this retry)\n")

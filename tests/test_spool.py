@@ -182,3 +182,19 @@ def test_running_names_and_attempt_records_build_and_parse_back(sp: spool.Spool)
         (2, "requeued", spool.owner_tag()), (3, "waited", spool.owner_tag()), (3, "retried", spool.owner_tag())]
     assert spool.last_attempt(records) == 3 and spool.retry_base(records) == 3
     assert spool.attempt_records(sp, spool.new_id("none")) == []
+
+
+def test_group_commit_defers_every_fsync_to_one_flush(sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`durability: batch`: writes and moves fsync nothing; one commit flushes them all, and only when due."""
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    sp.local.batch = True
+    assert spool.commit(sp) is False  # nothing written: no flush
+    path = spool.write_new(sp, sp.dir("queued") / "x.md", b"hello")
+    spool.move(path, sp.dir("running") / "x.md", sp=sp)
+    assert synced == [] and sp.local.dirty
+    assert spool.commit(sp) is True and not sp.local.dirty
+    assert (sp.dir("running") / "x.md").read_bytes() == b"hello"
+    sp.local.batch = False
+    spool.write_new(sp, sp.dir("queued") / "y.md", b"again")
+    assert len(synced) == 2  # full durability: the file and its directory
