@@ -509,6 +509,74 @@ def typical_duration(usage: Usage) -> float:
     return d[len(d) // 2]
 
 
+def _simulation_start(sp: Spool, settings: Settings, usage: Usage, now: float
+                      ) -> tuple[float, list[float], list[float], float]:
+    """What an estimate starts from: the earliest any start may be, when each worker frees up (a heap),
+    the starts in the window, and the typical run time."""
+    dur = typical_duration(usage)
+    starts = in_window(usage.starts, settings, now)
+    running_started = [e.started.timestamp() for e in spool.list_running(sp)]
+    # a running task ends a typical duration after its start, or, once past that, after as long again as it ran
+    workers = sorted(max(now, t + dur, now + (now - t)) for t in running_started)[: settings.concurrency]
+    workers += [now] * (settings.concurrency - len(workers))
+    floor = now
+    if usage.hold_until and usage.hold_until > now:
+        floor = usage.hold_until
+    for hold in (budget_hold(usage, settings, now), reserve_hold(usage, settings, now)):
+        if hold:
+            floor = max(floor, hold[0])
+    heapq.heapify(workers)
+    return floor, workers, starts, dur
+
+
+def nth_start(sp: Spool, settings: Settings, position: int, *, now: float | None = None,
+              usage: Usage | None = None) -> float:
+    """When the task at `position` (1-based) starts, if none of the tasks up to it has a not_before: the
+    same rules as `estimate`, without a list of the tasks (a submit behind 100,000 knows its place from
+    the queue's counts alone)."""
+    now = time.time() if now is None else now
+    usage = usage or read_usage(sp, now)
+    floor, workers, starts, dur = _simulation_start(sp, settings, usage, now)
+    return untimed_start(position, floor, workers, starts, dur, settings.concurrency, settings.max_requests,
+                         settings.window_minutes * 60, settings.min_interval_s)
+
+
+def untimed_start(position: int, floor: float, workers: list[float], starts: list[float], dur: float, c: int,
+                  n: int, w: float, gap: float) -> float:
+    """The start of the `position`-th of tasks that are all free to start, by the rules' recurrence
+
+        t_k = max(floor, t_(k-c) + dur, t_(k-n) + w, t_(k-1) + gap)
+
+    (workers, window, spacing; the first terms from the running tasks and the window's starts). It is
+    max-plus linear, so it becomes periodic: after a transient, every P starts take P x lambda, lambda
+    the slowest of dur/c, w/n and gap. Simulated until that shows, then extended in one step, exactly."""
+    workers, starts = list(workers), list(starts)
+    window_binds = len(starts) + position > n  # within the first n starts the window never waits
+    rates = [(c, dur / c)] + ([(n, w / n)] if window_binds else []) + ([(1, gap)] if gap else [])
+    lam = max(r for _, r in rates)
+    period = min(p for p, r in rates if r == lam)  # the critical cycle's length
+    span = max(p for p, _ in rates)
+    enough = 3 * span + 2 * period + 16  # a transient is a few times the longest term; checked, not assumed
+    first = len(starts)
+    t = floor
+    for k in range(position):
+        t = max(floor, workers[0])
+        if len(starts) >= n:
+            t = max(t, starts[-n] + w)
+        if gap and starts:
+            t = max(t, starts[-1] + gap)
+        starts.append(t)
+        heapq.heapreplace(workers, t + dur)
+        done = k + 1
+        if done >= enough and done % period == 0 and done < position:
+            tail = starts[first:]
+            step = period * lam
+            if all(abs(tail[-1 - i] - tail[-1 - i - period] - step) <= 1e-6 * max(1.0, step) for i in range(span)):
+                j = len(tail) - period + (position - 1 - (len(tail) - period)) % period
+                return tail[j] + (position - 1 - j) // period * step
+    return t
+
+
 @dataclass
 class Estimate:
     task_id: str
@@ -530,20 +598,8 @@ def estimate(
     usage = usage or read_usage(sp, now)
     full = dispatch_order(entries if entries is not None else spool.list_queued(sp), settings.strategy)
     ids = full.untimed_ids(limit) if isinstance(full, spool.QueuedListing) else None
-    dur = typical_duration(usage)
-    starts = in_window(usage.starts, settings, now)
-    running_started = [e.started.timestamp() for e in spool.list_running(sp)]
-    # a running task ends a typical duration after its start, or, once past that, after as long again as it ran
-    workers = sorted(max(now, t + dur, now + (now - t)) for t in running_started)[: settings.concurrency]
-    workers += [now] * (settings.concurrency - len(workers))
-    floor = now
-    if usage.hold_until and usage.hold_until > now:
-        floor = usage.hold_until
-    for hold in (budget_hold(usage, settings, now), reserve_hold(usage, settings, now)):
-        if hold:
-            floor = max(floor, hold[0])
+    floor, workers, starts, dur = _simulation_start(sp, settings, usage, now)
     n, w, gap = settings.max_requests, settings.window_minutes * 60, settings.min_interval_s
-    heapq.heapify(workers)  # the earliest free worker is workers[0]
     if ids is not None:  # no not_before among them (from the names alone): every task is next in line
         pending: deque[tuple[int, str, float | None]] = deque((pos, i, None) for pos, i in enumerate(ids, 1))
     else:

@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 from conftest import start_one
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from spoold import ledger, spool, transitions
 from spoold.config import Settings
@@ -346,3 +349,45 @@ def test_a_running_task_past_its_typical_time_pushes_the_next_start_out(sp: spoo
     assert est.start == 1200.0  # as long again as it has run so far
     [early] = ledger.estimate(sp, settings(concurrency=1, max_requests=100), now=1002.0, usage=u)
     assert early.start == 1010.0  # within its typical time: a typical duration after its start
+
+
+def _brute_start(position: int, floor: float, workers: list[float], starts: list[float], dur: float, c: int,
+                 n: int, w: float, gap: float) -> float:
+    """The recurrence step by step, as `estimate` runs it: what `untimed_start`'s jump must agree with."""
+    import heapq
+
+    workers, starts, t = sorted(workers), list(starts), floor
+    for _ in range(position):
+        t = max(floor, workers[0])
+        if len(starts) >= n:
+            t = max(t, starts[-n] + w)
+        if gap and starts:
+            t = max(t, starts[-1] + gap)
+        starts.append(t)
+        heapq.heapreplace(workers, t + dur)
+    return t
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(c=st.integers(1, 8), n=st.integers(1, 40), w=st.floats(1, 3600), gap=st.sampled_from([0.0, 0.5, 7.0]),
+       dur=st.floats(0.1, 900), position=st.integers(1, 3000), busy=st.lists(st.floats(0, 600), max_size=8),
+       past=st.lists(st.floats(0, 3600), max_size=40), hold=st.floats(0, 100))
+def test_a_deep_queue_start_jumps_to_the_same_answer_as_simulating_it(c: int, n: int, w: float, gap: float,
+        dur: float, position: int, busy: list[float], past: list[float], hold: float) -> None:
+    now = 10_000.0
+    workers = sorted([now + b for b in busy][:c] + [now] * max(0, c - len(busy)))
+    starts = sorted(now - p for p in past if p < w)
+    floor = now + hold
+    got = ledger.untimed_start(position, floor, workers, starts, dur, c, n, w, gap)
+    want = _brute_start(position, floor, workers, starts, dur, c, n, w, gap)
+    assert abs(got - want) <= 1e-6 * max(1.0, want - now), (got, want)
+
+
+def test_a_start_behind_100000_queued_is_found_without_walking_them() -> None:
+    import time as _time
+
+    t = _time.perf_counter()
+    got = ledger.untimed_start(100_000, 0.0, [0.0] * 4, [], 60.0, 4, 50, 18_000.0, 0.0)
+    took = _time.perf_counter() - t
+    assert got == pytest.approx(_brute_start(100_000, 0.0, [0.0] * 4, [], 60.0, 4, 50, 18_000.0, 0.0))
+    assert took < 0.05, f"{took:.3f} s: the jump did not happen"
