@@ -9,7 +9,6 @@ A task's `notify:` may only choose among the owner's targets; it can never add a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -19,12 +18,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spoold import owners, spool
 from spoold.config import DEFAULT_NOTIFY_ON, Settings
 from spoold.spool import Spool
 from spoold.units import backoff, iso
+
+if TYPE_CHECKING:
+    import asyncio  # the daemon's Courier only: `spoold status` reads the health notes without it
 
 log = logging.getLogger("spoold")
 TASK_EVENTS = ("done", "failed", "cancelled")
@@ -151,12 +153,16 @@ class Courier:
 
     def __init__(self, sp: Spool, settings: Callable[[], Settings]) -> None:
         self.sp, self.settings = sp, settings
+        import asyncio
+
         self.wake = asyncio.Event()
         self._tries: dict[tuple[str, str], tuple[int, float, str]] = {}  # (event, target) -> (tries, next at, why)
         self._failing: dict[str, str] = {}
         self._said: dict[str, str] = {}
 
     async def run(self, stopping: asyncio.Event) -> None:
+        import asyncio
+
         """Deliver, then sleep until woken (an event written), a retry is due, the next scan, or a stop."""
         while True:
             self.wake.clear()

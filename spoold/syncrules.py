@@ -22,6 +22,7 @@ LOCAL: list[tuple[str, bool]] = [
     (".spoold/locks", True),
     (".spoold/work", True),
     (".spoold/kept", True),
+    (".spoold/cache", True),
     (".spoold/ledger/.lock", False),
     (".spoold/migrate.lock", False),
 ]
