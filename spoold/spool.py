@@ -61,6 +61,7 @@ class Local:
     batch: bool = False  # `durability: batch`: this process skips its fsyncs; `commit` makes them up, for many at once
     dirty: bool = False  # something was written, not yet flushed, since the last commit
     census_stamp: tuple[int, int] | None = None  # the queued/ listing whose census we last wrote
+    dirs: dict[str, Path] = field(default_factory=dict)  # Spool.dir's paths, made once
     in_touch_until: float = float("inf")  # until when our view vouches that no other host can be running our tasks
 
 
@@ -72,7 +73,11 @@ class Spool:
     local: Local = field(default_factory=Local, compare=False, repr=False, hash=False)
 
     def dir(self, state: str) -> Path:
-        return self.root / state
+        """A state directory; kept, since a task's way through the daemon asks for one some thirty times."""
+        d = self.local.dirs.get(state)
+        if d is None:
+            d = self.local.dirs[state] = self.root / state
+        return d
 
     @property
     def config_path(self) -> Path:
