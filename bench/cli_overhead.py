@@ -19,6 +19,7 @@ from bench.common import (
     new_spool,
     pct,
     table,
+    target,
     tmpdir,
     wait_for,
 )
@@ -92,7 +93,10 @@ def _measure(claude: Path, url: str, runs: int, version: str) -> str:
         ["CLI exit → result file (shim)", ms(median(after)), ms(pct(after, 25)), ms(pct(after, 75))],
         ["**spoold's own time around the CLI** (sum)", f"**{ms(median(before) + median(after))}**", "", ""],
     ]
-    verdict = "met" if diff <= TARGET_S else "missed"
+    own = median(before) + median(after)
+    verdict = target("spoold's own time around one real `claude -p`", ms(own), f"≤ {TARGET_S * 1000:g} ms",
+                     own <= TARGET_S).rpartition(" ")[2]
+    verdict += f" for its own time (the shim rows' sum); {'met' if diff <= TARGET_S else 'missed'} for the difference"
     note = (f"Claude Code {version} against the test suite's fake Messages API on loopback, {runs} "
             f"interleaved runs each (same argv, environment and working directory). Target ≤ {TARGET_S * 1000:g} ms: "
             f"{verdict} (difference of medians). The CLI's run-to-run spread is far wider than the target, so the "

@@ -35,6 +35,15 @@ def spoold_exe() -> str:
     return str(beside) if beside.exists() else (shutil.which("spoold") or "spoold")
 
 
+TARGETS: list[tuple[str, str, str, bool]] = []  # (what, measured, goal, met), gathered for run.py's summary
+
+
+def target(what: str, measured: str, goal: str, met: bool) -> str:
+    """Record a target's verdict for the summary table and return it for the part's own table."""
+    TARGETS.append((what, measured, goal, met))
+    return f"{goal} {'met' if met else 'missed'}"
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import cli_overhead, latency, limit, scale, search, startup, throughput
-from bench.common import CORES
+from bench import cli_overhead, concurrency, latency, limit, mcp_startup, scale, search, startup, throughput
+from bench.common import CORES, TARGETS, table
 
-PARTS = {"startup": startup, "latency": latency, "throughput": throughput, "scale": scale, "limit": limit,
-         "cli": cli_overhead, "search": search}
+PARTS = {"startup": startup, "mcp": mcp_startup, "latency": latency, "throughput": throughput, "scale": scale,
+         "limit": limit, "cli": cli_overhead, "concurrency": concurrency, "search": search}
 
 
 def main() -> int:
@@ -33,6 +33,11 @@ def main() -> int:
         except Exception as e:
             text = f"### {name}\n\n(failed: {type(e).__name__}: {e})"
         print(f"{text}\n\n<sub>{name}: {time.monotonic() - t:.0f} s</sub>\n", flush=True)
+    if TARGETS:
+        met = sum(1 for *_, ok in TARGETS if ok)
+        print(f"### Targets: {met} of {len(TARGETS)} met\n")
+        print(table(["target", "measured", "goal", ""], [[w, m, g, "met" if ok else "**missed**"]
+                                                          for w, m, g, ok in TARGETS]), flush=True)
     return 0
 
 
