@@ -3,7 +3,9 @@
 Every tool is a thin call into `spoold.api` (the same functions the CLI uses);
 nothing here builds a path into the spool. Tools return pydantic models, so
 each has an output schema and structured content. Errors a model can act on
-leave as `ToolError` with the library's sentence.
+leave as `ToolError` with the library's sentence. The tool list needs only the
+records, so `spoold.api` loads at the first call: a client waits for the list
+at start (bench/mcp_startup.py holds it to a bare SDK server's pace).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -30,10 +32,14 @@ from mcp.server.mcpserver.exceptions import (
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from spoold import __version__, api, config
-from spoold.api import TaskInfo
 from spoold.config import Settings
 from spoold.errors import BadTaskId, SpooldError, TaskNotFound
+from spoold.records import TaskInfo
+
+if TYPE_CHECKING:
+    from spoold import __version__, api, config
+else:  # the library itself (the spool code) loads at the first call: see _library()
+    from spoold import __version__, config
 
 log = logging.getLogger("spoold.mcp")
 T = TypeVar("T", bound=TaskInfo)
@@ -168,6 +174,13 @@ class QueueSummary(BaseModel):
 # ---- errors --------------------------------------------------------------------
 
 
+def _library() -> None:
+    """Bind `api` (the spool code: most of what spoold imports) at the first tool call or resource read, not at
+    start; every tool and resource enters through one of the two context managers below."""
+    global api
+    from spoold import api
+
+
 def _io_message(e: OSError) -> str:
     return f"the spool could not be read or written: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
 
@@ -175,6 +188,7 @@ def _io_message(e: OSError) -> str:
 @contextmanager
 def tool_errors() -> Iterator[None]:
     """Library errors become a ToolError, the only kind whose message reaches the model."""
+    _library()
     try:
         yield
     except SpooldError as e:
@@ -185,6 +199,7 @@ def tool_errors() -> Iterator[None]:
 
 @contextmanager
 def resource_errors() -> Iterator[None]:
+    _library()
     try:
         yield
     except (BadTaskId, TaskNotFound) as e:

@@ -17,49 +17,13 @@ from typing import Any
 from spoold import config, hosts, ledger, leftovers, notify, options, owners, spool, transitions
 from spoold.config import Settings
 from spoold.errors import BadInput, InvalidState, SpoolError
+from spoold.records import TaskInfo
 from spoold.spool import Spool
 from spoold.task import Result, Task, from_user, is_failure_note, parse_result, parse_text, title_of
 from spoold.task import read as read_task
 from spoold.units import iso
 
 MAX_QUERY_BYTES_DEFAULT = 1024 * 1024
-
-
-@dataclass
-class TaskInfo:
-    """Where a task is and what is known about it; `position`/`estimated_start` only while queued."""
-
-    id: str
-    state: str
-    title: str = ""
-    model: str | None = None
-    priority: str | None = None
-    submitted_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-    not_before: str | None = None
-    attempts: int = 0
-    position: int | None = None
-    estimated_start: str | None = None
-    estimated_wait_seconds: float | None = None
-    error: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    cost_usd: float | None = None
-    duration_s: float | None = None
-    path: str = ""
-    result_path: str | None = None
-    partial_answer: str | None = None  # while it runs: the answer so far (a few seconds behind)
-    tags: list[str] = field(default_factory=list)
-    model_resolved: str | None = None
-    prompt: str | None = None  # `info` only: the task's prompt
-    input_tokens: int | None = None  # `info` only, once finished
-    output_tokens: int | None = None
-    answer_chars: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # `info` only: system, timeout, profile, effort, ...
-    history: list[dict[str, Any]] = field(default_factory=list)  # `info` only: attempts that went back, retries
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
