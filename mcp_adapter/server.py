@@ -30,7 +30,7 @@ from mcp.server.mcpserver.exceptions import (
     ToolError,
 )
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from spoold.config import Settings
 from spoold.errors import BadTaskId, SpooldError, TaskNotFound
@@ -162,6 +162,8 @@ class ConfigResult(BaseModel):
 
 
 class QueueSummary(BaseModel):
+    model_config = ConfigDict(defer_build=True)  # the queue resource's text, built at its first read: no tool returns it
+
     spool: str
     counts: dict[str, int]
     queue_held_until: str | None
@@ -491,9 +493,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spool", help="spool directory (default: $SPOOLD_DIR, else ~/async)")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    # Configured before the SDK's own basicConfig, which then leaves it alone: stderr only.
+    # Ours, to stderr only; the SDK's own basicConfig would then leave it alone, so it is skipped.
     logging.basicConfig(stream=sys.stderr, level=args.log_level, format="spoold-mcp %(levelname)s %(message)s")
+    _skip_sdk_logging()
     build_server(config.spool_root(args.spool)).run("stdio")
+
+
+def _skip_sdk_logging() -> None:
+    """MCPServer() calls the SDK's configure_logging, which imports rich (13 ms; 50 ms uncompiled) to build a
+    handler that its basicConfig then drops, the root logger having one already: a no-op we need not pay for."""
+    from mcp.server.mcpserver import server as sdk
+
+    sdk.configure_logging = lambda level="INFO": None
 
 
 if __name__ == "__main__":
