@@ -12,13 +12,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from spoold import config, hosts, ledger, leftovers, notify, options, owners, spool, transitions
+from spoold import census, config, ledger, options, owners, spool, transitions
 from spoold.config import Settings
 from spoold.errors import BadInput, InvalidState, SpoolError
 from spoold.records import TaskInfo
 from spoold.spool import Spool
+
+if TYPE_CHECKING:
+    from spoold.leftovers import Leftover
 from spoold.task import Result, Task, from_user, is_failure_note, parse_result, parse_text, title_of
 from spoold.task import read as read_task
 from spoold.units import iso
@@ -122,25 +125,30 @@ def submit(
     task.submitted_at = spool.id_time(task_id)
     task.source = source
     try:
+        before = os.stat(sp.dir("queued"))
+        counted = census.read(sp)
         transitions.enqueue(sp, task)
     except OSError as e:
         raise SpoolError(f"cannot write to the spool {sp.root} ({e.strerror or e}); free space or make it writable, "
                          "then submit again") from None
-    return _queued_info(sp, task, settings)
-
-
-def _queued_info(sp: Spool, task: Task, settings: Settings) -> TaskInfo:
-    """Info for a task just queued, from memory: a submit does not read its own file back."""
     out = TaskInfo(id=task.id, state="queued", title=title_of(task), model=task.model, priority=task.priority,
                    submitted_at=iso(task.submitted_at), not_before=iso(task.not_before), warnings=task.warnings,
                    path=str(spool.queued_path_for(sp, task.id, task.priority, task.not_before)))
-    _estimate_into(sp, out, settings)
+    position = census.place(sp, task, settings, counted, before)
+    if position is None:
+        _estimate_into(sp, out, settings)  # a listing: what every other reader does
+    else:
+        out.position = position
+        start = ledger.nth_start(sp, settings, position)
+        out.estimated_start = iso(start)
+        out.estimated_wait_seconds = round(max(0.0, start - time.time()), 1)
     return out
 
 
 def _estimate_into(sp: Spool, out: TaskInfo, settings: Settings) -> None:
     """A queued task's place and estimated start; the names before it are all that is parsed."""
     entries = spool.list_queued(sp)
+    census.keep(sp, entries)
     idx = ledger.dispatch_order(entries, settings.strategy).index_of(out.id)  # type: ignore[attr-defined]
     if idx is not None:
         _apply_estimate(out, ledger.estimate(sp, settings, entries, limit=idx + 1)[-1])
@@ -307,6 +315,7 @@ def _list_state(sp: Spool, state: str, limit: int) -> list[TaskInfo]:
     if state == "queued":
         settings = load_settings(sp)
         entries = spool.list_queued(sp)
+        census.keep(sp, entries)
         ests = ledger.estimate(sp, settings, entries, limit=limit)
         by_id = {e.task_id: e for e in ledger.dispatch_order(entries, settings.strategy)[:limit]}
         out = []
@@ -445,6 +454,8 @@ def hold(sp: Spool, settings: Settings | None = None) -> tuple[str | None, str |
 
 def notify_test(sp: Spool, target: str | None = None) -> dict[str, str | None]:
     """Send a test message to one notification target (or all): target -> None if sent, else why not."""
+    from spoold import notify  # (asyncio: a submit never pays for it)
+
     return notify.test(sp, load_settings(sp), target)
 
 
@@ -455,7 +466,7 @@ def serving(sp: Spool) -> list[dict[str, Any]]:
 
 def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     """Counts by state (from directory listings), running tasks, holds and the next start."""
-    from spoold import intake
+    from spoold import hosts, intake, leftovers, notify  # what only `status` reads: a submit imports none of it
 
     daemons = owners.serving_daemons(sp)
     here = [d for d in daemons if d["alive"]]
@@ -464,6 +475,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
                             else load_settings(sp))
     now = time.time()
     queued = spool.list_queued(sp)  # once: a deep queue is the expensive listing
+    census.keep(sp, queued)
     counts, duplicates = {}, 0
     left = leftovers.find(sp, terminal=False) + leftovers.among(sp.dir("queued"), queued.unparsed)
     for st in spool.COUNTED:
@@ -485,21 +497,20 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     )
 
 
-def _count(sp: Spool, state: str, left: list[leftovers.Leftover]) -> tuple[int, int]:
+def _count(sp: Spool, state: str, left: list[Leftover]) -> tuple[int, int]:
     """Tasks in a state, and (terminal states) the duplicate answers beside them and sync tools' leftovers
-    (added to `left`): one listing of each directory."""
-    from spoold import intake
+    (added to `left`): one listing of each directory that changed since it was last counted."""
+    from spoold import intake, leftovers
 
     if state == "running":
         return len(spool.list_running(sp)), 0
     if state == "inbox":
         return sum(1 for n in os.listdir(sp.dir("inbox")) if not intake.is_ignored(n)), 0
     tasks = duplicates = 0
-    for d in spool.terminal_dirs(sp, state):
-        names = os.listdir(d)
-        tasks += sum(1 for n in names if spool.is_task_file(n))
-        duplicates += spool.count_duplicates(names)
-        left += leftovers.among(d, names)
+    for d, n, dup, odd in census.finished(sp, state):
+        tasks += n
+        duplicates += dup
+        left += leftovers.among(d, odd)
     return tasks, duplicates
 
 

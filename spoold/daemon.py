@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from spoold import (
+    census,
     config,
     hosts,
     intake,
@@ -396,7 +397,7 @@ class Daemon:
         Claims run in a worker thread (their fsyncs must not stall the loop).
         """
         settings = self.settings
-        listing = await asyncio.to_thread(spool.list_queued, self.sp)
+        listing = await asyncio.to_thread(self._list_queued)
         self._queue_empty, self._gate = not listing, None
         entries = ledger.dispatch_order(listing, settings.strategy)
         started = 0
@@ -461,6 +462,12 @@ class Daemon:
             except OSError as e:
                 log.warning("could not queue the %s notification (%s)", kind, e.strerror or e)
             self.courier.wake.set()
+
+    def _list_queued(self) -> spool.QueuedListing:
+        """The queue for a dispatch pass; a deep one's counts are kept for the next submit (a thread's work)."""
+        listing = spool.list_queued(self.sp)
+        census.keep(self.sp, listing)
+        return listing
 
     def _claimer(self, settings: config.Settings) -> Callable[[spool.QueuedEntry, float], transitions.Claimed | None]:
         """transitions.claim, except for a task that must not start yet; it goes back to the queue with a not_before

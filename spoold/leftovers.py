@@ -65,15 +65,17 @@ def _dirs(sp: Spool, terminal: bool) -> list[Path]:
     return [d for d in out if d.is_dir()]
 
 
+def leftover_mark(name: str) -> bool:
+    """What every pattern below has and none of spoold's own names do: a space, a `~`, a leading dot or the
+    word conflict. A name without one is passed over without a regex."""
+    return " " in name or "~" in name or name[:1] == "." or "conflict" in name
+
+
 def among(directory: Path, names: list[str], now: float | None = None) -> list[Leftover]:
-    """The leftovers in one directory's listing. Every pattern has a space, a `~`, a leading dot or the word
-    conflict, none of which spoold's own names have: the rest is passed over without a regex. A temp file
+    """The leftovers in one directory's listing (only names with a leftover_mark are looked at). A temp file
     is a transfer in flight until it is an hour old (then its tool has given up on it)."""
-    joined = "\n" + "\n".join(names)
-    if not any(mark in joined for mark in (" ", "~", "\n.", "conflict")):  # the usual case, in C
-        return []
     now = time.time() if now is None else now
-    return [hit for n in names if (" " in n or "~" in n or n[:1] == "." or "conflict" in n)
+    return [hit for n in names if leftover_mark(n)
             and (hit := classify(directory, n)) is not None and (hit.kind != "temp" or _age(hit.path, now) > TEMP_AGE_S)]
 
 

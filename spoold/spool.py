@@ -38,7 +38,7 @@ TASK_STATES = ("running", "queued", *TERMINAL)  # a task's states, in the order 
 COUNTED = ("inbox", "queued", "running", *TERMINAL)  # what `status` counts
 
 ID_RE = re.compile(r"^\d{8}T\d{9}Z-[a-z2-7]{6}(?:-[a-z0-9][a-z0-9-]{0,39})?$")
-_NO_TIME = "00000000T000000Z"
+NO_TIME = "00000000T000000Z"
 _QUEUED_RE = re.compile(r"^([0-3])\.(\d{8}T\d{6}Z)\.(" + ID_RE.pattern[1:-1] + r")\.md$")  # the id checked in the same pass
 _STAMP_MS = r"\d{8}T\d{9}Z"  # YYYYmmddTHHMMSSfffZ, as in ids
 _RUNNING_RE = re.compile(r"^(" + ID_RE.pattern[1:-1] + r")\.(\d{1,6})\.(" + _STAMP_MS + r")@([A-Za-z0-9-]+)-(\d+)\.md$")
@@ -210,7 +210,7 @@ class QueuedEntry:
 
 def queued_name(task_id: str, priority: str, not_before: datetime | None) -> str:
     """`P.NOTBEFORE.ID.md`: names sort in dispatch order (priority, not_before, submission)."""
-    nb = not_before.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") if not_before else _NO_TIME
+    nb = not_before.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") if not_before else NO_TIME
     return f"{PRIORITIES[priority]}.{nb}.{task_id}.md"
 
 
@@ -223,7 +223,7 @@ def queued_id(name: str) -> str:
 
 def untimed(name: str) -> bool:
     """A valid queued name with no not_before."""
-    return name[2:18] == _NO_TIME
+    return name[2:18] == NO_TIME
 
 
 def parse_queued_name(name: str) -> QueuedEntry | None:
@@ -231,7 +231,7 @@ def parse_queued_name(name: str) -> QueuedEntry | None:
     if not m:
         return None
     try:
-        nb = None if m.group(2) == _NO_TIME else _stamp(m.group(2))
+        nb = None if m.group(2) == NO_TIME else _stamp(m.group(2))
     except ValueError:  # `20261399T...`: the shape of a queued name but no real time; not ours
         return None
     return QueuedEntry(name, int(m.group(1)), nb, m.group(3))
@@ -605,11 +605,13 @@ class QueuedListing(Sequence[QueuedEntry]):
     parsing every name cost ~0.35 s, sorting the names costs ~0.03 s.
     """
 
-    __slots__ = ("_entries", "names", "unparsed")
+    __slots__ = ("_entries", "names", "stamp", "unparsed")
 
-    def __init__(self, names: list[str], unparsed: list[str] | None = None) -> None:
+    def __init__(self, names: list[str], unparsed: list[str] | None = None,
+                 stamp: tuple[int, int] | None = None) -> None:
         self.names = names  # valid queued names, sorted
         self.unparsed = unparsed or []  # the directory's other names: foreign files, sync tools' leftovers
+        self.stamp = stamp  # queued/'s (st_mtime_ns, st_ino) just before it was listed (see spoold.census)
         self._entries: list[QueuedEntry | None] = [None] * len(names)
 
     def __len__(self) -> int:
@@ -656,91 +658,14 @@ class QueuedListing(Sequence[QueuedEntry]):
 
 
 def list_queued(sp: Spool) -> QueuedListing:
-    """The queue in dispatch order, from names alone (a file with any other name is not queued yet).
-    A deep queue's counts are kept as a census for the next `spoold submit` (see Census)."""
+    """The queue in dispatch order, from names alone (a file with any other name is not queued yet)."""
     qdir = sp.dir("queued")
     before = os.stat(qdir)
     listed = os.listdir(qdir)
     names = [n for n in listed if _QUEUED_RE.match(n) and (untimed(n) or parse_queued_name(n))]
     names.sort()
-    if len(names) >= CENSUS_MIN:
-        _keep_census(sp, names, before)
-    return QueuedListing(names, sorted(set(listed) - set(names)) if len(names) != len(listed) else None)
-
-
-CENSUS_MIN = 2_000  # below this many queued, listing them is cheaper than any cache
-CENSUS_FRESH_S = 2.0  # a census this young is near enough even if the queue changed since (claims)
-
-
-@dataclass
-class Census:
-    """How many queued tasks there are per priority, with and without a not_before: a cache of one listing
-    of queued/, so that a submit behind 100,000 knows its place without listing them (40 ms here).
-
-    Valid while queued/ has the same mtime and inode as when it was listed; any process that lists a
-    deep queue rewrites it (tmp + rename, no fsync: it is rebuilt from the directory whenever it is
-    stale). A submit that saw it valid counts itself in. Two submits in the same clock tick can leave
-    it one short until the next listing: it only feeds estimates."""
-
-    stamp: tuple[int, int]  # queued/'s (st_mtime_ns, st_ino) when it was listed
-    untimed: list[int]  # per priority digit 0-9
-    timed: list[int]
-    written: float
-
-    def exact(self, st: os.stat_result) -> bool:
-        return self.stamp == (st.st_mtime_ns, st.st_ino)
-
-
-def census_path(sp: Spool) -> Path:
-    return sp.state_dir / "cache" / "queued.json"
-
-
-def read_census(sp: Spool) -> Census | None:
-    import json
-
-    try:
-        v = json.loads(census_path(sp).read_bytes())
-        return Census((int(v["mtime_ns"]), int(v["ino"])), [int(x) for x in v["untimed"]],
-                      [int(x) for x in v["timed"]], float(v["written"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def write_census(sp: Spool, c: Census) -> None:
-    """Best effort: a census that cannot be written is only a listing the next submit makes itself."""
-    import json
-
-    path = census_path(sp)
-    tmp = path.with_name(f".{owner_tag()}.{os.urandom(4).hex()}.tmp")
-    data = json.dumps({"mtime_ns": c.stamp[0], "ino": c.stamp[1], "untimed": c.untimed, "timed": c.timed,
-                       "written": c.written}).encode()
-    try:
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-
-
-def _keep_census(sp: Spool, names: list[str], before: os.stat_result) -> None:
-    """Count a sorted listing per priority (by bisection: a name is `P.NOTBEFORE.ID.md`) and keep it, if
-    queued/ did not change while it was listed and the kept census is not this one already."""
-    import bisect
-
-    stamp = (before.st_mtime_ns, before.st_ino)
-    if sp.local.census_stamp == stamp:
-        return
-    after = os.stat(sp.dir("queued"))
-    if (after.st_mtime_ns, after.st_ino) != stamp:
-        return
-    untimed_, timed = [0] * 10, [0] * 10
-    for d in range(10):
-        lo = bisect.bisect_left(names, f"{d}.")
-        mid = bisect.bisect_left(names, f"{d}.{_NO_TIME}/")  # '/' sorts after '.', before every digit
-        hi = bisect.bisect_left(names, f"{d}/")
-        untimed_[d], timed[d] = mid - lo, hi - mid
-    write_census(sp, Census(stamp, untimed_, timed, time.time()))
-    sp.local.census_stamp = stamp
+    return QueuedListing(names, sorted(set(listed) - set(names)) if len(names) != len(listed) else None,
+                         stamp=(before.st_mtime_ns, before.st_ino))
 
 
 def list_running(sp: Spool) -> list[RunningEntry]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
-from spoold import api, ledger, spool, transitions
+from spoold import api, census, ledger, spool, transitions
 from spoold.config import Settings
 from spoold.errors import BadInput, TaskNotFound
 from spoold.task import Result
@@ -74,3 +75,53 @@ def test_a_task_file_copied_back_from_failed_starts_afresh(sp: spool.Spool) -> N
     assert (info.attempts, info.error, info.started_at, info.finished_at, info.model) == (0, None, None, None, "opus")
     assert ti.id != "20260101T000000000Z-abcdef"
     assert any("`attempts` is spoold's own key" in w for w in info.warnings)
+
+
+def test_a_submit_into_a_deep_queue_takes_its_place_from_the_census(sp: spool.Spool, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    """The census a listing leaves gives the same place and start as a listing, and follows every submit;
+    a change it did not see (a task claimed or removed by hand) makes the next submit list again."""
+    monkeypatch.setattr(census, "QUEUE_MIN", 5)
+    monkeypatch.setattr(census, "QUIET_NS", 0)
+    for i in range(6):
+        api.submit(sp, f"question {i}")
+    api.submit(sp, "urgent one", priority="high")
+    census.keep(sp, spool.list_queued(sp))  # as the daemon or `status` does
+    assert census.read(sp) is not None
+    calls: list[int] = []
+    real = spool.list_queued
+    monkeypatch.setattr(spool, "list_queued", lambda s: calls.append(1) or real(s))
+    for i in range(3):
+        ti = api.submit(sp, f"more {i}")
+        assert calls == [], "a submit with a valid census listed the queue"
+        by_listing = api.info(sp, ti.id)
+        assert (ti.position, ti.estimated_start) == (by_listing.position, by_listing.estimated_start)
+        calls.clear()
+    assert ti.position == 10
+    first = spool.list_queued(sp)[0]
+    os.unlink(sp.dir("queued") / first.name)  # not seen by the census
+    monkeypatch.setattr(census, "FRESH_S", 0.0)
+    ti = api.submit(sp, "after a change")
+    assert calls, "a stale census was trusted"
+    assert ti.position == 10 == api.info(sp, ti.id).position
+
+
+def test_status_counts_a_finished_partition_once_until_it_changes(sp: spool.Spool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status` over a month of finished tasks lists only the partitions that changed since it last counted."""
+    monkeypatch.setattr(census, "QUIET_NS", 0)
+    day = sp.dir("done") / "2026-01-01"
+    day.mkdir()
+    for i in range(3):
+        (day / f"20260101T00000{i}000Z-aaaaa{i}-x.md").write_text("t")
+        (day / f"20260101T00000{i}000Z-aaaaa{i}-x.result.md").write_text("r")
+    (day / "20260101T000000000Z-aaaaa0-x.sync-conflict-20260101-000000-ABCDEFG.result.md").write_text("r")
+    assert api.status(sp).counts["done"] == 3
+    listed: list[str] = []
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda d: listed.append(str(d)) or real(d))
+    first = api.status(sp)
+    assert first.counts["done"] == 3 and str(day) not in listed, "an unchanged partition was listed again"
+    assert any("sync-conflict" in x for x in first.leftovers), "its leftover is still reported"
+    (day / "20260101T000009000Z-aaaaa9-x.md").write_text("t")
+    assert api.status(sp).counts["done"] == 4 and str(day) in listed
