@@ -49,12 +49,8 @@ class Census:
         return self.stamp == (st.st_mtime_ns, st.st_ino)
 
 
-def _path(sp: Spool, name: str) -> Path:
-    return sp.state_dir / "cache" / name
-
-
 def _write(sp: Spool, name: str, value: object) -> None:
-    path = _path(sp, name)
+    path = spool.cache_path(sp, name)
     tmp = path.with_name(f".{spool.owner_tag()}.{os.urandom(4).hex()}.tmp")
     try:
         path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -66,7 +62,7 @@ def _write(sp: Spool, name: str, value: object) -> None:
 
 def _read(sp: Spool, name: str) -> Any:
     try:
-        return json.loads(_path(sp, name).read_bytes())
+        return json.loads(spool.cache_path(sp, name).read_bytes())
     except (OSError, ValueError):
         return None
 

@@ -909,6 +909,11 @@ def spool_path(sp: Spool, rel: str) -> Path:
     return sp.root / rel
 
 
+def cache_path(sp: Spool, name: str) -> Path:
+    """`.spoold/cache/NAME`: counts any process may rebuild from a listing (spoold.census); never synced."""
+    return sp.state_dir / "cache" / name
+
+
 def ledger_dir(sp: Spool) -> Path:
     return sp.state_dir / "ledger"
 
