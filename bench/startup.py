@@ -1,11 +1,15 @@
-"""`spoold submit` start-up: its wall time next to `python -c pass`, interleaved in the same run."""
+"""`spoold submit` start-up: its wall time next to `python -c pass`, interleaved in the same run, from a
+regular install (as pip or pipx leaves it) and from this checkout's editable one."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
+import sysconfig
 import time
+from pathlib import Path
 
-from bench.common import PY, child_env, median, ms, new_spool, spoold_exe, table, target, tmpdir
+from bench.common import PY, ROOT, child_env, median, ms, new_spool, spoold_exe, table, target, tmpdir
 
 TARGET_RATIO = 2.0
 FORBIDDEN = ("mcp", "watchfiles", "filelock", "asyncio")  # a submit needs none of them
@@ -24,26 +28,53 @@ def _imports_of_submit(env: dict[str, str]) -> list[str]:
     return out.rpartition('IMPORTS:')[2].split()
 
 
+def _regular_install(base: Path) -> str:
+    """This checkout built as a wheel and installed (no editable import hook) in a venv of its own; its
+    dependencies are this environment's, seen through a .pth line (which runs no .pth files inside)."""
+    wheels = base / "wheel"
+    subprocess.run([PY, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)], check=True,
+                   capture_output=True)
+    venv = base / "venv"
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    subprocess.run([PY, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index",
+                    *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    (Path(site) / "spoold-bench-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return str(venv / "bin" / "spoold")
+
+
 def run(quick: bool) -> str:
     runs = 15 if quick else 40
     with tmpdir("startup") as base:
         env = child_env(SPOOLD_DIR=str(new_spool(base)))
-        submit = [spoold_exe(), "submit", "what is a spool?"]
-        baseline = [PY, "-c", "pass"]
+        try:
+            regular: str | None = _regular_install(base)
+        except (subprocess.CalledProcessError, OSError) as e:
+            print(f"startup: no regular install ({e}); the editable one only", file=sys.stderr)
+            regular = None
+        commands = {"`python -c pass`": [PY, "-c", "pass"], "editable": [spoold_exe(), "submit", "what is a spool?"]}
+        if regular:
+            commands["regular"] = [regular, "submit", "what is a spool?"]
         for _ in range(3):  # warm the page cache and write .pyc files, as on an installed system
-            _wall(baseline, env), _wall(submit, env)
-        py, sub = [], []
+            for argv in commands.values():
+                _wall(argv, env)
+        times: dict[str, list[float]] = {k: [] for k in commands}
         for _ in range(runs):
-            py.append(_wall(baseline, env))
-            sub.append(_wall(submit, env))
+            for k, argv in commands.items():
+                times[k].append(_wall(argv, env))
         heavy = _imports_of_submit(env)
-    ratio = median(sub) / median(py)
-    rows = [
-        ["`python -c pass`", ms(median(py)), "1.00×", ""],
-        ["`spoold submit \"...\"`", ms(median(sub)), f"{ratio:.2f}×",
-         target("`spoold submit` start-up ÷ `python -c pass`", f"{ratio:.2f}×", f"≤ {TARGET_RATIO:g}×",
-                ratio <= TARGET_RATIO)],
-    ]
-    note = (f"Median of {runs} interleaved runs each. Modules a submit imports from "
-            f"{{{', '.join(FORBIDDEN)}}}: {', '.join(heavy) or 'none'}.")
+    base_s = median(times["`python -c pass`"])
+    rows = [["`python -c pass`", ms(base_s), "1.00×", ""]]
+    for k, label in (("regular", "`spoold submit \"...\"`, a regular install (pip, pipx)"),
+                     ("editable", "`spoold submit \"...\"`, this checkout's editable install")):
+        if k in times:
+            ratio = median(times[k]) / base_s
+            verdict = target("`spoold submit` start-up ÷ `python -c pass`", f"{ratio:.2f}×", f"≤ {TARGET_RATIO:g}×",
+                             ratio <= TARGET_RATIO) if k == ("regular" if regular else "editable") else ""
+            rows.append([label, ms(median(times[k])), f"{ratio:.2f}×", verdict])
+    note = (f"Median of {runs} interleaved runs each; the target is judged on the regular install (an editable "
+            "install adds setuptools' import hook, about 10 ms, that users never have). Modules a submit imports "
+            f"from {{{', '.join(FORBIDDEN)}}}: {', '.join(heavy) or 'none'}.")
     return "### `spoold submit` start-up\n\n" + table(["command", "wall time", "ratio", "target"], rows) + "\n\n" + note
