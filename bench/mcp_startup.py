@@ -12,7 +12,7 @@ import anyio
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from bench.common import PY, ROOT, child_env, median, ms, new_spool, table, tmpdir
+from bench.common import PY, ROOT, child_env, median, ms, new_spool, table, target, tmpdir
 
 TARGET_RATIO = 1.15
 WARM_UPS = 3  # writes the .pyc files and fills the page cache, as on an installed system
@@ -83,7 +83,9 @@ def run(quick: bool) -> str:
     for name in servers:
         w, c = median(warm[name]) / median(warm[bare]), median(cold[name]) / median(cold[bare])
         verdict = "" if name == bare else " / ".join(
-            f"{kind} {'met' if r <= TARGET_RATIO else 'missed'}" for kind, r in (("warm", w), ("cold", c)))
+            f"{kind} " + target(f"`spoold-mcp` spawn → `tools/list` ÷ a bare SDK server, {kind} bytecode cache",
+                                f"{r:.2f}×", f"≤ {TARGET_RATIO:g}×", r <= TARGET_RATIO).rpartition(" ")[2]
+            for kind, r in (("warm", w), ("cold", c)))
         rows.append([name, ms(median(warm[name])), f"{w:.2f}×", ms(median(cold[name])), f"{c:.2f}×",
                      f"≤ {TARGET_RATIO:g}× {verdict}" if verdict else ""])
     note = (f"Spawn until `tools/list` is answered (after `initialize`), through the SDK's stdio client; median of "
