@@ -125,16 +125,15 @@ def submit(
     task.submitted_at = spool.id_time(task_id)
     task.source = source
     try:
-        before = os.stat(sp.dir("queued"))
-        counted = census.read(sp)
-        transitions.enqueue(sp, task)
+        with census.submitting(sp) as seen:
+            transitions.enqueue(sp, task)
+            position = census.place(sp, task, settings, seen)
     except OSError as e:
         raise SpoolError(f"cannot write to the spool {sp.root} ({e.strerror or e}); free space or make it writable, "
                          "then submit again") from None
     out = TaskInfo(id=task.id, state="queued", title=title_of(task), model=task.model, priority=task.priority,
                    submitted_at=iso(task.submitted_at), not_before=iso(task.not_before), warnings=task.warnings,
                    path=str(spool.queued_path_for(sp, task.id, task.priority, task.not_before)))
-    position = census.place(sp, task, settings, counted, before)
     if position is None:
         _estimate_into(sp, out, settings)  # a listing: what every other reader does
     else:

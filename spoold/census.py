@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,26 +29,26 @@ from spoold.task import Task
 
 QUEUE_MIN = 2_000  # below this many queued, listing them is cheaper than any cache
 FRESH_S = 2.0  # a queue count this young is near enough even if the queue moved since (the daemon claims)
+CARRIED_S = 60.0  # how long counts carried forward by submits (not by a listing) are trusted at all
 QUIET_NS = 100_000_000  # a directory changed this recently may change again within its mtime's clock tick
 
 
 def _settled(st: os.stat_result) -> bool:
-    """Whether a count made now can be trusted later: a name added within the same tick as the last change
-    would leave the mtime as it was."""
-    return time.time_ns() - st.st_mtime_ns > QUIET_NS
+    """Whether a count made now can be trusted later: a name added within the same clock tick as the last
+    change would leave the mtime as it was (a whole-second mtime: a filesystem that keeps only seconds)."""
+    quiet = QUIET_NS if st.st_mtime_ns % 1_000_000_000 else 2_000_000_000
+    return time.time_ns() - st.st_mtime_ns > quiet
 
 
 @dataclass
 class Census:
     """How many queued tasks there are per priority digit, with and without a not_before."""
 
-    stamp: tuple[int, int]  # queued/'s (st_mtime_ns, st_ino) when it was counted
+    stamp: tuple[int, int, int]  # queued/'s spool.dir_stamp when these counts were true
     untimed: list[int]
     timed: list[int]
     written: float
-
-    def exact(self, st: os.stat_result) -> bool:
-        return self.stamp == (st.st_mtime_ns, st.st_ino)
+    listed: float  # when the listing they come from was made (later submits carry them forward)
 
 
 def _write(sp: Spool, name: str, value: object) -> None:
@@ -70,15 +72,16 @@ def _read(sp: Spool, name: str) -> Any:
 def read(sp: Spool) -> Census | None:
     v = _read(sp, "queued.json")
     try:
-        return Census((int(v["mtime_ns"]), int(v["ino"])), [int(x) for x in v["untimed"]],
-                      [int(x) for x in v["timed"]], float(v["written"]))
+        m, c, ino = (int(x) for x in v["stamp"])
+        return Census((m, c, ino), [int(x) for x in v["untimed"]], [int(x) for x in v["timed"]],
+                      float(v["written"]), float(v["listed"]))
     except (KeyError, TypeError, ValueError):
         return None
 
 
 def _save(sp: Spool, c: Census) -> None:
-    _write(sp, "queued.json", {"mtime_ns": c.stamp[0], "ino": c.stamp[1], "untimed": c.untimed, "timed": c.timed,
-                               "written": c.written})
+    _write(sp, "queued.json", {"stamp": list(c.stamp), "untimed": c.untimed, "timed": c.timed,
+                               "written": c.written, "listed": c.listed})
     sp.local.census_stamp = c.stamp
 
 
@@ -88,7 +91,7 @@ def keep(sp: Spool, listing: QueuedListing) -> None:
     if len(listing) < QUEUE_MIN or listing.stamp is None or sp.local.census_stamp == listing.stamp:
         return
     after = os.stat(sp.dir("queued"))
-    if (after.st_mtime_ns, after.st_ino) != listing.stamp or not _settled(after):
+    if spool.dir_stamp(after) != listing.stamp or not _settled(after):
         return
     names, untimed, timed = listing.names, [0] * 10, [0] * 10
     for d in range(10):
@@ -96,31 +99,58 @@ def keep(sp: Spool, listing: QueuedListing) -> None:
         mid = bisect.bisect_left(names, f"{d}.{spool.NO_TIME}/")  # '/' sorts after '.', before any digit
         hi = bisect.bisect_left(names, f"{d}/")
         untimed[d], timed[d] = mid - lo, hi - mid
-    _save(sp, Census(listing.stamp, untimed, timed, time.time()))
+    now = time.time()
+    _save(sp, Census(listing.stamp, untimed, timed, now, now))
 
 
-def place(sp: Spool, task: Task, settings: Settings, census: Census | None, before: os.stat_result) -> int | None:
-    """A task just queued: its place from the census read before it went in, instead of a listing. Exact
-    when the census matched queued/ then (and it counts this task in, for the next submit); near enough
-    when a second or two old (claims moved the queue on since). None: the caller lists instead.
+@dataclass
+class Seen:
+    """What a submit saw just before its task went in: queued/'s stat and the census then."""
 
-    Two submits in the same clock tick can leave the count one short until the next listing: it only
-    feeds estimates."""
-    if census is None or settings.strategy != "priority" or task.not_before is not None:
+    before: os.stat_result
+    census: Census | None
+
+
+@contextlib.contextmanager
+def submitting(sp: Spool) -> Iterator[Seen]:
+    """Around one submit's enqueue: submits take turns (an flock on the cache's own lock), so each one
+    that finds the census exact can count itself in, and the next finds it exact in turn."""
+    fd = None
+    with contextlib.suppress(OSError):
+        lock = spool.cache_path(sp, "queued.lock")
+        lock.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield Seen(os.stat(sp.dir("queued")), read(sp))
+    finally:
+        if fd is not None:
+            os.close(fd)  # the flock goes with it
+
+
+def place(sp: Spool, task: Task, settings: Settings, seen: Seen) -> int | None:
+    """A task just queued: its place from the census seen before it went in, instead of a listing. Exact
+    when that census matched queued/ then (and then it counts this task in, for the next submit); near
+    enough when a second or two old (the daemon's claims moved the queue on since). None: list instead.
+
+    A claim between a submit's two looks at queued/ is counted as still queued, one place too many, by
+    the counts carried forward; they are trusted for CARRIED_S after the listing they come from."""
+    c = seen.census
+    if c is None or settings.strategy != "priority" or task.not_before is not None:
         return None
     p = spool.PRIORITIES[task.priority]
-    if any(census.timed[: p + 1]) or sum(census.untimed) < QUEUE_MIN:
+    if any(c.timed[: p + 1]) or sum(c.untimed) < QUEUE_MIN:
         return None  # a not_before ahead of us: its place depends on the time
-    exact = census.exact(before)
-    if not exact and time.time() - census.written > FRESH_S:
+    now = time.time()
+    exact = c.stamp == spool.dir_stamp(seen.before)
+    if (not exact and now - c.written > FRESH_S) or now - c.listed > CARRIED_S:
         return None
-    ahead = sum(census.untimed[: p + 1])
+    ahead = sum(c.untimed[: p + 1])
     if exact:
         with contextlib.suppress(OSError):
-            st = os.stat(sp.dir("queued"))
-            census.untimed[p] += 1
-            census.stamp, census.written = (st.st_mtime_ns, st.st_ino), time.time()
-            _save(sp, census)
+            c.stamp, c.written = spool.dir_stamp(os.stat(sp.dir("queued"))), now
+            c.untimed[p] += 1
+            _save(sp, c)
     return ahead + 1
 
 
@@ -136,7 +166,7 @@ def finished(sp: Spool, state: str) -> list[tuple[Path, int, int, list[str]]]:
             st = os.stat(d)
         except FileNotFoundError:
             continue
-        stamp = [st.st_mtime_ns, st.st_ino]
+        stamp = list(spool.dir_stamp(st))
         old = kept.get(d.name)
         if isinstance(old, list) and len(old) == 4 and old[0] == stamp:
             counts = old

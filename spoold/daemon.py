@@ -23,6 +23,7 @@ from pathlib import Path
 from spoold import (
     census,
     config,
+    durability,
     hosts,
     intake,
     ledger,
@@ -155,11 +156,19 @@ class Daemon:
         return 0
 
     async def _committing(self) -> None:
-        """Group commit (`durability: batch`): one flush every commit_interval_ms for whatever the threads wrote
-        meanwhile, instead of an fsync or two per file. A kill -9 loses nothing (the page cache outlives us);
-        a power cut may undo the last interval, which recovery handles like any crash."""
+        """Group commit (`durability: batch`, spoold.durability): one flush every commit_interval_ms for what the
+        threads wrote meanwhile, instead of an fsync or two per file; on a filesystem where that could lose
+        more than the interval, full durability, said once."""
+        unsafe: str | bool | None = False  # not looked at yet
         while not self.stopping.is_set():
-            self.sp.local.batch = batch = self.settings.durability == "batch"  # a reload may change it
+            batch = self.settings.durability == "batch"  # a reload may change it
+            if batch and unsafe is False:
+                unsafe = await asyncio.to_thread(durability.problem, self.sp.root)
+                if unsafe:
+                    log.warning("durability: batch is off: %s; every write is fsynced as it happens", unsafe)
+            self.sp.local.batch = batch = batch and not unsafe
+            if not batch and self.sp.local.dirty:  # switched off by a reload: what it left, flushed now
+                await asyncio.to_thread(self._commit)
             with contextlib.suppress(TimeoutError):  # full durability: only a reload can make work here
                 await asyncio.wait_for(self.stopping.wait(), self.settings.commit_interval_ms / 1000 if batch else 5.0)
             if self.sp.local.dirty:
@@ -167,7 +176,7 @@ class Daemon:
 
     def _commit(self) -> None:
         try:
-            spool.commit(self.sp)
+            durability.commit(self.sp)
         except OSError as e:  # the next interval tries again; until then the writes are as safe as a kill's
             log.warning("group commit failed (%s); trying again", e.strerror or e)
 

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, overload
 
+from spoold import durability
 from spoold.errors import BadTaskId, SpoolError, TaskNotFound
 
 STATES = ("inbox", "tmp", "queued", "running", "done", "failed", "cancelled")
@@ -60,7 +61,7 @@ class Local:
     peers: bool = False  # other hosts serve this spool over a sync tool: finishes look for an answer from elsewhere
     batch: bool = False  # `durability: batch`: this process skips its fsyncs; `commit` makes them up, for many at once
     dirty: bool = False  # something was written, not yet flushed, since the last commit
-    census_stamp: tuple[int, int] | None = None  # the queued/ listing whose census we last wrote
+    census_stamp: tuple[int, int, int] | None = None  # the queued/ listing whose census we last wrote
     dirs: dict[str, Path] = field(default_factory=dict)  # Spool.dir's paths, made once
     in_touch_until: float = float("inf")  # until when our view vouches that no other host can be running our tasks
 
@@ -401,56 +402,6 @@ def fsync_dir(path: Path, sp: Spool | None = None) -> None:
         os.close(fd)
 
 
-def commit(sp: Spool) -> bool:
-    """Group commit: flush everything written since the last commit with one syncfs(2) of the spool's
-    filesystem (os.sync where there is none). False when nothing was waiting."""
-    if not sp.local.dirty:
-        return False
-    sp.local.dirty = False  # first: a write during the flush marks the next commit
-    syncfs = _libc_fn("syncfs")
-    if syncfs is None:
-        os.sync()
-        return True
-    fd = os.open(sp.root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if syncfs(fd) != 0:
-            import ctypes
-
-            err = ctypes.get_errno()
-            sp.local.dirty = True
-            raise OSError(err, os.strerror(err), str(sp.root))
-    finally:
-        os.close(fd)
-    return True
-
-
-def _start_writeback(fd: int) -> None:
-    """Group commit: send a new file's bytes to the disk now, without waiting. Its name is linked right
-    after, and ext4 (data=ordered) commits no name before data already on its way; without this, a
-    commit could carry the name of a file whose bytes were still only in memory: an empty file."""
-    fn = _libc_fn("sync_file_range")
-    if fn is None or fn(fd, 0, 0, 2) != 0:
-        os.fdatasync(fd)
-
-
-@functools.cache
-def _libc_fn(name: str) -> Any:
-    """A libc function by name (Linux), with the argument types spoold calls it with; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = {"syncfs": [ctypes.c_int],
-                   "sync_file_range": [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]}[name]
-    return fn
-
-
-
-
 def _write_tmp(sp: Spool, data: bytes) -> Path:
     tmp = sp.dir("tmp") / f"{owner_tag()}.{os.urandom(6).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -460,7 +411,7 @@ def _write_tmp(sp: Spool, data: bytes) -> Path:
             view = view[os.write(fd, view) :]
             fault("write:partial")
         if sp.local.batch:
-            _start_writeback(fd)
+            durability.start_writeback(fd)
             sp.local.dirty = True
         else:
             os.fsync(fd)
@@ -608,10 +559,10 @@ class QueuedListing(Sequence[QueuedEntry]):
     __slots__ = ("_entries", "names", "stamp", "unparsed")
 
     def __init__(self, names: list[str], unparsed: list[str] | None = None,
-                 stamp: tuple[int, int] | None = None) -> None:
+                 stamp: tuple[int, int, int] | None = None) -> None:
         self.names = names  # valid queued names, sorted
         self.unparsed = unparsed or []  # the directory's other names: foreign files, sync tools' leftovers
-        self.stamp = stamp  # queued/'s (st_mtime_ns, st_ino) just before it was listed (see spoold.census)
+        self.stamp = stamp  # queued/'s dir_stamp just before it was listed (see spoold.census)
         self._entries: list[QueuedEntry | None] = [None] * len(names)
 
     def __len__(self) -> int:
@@ -665,7 +616,13 @@ def list_queued(sp: Spool) -> QueuedListing:
     names = [n for n in listed if _QUEUED_RE.match(n) and (untimed(n) or parse_queued_name(n))]
     names.sort()
     return QueuedListing(names, sorted(set(listed) - set(names)) if len(names) != len(listed) else None,
-                         stamp=(before.st_mtime_ns, before.st_ino))
+                         stamp=dir_stamp(before))
+
+
+def dir_stamp(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells a directory's listing from any later one: its mtime, its ctime (which no tool can set
+    back, as rsync -a or touch set an mtime) and its inode (a directory replaced)."""
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 def list_running(sp: Spool) -> list[RunningEntry]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from spoold import spool
+from spoold import durability, spool
 from spoold.errors import BadTaskId, SpoolError, TaskNotFound
 
 
@@ -189,12 +190,18 @@ def test_group_commit_defers_every_fsync_to_one_flush(sp: spool.Spool, monkeypat
     synced: list[int] = []
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
     sp.local.batch = True
-    assert spool.commit(sp) is False  # nothing written: no flush
+    assert durability.commit(sp) is False  # nothing written: no flush
     path = spool.write_new(sp, sp.dir("queued") / "x.md", b"hello")
     spool.move(path, sp.dir("running") / "x.md", sp=sp)
     assert synced == [] and sp.local.dirty
-    assert spool.commit(sp) is True and not sp.local.dirty
+    assert durability.commit(sp) is True and not sp.local.dirty
     assert (sp.dir("running") / "x.md").read_bytes() == b"hello"
     sp.local.batch = False
     spool.write_new(sp, sp.dir("queued") / "y.md", b"again")
     assert len(synced) == 2  # full durability: the file and its directory
+
+
+def test_group_commit_is_refused_where_a_power_cut_could_undo_more() -> None:
+    """Only ext4 with its journal, data=ordered, keeps names behind their bytes; anything else says why."""
+    why = durability.problem(Path("/proc"))
+    assert why is not None and "proc" in why
