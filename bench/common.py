@@ -70,12 +70,35 @@ def ms(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def tmpdir(prefix: str) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix=f"spoold-bench-{prefix}-"))
+def tmpdir(prefix: str, under: Path | None = None) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix=f"spoold-bench-{prefix}-", dir=under))
     try:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def journaled_fs(size_mb: int = 2048) -> Iterator[Path | None]:
+    """A fresh ext4 with its journal (data=ordered) on a loop device, where group commit is on; None where
+    it cannot be made (not root, no loop devices): then `durability: batch` falls back to full."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        yield None
+        return
+    base = Path(tempfile.mkdtemp(prefix="spoold-bench-fs-"))
+    image, mnt = base / "disk.img", base / "mnt"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    mounted = False
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+        mounted = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True).returncode == 0
+        yield mnt if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def new_spool(base: Path, **config: object) -> Path:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import (
@@ -14,6 +15,7 @@ from bench.common import (
     Daemon,
     count_results,
     drop,
+    journaled_fs,
     lines,
     median,
     new_spool,
@@ -26,18 +28,19 @@ from bench.common import (
 MARK = ["sh", "-c", 'date +%s.%N >> "$0"; : > "$1"']  # nq/tsp: same start stamp, plus a file when it ends
 
 
-def _spoold(n: int, conc: int, durability: str = "full") -> float:
-    with tmpdir("tput-spoold") as base:
+def _spoold(n: int, conc: int, durability: str = "full", under: Path | None = None) -> float:
+    with tmpdir("tput-spoold", under) as base:
         starts = base / "starts"
         root = new_spool(base, backend="command", command=[*NOOP, str(starts)], concurrency=conc,
                          max_requests=1_000_000, window_minutes=60, durability=durability)
-        with Daemon(root):
+        with Daemon(root) as d:
             t0 = time.perf_counter()
             for i in range(n):
                 drop(root, f"t{i:05d}.md", f"task {i}\n")
             wait_for(lambda: count_results(root) >= n, 600, "all results", poll=0.01)
             elapsed = time.perf_counter() - t0
         assert len(lines(starts)) == n, "every task ran once"
+        assert durability != "batch" or under is None or "batch is off" not in d.log_path.read_text(), "no batch"
     return n / elapsed
 
 
@@ -45,9 +48,9 @@ def _wait_marks(marks: Path, n: int) -> None:
     wait_for(lambda: len(os.listdir(marks)) >= n, 600, "all jobs", poll=0.01)
 
 
-def _nq(n: int, conc: int) -> float:
+def _nq(n: int, conc: int, under: Path | None = None) -> float:
     """nq runs one job at a time per queue directory; concurrency c is c directories, filled round-robin."""
-    with tmpdir("tput-nq") as base:
+    with tmpdir("tput-nq", under) as base:
         marks = base / "marks"
         marks.mkdir()
         dirs = [base / f"q{k}" for k in range(conc)]
@@ -65,8 +68,8 @@ def _nq(n: int, conc: int) -> float:
     return n / elapsed
 
 
-def _tsp(n: int, conc: int) -> float:
-    with tmpdir("tput-tsp") as base:
+def _tsp(n: int, conc: int, under: Path | None = None) -> float:
+    with tmpdir("tput-tsp", under) as base:
         marks = base / "marks"
         marks.mkdir()
         env = dict(os.environ, TS_SOCKET=str(base / "socket"), TMPDIR=str(base), TS_MAXFINISHED=str(n + 10),
@@ -97,7 +100,7 @@ def _durable(path: str, data: bytes) -> None:
     os.close(fd)
 
 
-def _floor(n: int, conc: int) -> float:
+def _floor(n: int, conc: int, under: Path | None = None) -> float:
     """spoold's file protocol (format 2) for n tasks, replayed with nothing else: no parsing, no daemon, no asyncio.
 
     The same creates, fsyncs and renames per task as spoold does (intake batched as for a bulk
@@ -105,7 +108,7 @@ def _floor(n: int, conc: int) -> float:
     in `conc` threads: what any program that keeps spoold's promises pays on this disk, and so
     the ceiling for spoold.
     """
-    with tmpdir("tput-floor") as base:
+    with tmpdir("tput-floor", under) as base:
         d = {k: str(base / k) for k in ("inbox", "tmp", "queued", "running", "done", "ledger")}
         for p in d.values():
             os.mkdir(p)
@@ -161,15 +164,24 @@ def run(quick: bool) -> str:
     n = 1000
     repeats = 1 if quick else 3
     peers = {"nq": _nq, "tsp": _tsp} if shutil.which("nq") and shutil.which("tsp") else {}
+    with journaled_fs() as fs:
+        rows = _rows(n, repeats, peers, fs)
+    headers = ["concurrency", "spoold tasks/s", "durable floor tasks/s (spoold ÷ floor)", "spoold batch tasks/s",
+               *[f"{k} tasks/s" for k in peers], "target: ≥ 0.9× floor", *(["target: batch ≥ faster peer"] if peers else [])]
+    note = _note(n, repeats, peers, fs)
+    return "### Throughput\n\n" + table(headers, rows) + "\n\n" + note
+
+
+def _rows(n: int, repeats: int, peers: dict[str, Callable[..., float]], fs: Path | None) -> list[list[str]]:
     rows = []
     for conc in (1, 4):
         rates: dict[str, list[float]] = {"spoold": [], "batch": [], "floor": [], **{k: [] for k in peers}}
         for _ in range(repeats):  # interleaved, so a noisy moment hits every tool alike
-            rates["spoold"].append(_spoold(n, conc))
-            rates["batch"].append(_spoold(n, conc, "batch"))
-            rates["floor"].append(_floor(n, conc))
+            rates["spoold"].append(_spoold(n, conc, under=fs))
+            rates["batch"].append(_spoold(n, conc, "batch", under=fs))
+            rates["floor"].append(_floor(n, conc, under=fs))
             for name, fn in peers.items():
-                rates[name].append(fn(n, conc))
+                rates[name].append(fn(n, conc, under=fs))
         med = {k: median(v) for k, v in rates.items()}
         best = max((med[k] for k in peers), default=float("nan"))
         to_floor, to_best = med["spoold"] / med["floor"], med["batch"] / best
@@ -181,9 +193,14 @@ def run(quick: bool) -> str:
             row.append(target(f"throughput, concurrency {conc}: `durability: batch` ÷ faster of nq and tsp",
                               f"{to_best:.2f}×", "≥ 1.0×", to_best >= 1.0))
         rows.append(row)
-    headers = ["concurrency", "spoold tasks/s", "durable floor tasks/s (spoold ÷ floor)", "spoold batch tasks/s",
-               *[f"{k} tasks/s" for k in peers], "target: ≥ 0.9× floor", *(["target: batch ≥ faster peer"] if peers else [])]
-    note = (f"{n} trivial tasks per run, median of {repeats} interleaved run(s). spoold: files dropped into `inbox/` "
+    return rows
+
+
+def _note(n: int, repeats: int, peers: dict[str, Callable[..., float]], fs: Path | None) -> str:
+    where = ("every tool on one fresh ext4 with its journal (data=ordered), on a loop device backed by a file, "
+             "where group commit is on" if fs is not None else
+             "the temporary directory's filesystem (no loop device here: `durability: batch` may fall back to full)")
+    note = (f"Spool and queues on {where}. "f"{n} trivial tasks per run, median of {repeats} interleaved run(s). spoold: files dropped into `inbox/` "
             "with the daemon already running, `command` backend, every task fsynced and a result file written; "
             "the clock runs from the first drop to the last result file. nq/tsp: one `nq`/`tsp` call per job "
             "(their way to submit), until the last job's end marker exists; neither fsyncs. nq has no slots, so "
@@ -196,4 +213,4 @@ def run(quick: bool) -> str:
              "The gap from spoold to it is spoold's Python; the gap from it to the peers is the fsyncs.")
     if not peers:
         note += " nq and tsp are not installed (`apt-get install nq task-spooler`): no ratios."
-    return "### Throughput\n\n" + table(headers, rows) + "\n\n" + note
+    return note
