@@ -545,15 +545,27 @@ def nth_start(sp: Spool, settings: Settings, position: int, *, now: float | None
                          settings.window_minutes * 60, settings.min_interval_s)
 
 
+def _earliest(floor: float, workers: list[float], starts: list[float], n: int, w: float, gap: float) -> float:
+    """The next start the rules allow: a free worker (the heap's first), the window (the start n places
+    back, plus w), the spacing after the last start, and the floor (holds)."""
+    t = max(floor, workers[0])
+    if len(starts) >= n:
+        t = max(t, starts[-n] + w)
+    if gap and starts:
+        t = max(t, starts[-1] + gap)
+    return t
+
+
 def untimed_start(position: int, floor: float, workers: list[float], starts: list[float], dur: float, c: int,
-                  n: int, w: float, gap: float) -> float:
+                  n: int, w: float, gap: float, *, jump: bool = True) -> float:
     """The start of the `position`-th of tasks that are all free to start, by the rules' recurrence
 
         t_k = max(floor, t_(k-c) + dur, t_(k-n) + w, t_(k-1) + gap)
 
     (workers, window, spacing; the first terms from the running tasks and the window's starts). It is
     max-plus linear, so it becomes periodic: after a transient, every P starts take P x lambda, lambda
-    the slowest of dur/c, w/n and gap. Simulated until that shows, then extended in one step, exactly."""
+    the slowest of dur/c, w/n and gap. Simulated until that shows, then extended in one step, exactly
+    (`jump=False` walks every start: what the tests hold the jump to)."""
     workers, starts = list(workers), list(starts)
     window_binds = len(starts) + position > n  # within the first n starts the window never waits
     rates = [(c, dur / c)] + ([(n, w / n)] if window_binds else []) + ([(1, gap)] if gap else [])
@@ -564,15 +576,11 @@ def untimed_start(position: int, floor: float, workers: list[float], starts: lis
     first = len(starts)
     t = floor
     for k in range(position):
-        t = max(floor, workers[0])
-        if len(starts) >= n:
-            t = max(t, starts[-n] + w)
-        if gap and starts:
-            t = max(t, starts[-1] + gap)
+        t = _earliest(floor, workers, starts, n, w, gap)
         starts.append(t)
         heapq.heapreplace(workers, t + dur)
         done = k + 1
-        if done >= enough and done % period == 0 and done < position:
+        if jump and done >= enough and done % period == 0 and done < position:
             tail = starts[first:]
             step = period * lam
             if all(abs(tail[-1 - i] - tail[-1 - i - period] - step) <= 1e-6 * max(1.0, step) for i in range(span)):
@@ -611,11 +619,7 @@ def estimate(
                         for pos, e in enumerate(full[:limit] if limit is not None else full, 1))
     out: list[Estimate] = []
     while pending:
-        t = max(floor, workers[0])
-        if len(starts) >= n:
-            t = max(t, starts[-n] + w)
-        if gap and starts:
-            t = max(t, starts[-1] + gap)
+        t = _earliest(floor, workers, starts, n, w, gap)
         head = pending[0][2]  # the usual case, first in line and free to start, without a scan
         pick = 0 if head is None or head <= t else next((i for i, p in enumerate(pending) if p[2] is None or p[2] <= t),
                                                         None)
