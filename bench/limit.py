@@ -29,16 +29,17 @@ N, WINDOW_S = 2, 1.0  # 2 starts per rolling second: every start after the first
 
 
 def _started_at(root: Path) -> dict[str, float]:
-    """Each finished task's admission stamp (`started_at`, the very time the ledger counts)."""
+    """Each finished task's admission stamp (its result's `started_at`, the very time the ledger counts)."""
     from spoold import spool
-    from spoold.task import parse_task
+    from spoold.task import parse_result
 
     out = {}
     for d in spool.terminal_dirs(spool.open_spool(root, create=False), "done"):
         for name in os.listdir(d):
-            if name.endswith(".md") and not name.endswith(".result.md"):
-                task = parse_task((d / name).read_text(), task_id=name[:-3])
-                out[task.id] = task.started_at.timestamp()
+            if name.endswith(".result.md"):
+                res = parse_result((d / name).read_text())
+                if res.started_at is not None:
+                    out[res.id] = res.started_at.timestamp()
     return out
 
 

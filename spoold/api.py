@@ -473,7 +473,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     settings = settings or (config.load(sp.config_path, here[0].get("overrides") or {}, env={}) if here
                             else load_settings(sp))
     now = time.time()
-    queued = spool.list_queued(sp)  # once: a deep queue is the expensive listing
+    queued = spool.list_queued(sp, census.trust(sp))  # once: a deep queue is the expensive listing
     census.keep(sp, queued)
     counts, duplicates = {}, 0
     left = leftovers.find(sp, terminal=False) + leftovers.among(sp.dir("queued"), queued.unparsed)
@@ -490,7 +490,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
         settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),
         daemons=daemons, serving=bool(here), notify_failing=notify.failing(sp),
-        oldest_queued=min((spool.queued_id(n) for n in queued.names), default=None),
+        oldest_queued=queued.oldest_id(),
         hosts=[asdict(h) for h in hosts.host_status(sp, now)], duplicates=duplicates,
         leftovers=[leftovers.describe(sp, hit) for hit in left],
     )

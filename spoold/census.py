@@ -16,7 +16,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +82,14 @@ def read(sp: Spool) -> Census | None:
 def _save(sp: Spool, c: Census) -> None:
     _write(sp, "queued.json", {"stamp": list(c.stamp), "untimed": c.untimed, "timed": c.timed,
                                "written": c.written, "listed": c.listed})
-    sp.local.census_stamp = c.stamp
 
 
 def keep(sp: Spool, listing: QueuedListing) -> None:
     """Count a deep queue's listing per priority (by bisection: a name is `P.NOTBEFORE.ID.md`, sorted) and
     keep the count, if queued/ did not change while it was listed and it is not the count kept already."""
     if len(listing) < QUEUE_MIN or listing.stamp is None or sp.local.census_stamp == listing.stamp:
+        return
+    if not listing.ordered:  # a listing the census itself vouched for: nothing new to count
         return
     after = os.stat(sp.dir("queued"))
     if spool.dir_stamp(after) != listing.stamp or not _settled(after):
@@ -101,6 +102,18 @@ def keep(sp: Spool, listing: QueuedListing) -> None:
         untimed[d], timed[d] = mid - lo, hi - mid
     now = time.time()
     _save(sp, Census(listing.stamp, untimed, timed, now, now))
+    sp.local.census_stamp = listing.stamp  # this state is counted: the next listing of it need not be
+
+
+def trust(sp: Spool) -> Callable[[tuple[int, int, int], int], bool]:
+    """For spool.list_queued: a listing needs no checking when a census counted from a listing (not carried
+    forward by submits) matches queued/ as it is now and counts every name in it as valid."""
+    c = read(sp)
+
+    def trusted(stamp: tuple[int, int, int], count: int) -> bool:
+        return c is not None and c.stamp == stamp and c.listed == c.written and count == sum(c.untimed) + sum(c.timed)
+
+    return trusted
 
 
 @dataclass

@@ -567,7 +567,12 @@ def untimed_start(position: int, floor: float, workers: list[float], starts: lis
     the slowest of dur/c, w/n and gap. Simulated until that shows, then extended in one step, exactly
     (`jump=False` walks every start: what the tests hold the jump to)."""
     workers, starts = list(workers), list(starts)
-    window_binds = len(starts) + position > n  # within the first n starts the window never waits
+    # The window waits only for a start n places after another. The first such new start is number
+    # n - len(starts), and the workers and the spacing alone put it at least that many cycles after
+    # now; if those reach past w, every start n places back (one already made is before now) is
+    # more than w earlier, and the window never waits: its long memory need not be followed.
+    reach = n - len(starts)
+    window_binds = len(starts) + position > n and not (reach > 0 and max(reach // c * dur, reach * gap) >= w)
     rates = [(c, dur / c)] + ([(n, w / n)] if window_binds else []) + ([(1, gap)] if gap else [])
     lam = max(r for _, r in rates)
     period = min(p for p, r in rates if r == lam)  # the critical cycle's length

@@ -556,17 +556,30 @@ class QueuedListing(Sequence[QueuedEntry]):
     parsing every name cost ~0.35 s, sorting the names costs ~0.03 s.
     """
 
-    __slots__ = ("_entries", "names", "stamp", "unparsed")
+    __slots__ = ("_entries", "_names", "_sorted", "stamp", "unparsed")
 
     def __init__(self, names: list[str], unparsed: list[str] | None = None,
-                 stamp: tuple[int, int, int] | None = None) -> None:
-        self.names = names  # valid queued names, sorted
+                 stamp: tuple[int, int, int] | None = None, *, ordered: bool = True) -> None:
+        self._names = names  # valid queued names; sorted unless `ordered` is False (then sorted when first read)
+        self._sorted = ordered
         self.unparsed = unparsed or []  # the directory's other names: foreign files, sync tools' leftovers
         self.stamp = stamp  # queued/'s dir_stamp just before it was listed (see spoold.census)
         self._entries: list[QueuedEntry | None] = [None] * len(names)
 
+    @property
+    def names(self) -> list[str]:
+        """The names in dispatch order (a million take half a second to sort: only when asked)."""
+        if not self._sorted:
+            self._names.sort()
+            self._sorted = True
+        return self._names
+
+    @property
+    def ordered(self) -> bool:
+        return self._sorted
+
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self._names)
 
     @overload
     def __getitem__(self, i: int) -> QueuedEntry: ...
@@ -589,10 +602,15 @@ class QueuedListing(Sequence[QueuedEntry]):
 
     def untimed_ids(self, limit: int | None = None) -> list[str] | None:
         """The ids of the first `limit` tasks, if none of them has a not_before (else None)."""
-        names = self.names[:limit]
+        few = not self._sorted and limit is not None and limit <= 64
+        names = heapq.nsmallest(limit, self._names) if few else self.names[:limit]  # type: ignore[arg-type]
         if not all(untimed(n) for n in names):
             return None
         return [queued_id(n) for n in names]
+
+    def oldest_id(self) -> str | None:
+        """The earliest submitted task's id (ids sort by time), in any order of the names."""
+        return min(map(queued_id, self._names), default=None)
 
     def timed(self) -> list[QueuedEntry]:
         """Entries with a not_before (the rest of the names say 00000000T000000Z)."""
@@ -608,11 +626,16 @@ class QueuedListing(Sequence[QueuedEntry]):
         return QueuedListing(sorted(self.names, key=queued_id, reverse=reverse))
 
 
-def list_queued(sp: Spool) -> QueuedListing:
-    """The queue in dispatch order, from names alone (a file with any other name is not queued yet)."""
+def list_queued(sp: Spool, trust: Callable[[tuple[int, int, int], int], bool] | None = None) -> QueuedListing:
+    """The queue in dispatch order, from names alone (a file with any other name is not queued yet).
+
+    `trust(stamp, count)`: whether a count kept for this very state of queued/ (spoold.census) says that
+    all `count` names listed are valid; then they are neither checked nor sorted (`status` over a million)."""
     qdir = sp.dir("queued")
     before = os.stat(qdir)
     listed = os.listdir(qdir)
+    if trust is not None and trust(dir_stamp(before), len(listed)):
+        return QueuedListing(listed, None, stamp=dir_stamp(before), ordered=False)
     names = [n for n in listed if _QUEUED_RE.match(n) and (untimed(n) or parse_queued_name(n))]
     names.sort()
     return QueuedListing(names, sorted(set(listed) - set(names)) if len(names) != len(listed) else None,

@@ -125,3 +125,22 @@ def test_status_counts_a_finished_partition_once_until_it_changes(sp: spool.Spoo
     assert any("sync-conflict" in x for x in first.leftovers), "its leftover is still reported"
     (day / "20260101T000009000Z-aaaaa9-x.md").write_text("t")
     assert api.status(sp).counts["done"] == 4 and str(day) in listed
+
+
+def test_status_over_a_counted_queue_neither_checks_nor_sorts_it_and_says_the_same(
+        sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(census, "QUEUE_MIN", 5)
+    monkeypatch.setattr(census, "QUIET_NS", 0)
+    for i in range(8):
+        api.submit(sp, f"question {i}", priority="low" if i % 3 else None)
+    census.keep(sp, spool.list_queued(sp))
+    listing = spool.list_queued(sp, census.trust(sp))
+    assert not listing.ordered and len(listing) == 8  # vouched for by the census: taken as listed
+    with_census = api.status(sp)
+    spool.cache_path(sp, "queued.json").unlink()
+    without = api.status(sp)
+    for field_ in ("counts", "next_start", "oldest_queued"):
+        assert getattr(with_census, field_) == getattr(without, field_)
+    (sp.dir("queued") / "not-a-task.txt").write_text("x")  # a name the census never counted
+    census.keep(sp, spool.list_queued(sp))
+    assert spool.list_queued(sp, census.trust(sp)).ordered  # no longer vouched for: checked again
