@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -77,15 +78,21 @@ def test_a_task_file_copied_back_from_failed_starts_afresh(sp: spool.Spool) -> N
     assert any("`attempts` is spoold's own key" in w for w in info.warnings)
 
 
+def _quiet(directory: Path) -> None:
+    """As if nothing changed in the directory for a while: a count made now may be kept (census.QUIET_NS)."""
+    st = os.stat(directory)
+    os.utime(directory, ns=(st.st_atime_ns, st.st_mtime_ns - 10_000_000_000))
+
+
 def test_a_submit_into_a_deep_queue_takes_its_place_from_the_census(sp: spool.Spool, monkeypatch: pytest.MonkeyPatch
                                                                      ) -> None:
     """The census a listing leaves gives the same place and start as a listing, and follows every submit;
     a change it did not see (a task claimed or removed by hand) makes the next submit list again."""
     monkeypatch.setattr(census, "QUEUE_MIN", 5)
-    monkeypatch.setattr(census, "QUIET_NS", 0)
     for i in range(6):
         api.submit(sp, f"question {i}")
     api.submit(sp, "urgent one", priority="high")
+    _quiet(sp.dir("queued"))
     census.keep(sp, spool.list_queued(sp))  # as the daemon or `status` does
     assert census.read(sp) is not None
     calls: list[int] = []
@@ -100,6 +107,8 @@ def test_a_submit_into_a_deep_queue_takes_its_place_from_the_census(sp: spool.Sp
     assert ti.position == 10
     first = spool.list_queued(sp)[0]
     os.unlink(sp.dir("queued") / first.name)  # not seen by the census
+    st = os.stat(sp.dir("queued"))  # (a change in the very clock tick of the last submit would be missed)
+    os.utime(sp.dir("queued"), ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     monkeypatch.setattr(census, "FRESH_S", 0.0)
     ti = api.submit(sp, "after a change")
     assert calls, "a stale census was trusted"
@@ -109,13 +118,13 @@ def test_a_submit_into_a_deep_queue_takes_its_place_from_the_census(sp: spool.Sp
 def test_status_counts_a_finished_partition_once_until_it_changes(sp: spool.Spool,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`status` over a month of finished tasks lists only the partitions that changed since it last counted."""
-    monkeypatch.setattr(census, "QUIET_NS", 0)
     day = sp.dir("done") / "2026-01-01"
     day.mkdir()
     for i in range(3):
         (day / f"20260101T00000{i}000Z-aaaaa{i}-x.md").write_text("t")
         (day / f"20260101T00000{i}000Z-aaaaa{i}-x.result.md").write_text("r")
     (day / "20260101T000000000Z-aaaaa0-x.sync-conflict-20260101-000000-ABCDEFG.result.md").write_text("r")
+    _quiet(day)
     assert api.status(sp).counts["done"] == 3
     listed: list[str] = []
     real = os.listdir
@@ -130,9 +139,9 @@ def test_status_counts_a_finished_partition_once_until_it_changes(sp: spool.Spoo
 def test_status_over_a_counted_queue_neither_checks_nor_sorts_it_and_says_the_same(
         sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(census, "QUEUE_MIN", 5)
-    monkeypatch.setattr(census, "QUIET_NS", 0)
     for i in range(8):
         api.submit(sp, f"question {i}", priority="low" if i % 3 else None)
+    _quiet(sp.dir("queued"))
     census.keep(sp, spool.list_queued(sp))
     listing = spool.list_queued(sp, census.trust(sp))
     assert not listing.ordered and len(listing) == 8  # vouched for by the census: taken as listed
@@ -142,5 +151,6 @@ def test_status_over_a_counted_queue_neither_checks_nor_sorts_it_and_says_the_sa
     for field_ in ("counts", "next_start", "oldest_queued"):
         assert getattr(with_census, field_) == getattr(without, field_)
     (sp.dir("queued") / "not-a-task.txt").write_text("x")  # a name the census never counted
+    _quiet(sp.dir("queued"))
     census.keep(sp, spool.list_queued(sp))
     assert spool.list_queued(sp, census.trust(sp)).ordered  # no longer vouched for: checked again
