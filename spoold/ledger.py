@@ -586,11 +586,11 @@ def untimed_start(position: int, floor: float, workers: list[float], starts: lis
         heapq.heapreplace(workers, t + dur)
         done = k + 1
         if jump and done >= enough and done % period == 0 and done < position:
-            tail = starts[first:]
             step = period * lam
-            if all(abs(tail[-1 - i] - tail[-1 - i - period] - step) <= 1e-6 * max(1.0, step) for i in range(span)):
-                j = len(tail) - period + (position - 1 - (len(tail) - period)) % period
-                return tail[j] + (position - 1 - j) // period * step
+            if all(abs(starts[-1 - i] - starts[-1 - i - period] - step) <= 1e-6 * max(1.0, step) for i in range(span)):
+                last = done - period  # the first of the last period new starts, counted from 0
+                j = last + (position - 1 - last) % period
+                return starts[first + j] + (position - 1 - j) // period * step
     return t
 
 
