@@ -16,6 +16,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,9 +37,9 @@ from spoold import (
     spool,
     transitions,
 )
-from spoold.backends import get_backend
+from spoold.backends import Stop, get_backend
 from spoold.errors import CliUnusable, SpooldError
-from spoold.runner import WRITE_RETRY_S, to_thread_to_the_end
+from spoold.runner import WRITE_RETRY_S
 from spoold.spool import Spool
 from spoold.units import backoff, family_of, iso
 from spoold.watcher import Watcher
@@ -47,14 +48,15 @@ log = logging.getLogger("spoold")
 PENDING_RECHECK_S = 0.05
 INTAKE_BATCH = 256  # files taken in per turn: a dropped corpus starts running while it is still taken in
 VIEW_REFRESH_S = 1.0  # how often the other hosts' heartbeats are read (a few small files)
+RUN_THREADS = 1024  # a thread per running task (started as needed): far above any sensible concurrency
 TIDY_S = 60.0  # how often a daemon on a synced spool removes sync tools' identical conflict copies
 
 
 @dataclass
 class Running:
     claimed: transitions.Claimed
-    job: asyncio.Task[None]
-    stop_reason: str | None = None  # "cancel" or "stop" once we interrupt it
+    job: asyncio.Future[None]  # its thread's work, start to outcome (spoold.runner.run)
+    stop: Stop  # asked once we interrupt it ("cancel" or "stop")
 
 
 class Daemon:
@@ -88,6 +90,7 @@ class Daemon:
         self._since = time.time()
         self._last_tidy = 0.0
         self._told_leftovers: set[str] = set()
+        self._runs = ThreadPoolExecutor(max_workers=RUN_THREADS, thread_name_prefix="spoold-run")
 
     @staticmethod
     def _mtime(path: Path) -> float | None:
@@ -152,6 +155,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 hosts.drop_beat(self.sp, spool.owner_tag())
             owners.let_go(self.sp, owner_lock)
+            self._runs.shutdown(wait=False)
             log.info("stopped")
         return 0
 
@@ -331,8 +335,7 @@ class Daemon:
         _, still = await asyncio.wait(jobs, timeout=self.settings.grace_s)
         for r in list(self.running.values()):
             if r.job in still:
-                r.stop_reason = "stop"
-                r.job.cancel()
+                r.stop.request("stop")
         if still:
             await asyncio.wait(still)
 
@@ -394,9 +397,8 @@ class Daemon:
         names = await asyncio.to_thread(spool.running_names, self.sp)
         asked = {tid for tid in map(spool.parse_cancel_marker, names) if tid is not None}
         for task_id, r in list(self.running.items()):
-            if r.stop_reason is None and task_id not in self._finishing and task_id in asked:
-                r.stop_reason = "cancel"
-                r.job.cancel()
+            if not r.stop.requested and task_id not in self._finishing and task_id in asked:
+                r.stop.request("cancel")
 
     async def _dispatch(self) -> tuple[float | None, int]:
         """Start tasks while the ledger admits them; return when the next start may be possible, and how many started.
@@ -435,7 +437,8 @@ class Daemon:
             )
             for c in claimed:
                 started += 1
-                self.running[c.task.id] = Running(c, asyncio.ensure_future(self._execute(c)))
+                stop = Stop()
+                self.running[c.task.id] = Running(c, asyncio.ensure_future(self._execute(c, stop)), stop)
             self._gate = gate
             if gate.waits:
                 if self._held_logged != gate.reason:
@@ -545,29 +548,39 @@ class Daemon:
 
     # ---- one task ----------------------------------------------------------------
 
-    async def _execute(self, claimed: transitions.Claimed) -> None:
-        task_id = claimed.task.id
+    async def _execute(self, claimed: transitions.Claimed, stop: Stop) -> None:
+        """One task in its own thread, start to outcome: the loop hears of it twice, when its process exits
+        (its slot is free: the next task may start while this one's outcome is written) and when it is done."""
+        task_id, loop = claimed.task.id, asyncio.get_running_loop()
 
-        def exited() -> None:  # its slot is free: the next task may start while this one's outcome is written
+        def exited() -> None:
             self._finishing.add(task_id)
             self.slot_freed.set()
             self.wake.set()
 
+        def exited_soon() -> None:  # (from the run's thread)
+            loop.call_soon_threadsafe(exited)
+
+        job = loop.run_in_executor(self._runs, runner.run, self.sp, self.settings, claimed, self.workdir,
+                                   exited_soon, stop)
+        told = True
         try:
-            await runner.run(self.sp, self.settings, claimed, self.workdir, exited)
-        except asyncio.CancelledError:
-            why = self.running[task_id].stop_reason if task_id in self.running else "stop"
-            await to_thread_to_the_end(runner.interrupted, self.sp, self.settings, claimed, why or "stop")
-        except Exception:
-            log.exception("internal error on %s; requeued", task_id)
-            with contextlib.suppress(Exception):
-                await to_thread_to_the_end(runner.interrupted, self.sp, self.settings, claimed, "error")
+            while True:
+                try:
+                    told = await asyncio.shield(job)  # a thread cannot stop halfway: a cancel asks it to stop
+                    break
+                except asyncio.CancelledError:
+                    stop.request("stop")
+                    if job.done():
+                        raise
         finally:
+            stop.close()
             self.running.pop(task_id, None)
             self._finishing.discard(task_id)
             self.slot_freed.set()
             self.wake.set()
-            self.courier.wake.set()
+            if told:
+                self.courier.wake.set()
 
 
 def serve(sp: Spool, overrides: dict[str, object] | None = None, *, once: bool = False) -> int:

@@ -1,22 +1,20 @@
 """Running one claimed task: the backend, its answer so far, and its outcome written as a transition.
 
-Plain functions the daemon calls. Everything that touches the spool runs in a worker thread.
+Plain functions the daemon calls, in one thread per running task (the event loop never waits on a run).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 
 from spoold import config, ledger, notify, options, spool, transitions
-from spoold.backends import Outcome, ProcResult, Progress, get_backend, run_process
+from spoold.backends import Outcome, ProcResult, Progress, Stop, get_backend, run_process
 from spoold.errors import BadInput, CliUnusable
 from spoold.spool import Spool
 from spoold.task import title_of
@@ -29,77 +27,72 @@ MAX_BACKOFF_S = 900.0
 WRITE_RETRY_S = 0.2
 
 
-async def run(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, workdir: Path,
-              exited: Callable[[], None]) -> None:
-    """Run a claimed task to its end: the backend, then its outcome written (kept and retried while the spool
-    cannot be written). `exited()` is called once the backend is done, so that its slot can go to the next."""
+def run(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, workdir: Path,
+        exited: Callable[[], None], stop: Stop) -> bool:
+    """Run a claimed task to its end, in the calling thread (one per running task): the backend, then its
+    outcome written (kept and retried while the spool cannot be written). `exited()` is called once the backend
+    is done, so that its slot can go to the next. A `stop` asked before the outcome is known ends the run as
+    `interrupted` says; once the backend is done, its outcome is written whatever is asked. True when a
+    notification was queued (the courier has news)."""
     task = claimed.task
     backend = get_backend(settings)
     try:
-        ctx = options.context(sp, settings, task, workdir)
-        inv = await asyncio.to_thread(partial(backend.invocation, task, settings, ctx.cwd,
-                                              profile=ctx.profile, session=ctx.session))
-        feed, drain = partial_writer(sp, claimed, backend.progress())
         try:
-            proc = await run_process(inv, task.timeout or settings.timeout_s, on_stdout=feed)
-        finally:
-            await drain()
-    except (CliUnusable, options.NotYet, BadInput, OSError) as e:  # the CLI never ran this task
-        outcome, proc = not_run(e, settings), ProcResult(None, b"", b"")
-        await asyncio.to_thread(ledger.forget_start, sp, settings, claimed.started.timestamp())
-    else:
-        outcome = backend.classify(task, proc)
-    exited()
-    await settle_when_writable(sp, settings, claimed, outcome, proc)
+            ctx = options.context(sp, settings, task, workdir)
+            inv = backend.invocation(task, settings, ctx.cwd, profile=ctx.profile, session=ctx.session)
+            proc = run_process(inv, task.timeout or settings.timeout_s, stop=stop,
+                               on_stdout=partial_writer(sp, claimed, backend.progress()))
+        except (CliUnusable, options.NotYet, BadInput, OSError) as e:  # the CLI never ran this task
+            outcome, proc = not_run(e, settings), ProcResult(None, b"", b"")
+            ledger.forget_start(sp, settings, claimed.started.timestamp())
+        else:
+            if stop.requested:
+                return interrupted(sp, settings, claimed, stop.reason)
+            outcome = backend.classify(task, proc)
+    except Exception:
+        log.exception("internal error on %s; requeued", task.id)
+        with contextlib.suppress(Exception):
+            interrupted(sp, settings, claimed, "error")
+        return False
+    finally:
+        exited()
+    return settle_when_writable(sp, settings, claimed, outcome, proc, stop)
 
 
-def interrupted(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, why: str) -> None:
+def interrupted(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, why: str) -> bool:
     """A run the daemon stopped: a cancel ends it cancelled; a stop puts it back uncounted; an internal error
     puts it back counted (so a task that keeps breaking spoold ends failed, not in a loop). One whose result
     is already written (its move kept failing) goes beside it instead: an answer is never run again."""
     if transitions.to_its_result(sp, claimed.path, claimed.task.id) is not None:
-        return
+        return False
     if why == "cancel":
         dest = transitions.cancel_running(sp, claimed, "cancelled by request")
-        tell(sp, settings, claimed, "cancelled", "cancelled by request", "", dest)
-    elif why == "stop":
+        return tell(sp, settings, claimed, "cancelled", "cancelled by request", "", dest)
+    if why == "stop":
         transitions.requeue(sp, claimed, "the daemon stopped while it ran", count_attempt=False)
     else:
         transitions.requeue(sp, claimed, "internal error in spoold (see its log)", count_attempt=True)
+    return False
 
 
-def partial_writer(sp: Spool, claimed: transitions.Claimed, progress: Progress
-                   ) -> tuple[Callable[[bytes], None], Callable[[], Awaitable[None]]]:
-    """Keep `running/ID.N.STARTED@OWNER.partial` up to date: written whole (tmp, fsync, rename) at most every
-    PARTIAL_EVERY_S, in a worker thread, never two writes at once: an fsync per few seconds, not per token.
-    `drain` waits for a write in flight and stops new ones, so none lands after the task has moved on."""
+def partial_writer(sp: Spool, claimed: transitions.Claimed, progress: Progress) -> Callable[[bytes], None]:
+    """Keep `running/ID.N.STARTED@OWNER.partial` up to date: written whole (tmp, rename) at most every
+    PARTIAL_EVERY_S, by the run's own thread between two reads of the CLI's output: a write per few seconds,
+    not per token, and none after the run has moved on."""
     path = spool.partial_path(claimed.path)
-    state: dict[str, object] = {"last": 0.0, "busy": False, "closed": False}
-    jobs: list[asyncio.Future[None]] = []
+    last = [0.0]
 
-    def write(text: str) -> None:
-        try:
-            spool.rewrite(sp, path, text.encode(), sync_dir=False)
+    def feed(chunk: bytes) -> None:
+        if not progress.feed(chunk) or time.monotonic() - last[0] < PARTIAL_EVERY_S:
+            return
+        try:  # the answer is built only here, every few seconds, never per token
+            spool.rewrite(sp, path, progress.text().encode(), sync_dir=False)
         except OSError as e:
             log.warning("answer so far of %s not written (%s)", claimed.task.id, e.strerror or e)
         finally:  # the next write waits its full interval from the end of this one, however slow the disk
-            state["last"], state["busy"] = time.monotonic(), False
+            last[0] = time.monotonic()
 
-    def feed(chunk: bytes) -> None:
-        if not progress.feed(chunk) or state["busy"] or state["closed"]:
-            return
-        if time.monotonic() - float(state["last"]) < PARTIAL_EVERY_S:  # type: ignore[arg-type]
-            return
-        state["busy"] = True  # the answer is built only here, every few seconds, never per token
-        jobs[:] = [asyncio.get_running_loop().run_in_executor(None, write, progress.text())]
-
-    async def drain() -> None:
-        state["closed"] = True
-        if jobs:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(jobs[0])
-
-    return feed, drain
+    return feed
 
 
 def not_run(e: Exception, settings: config.Settings) -> Outcome:
@@ -120,26 +113,29 @@ def not_run(e: Exception, settings: config.Settings) -> Outcome:
                    "prompt may be too long for one command-line argument; make it shorter")
 
 
-async def settle_when_writable(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, outcome: Outcome,
-                               proc: ProcResult) -> None:
-    """Settle a finished run; while the spool cannot be written, keep its answer here and try again."""
+def settle_when_writable(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, outcome: Outcome,
+                         proc: ProcResult, stop: Stop) -> bool:
+    """Settle a finished run; while the spool cannot be written, keep its answer here and try again (until
+    a stop, which `interrupted` ends: an answer already written goes beside its task, never runs again)."""
     failures = 0
     while True:
         if failures and not claimed.path.exists():
-            return  # the move itself went through before the error: settled
+            return False  # the move itself went through before the error: settled
         try:
-            await to_thread_to_the_end(settle, sp, settings, claimed, outcome, proc)
-            return
+            return settle(sp, settings, claimed, outcome, proc)
         except OSError as e:
             failures += 1
             if failures == 1:
                 log.error("cannot record the outcome of %s (%s); keeping it and retrying", claimed.task.id,
                           e.strerror or e)
-            await asyncio.sleep(backoff(failures, WRITE_RETRY_S, settings.scan_interval_s))
+            if stop.wait(backoff(failures, WRITE_RETRY_S, settings.scan_interval_s)):
+                with contextlib.suppress(OSError):
+                    return interrupted(sp, settings, claimed, stop.reason)
+                return False
 
 
-def settle(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, outcome: Outcome, proc: ProcResult) -> None:
-    """Move the task where its outcome puts it, and tell the ledger."""
+def settle(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, outcome: Outcome, proc: ProcResult) -> bool:
+    """Move the task where its outcome puts it, and tell the ledger (True when a notification was queued)."""
     task = claimed.task
     seen = {w.name: ledger.WindowSeen(w.status, w.resets_at, w.utilization, time.time(), task.id)
             for w in outcome.windows}
@@ -148,21 +144,21 @@ def settle(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, o
         ledger.set_hold(sp, settings, until.timestamp(), outcome.error or "held", seen)
         log.warning("holding the queue until %s: %s", iso(until), outcome.error)
         transitions.requeue(sp, claimed, outcome.error or "held", count_attempt=False)
-        return
+        return False
     if outcome.kind == "wait":
         if seen:  # a family's rejected window: the claimer holds that family's other tasks too
             ledger.record_finish(sp, settings, outcome.cost_usd, None, seen)
         transitions.requeue(sp, claimed, outcome.error or "waiting", count_attempt=False,
                             not_before=outcome.hold_until)
         log.info("%s waits until %s: %s", task.id, iso(outcome.hold_until) or "later", outcome.error)
-        return
+        return False
     if outcome.kind == "retry" and claimed.attempt < settings.max_attempts:
         if seen or outcome.cost_usd:  # a failed try may still have cost something
             ledger.record_finish(sp, settings, outcome.cost_usd, None, seen)
         delay = backoff(claimed.attempt, settings.retry_backoff_s, MAX_BACKOFF_S)
         transitions.requeue(sp, claimed, f"{outcome.error}; retry {claimed.attempt + 1} in {delay:.0f} s",
                             not_before=datetime.now(UTC) + timedelta(seconds=delay))
-        return
+        return False
     status = "done" if outcome.kind == "done" else "failed"
     error = outcome.error
     if outcome.kind == "retry":
@@ -175,33 +171,19 @@ def settle(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, o
         structured=True if outcome.structured is not None else None)
     dest = transitions.finish(sp, claimed, result)
     ledger.record_finish(sp, settings, outcome.cost_usd, proc.duration_s if status == "done" else None, seen)
-    tell(sp, settings, claimed, status, error, outcome.answer, dest, outcome.cost_usd)
+    return tell(sp, settings, claimed, status, error, outcome.answer, dest, outcome.cost_usd)
 
 
 def tell(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, state: str, error: str | None,
-         answer: str, task_file: Path, cost_usd: float | None = None) -> None:
-    """Put the task's end in the notification outbox (the daemon's courier delivers it); never fails the task."""
+         answer: str, task_file: Path, cost_usd: float | None = None) -> bool:
+    """Put the task's end in the notification outbox (the daemon's courier delivers it); never fails the task.
+    True when it was queued."""
     try:
-        notify.task_ended(sp, settings, task_id=claimed.task.id, number=claimed.number, state=state,
+        return notify.task_ended(sp, settings, task_id=claimed.task.id, number=claimed.number, state=state,
                           title=title_of(claimed.task), chosen=claimed.task.notify, error=error, answer=answer,
                           task_file=task_file,
                           result_file=spool.answer_path(task_file.parent, claimed.task.id, lambda: spool.known_hosts(sp)),
                           cost_usd=cost_usd)
     except OSError as e:
         log.warning("could not queue the notification for %s (%s)", claimed.task.id, e.strerror or e)
-
-
-
-async def to_thread_to_the_end(fn: Callable[..., None], *args: object) -> None:
-    """Run fn in a worker thread and wait for it even if cancelled meanwhile: a thread cannot stop halfway.
-
-    A cancel that arrives while fn runs takes effect only if fn failed; work done is not undone.
-    """
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await fut
-            return
-        raise
+        return False

@@ -6,10 +6,12 @@ them, so timeouts, cancellation and process-group cleanup live in one place.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import select
+import selectors
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +25,8 @@ from spoold.task import Task
 OutcomeKind = Literal["done", "failed", "retry", "hold", "wait"]
 STDERR_KEEP = 64 * 1024
 PIPE_GRACE_S = 2.0  # how long output may trail the CLI's exit
-EXIT_POLL_S = 0.05
+EXIT_POLL_S = 0.05  # where the leader has no pidfd to wait on
+PIPE_CHUNK = 65536
 
 
 @dataclass
@@ -107,99 +110,141 @@ def get_backend(settings: Settings) -> Backend:
     return ClaudeBackend()
 
 
-async def _read_into(stream: asyncio.StreamReader, buf: bytearray, keep: int | None = None,
-                     on_chunk: Callable[[bytes], None] | None = None) -> None:
-    """Read a stream to its end into buf, keeping only its tail when asked (a chatty child can't eat our memory)."""
-    while chunk := await stream.read(65536):
-        if on_chunk is not None:
-            on_chunk(chunk)
-        buf += chunk
-        if keep is not None and len(buf) > 2 * keep:
-            del buf[:-keep]
+class Stop:
+    """A request, from any thread, that a run end now: its process group is terminated, then killed.
+
+    A pipe wakes the thread that runs the process at once, however quiet the process is."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = "stop"
+        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def request(self, reason: str = "stop") -> None:
+        """Ask once; `reason` (cancel, stop) says what becomes of the task."""
+        if not self.requested:
+            self.reason, self.requested = reason, True
+            with contextlib.suppress(OSError):
+                os.write(self._w, b"x")
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep up to timeout_s, woken early by a request; True when one was made."""
+        if not self.requested:
+            select.select([self._r], [], [], timeout_s)
+        return self.requested
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
-async def _exited(proc: asyncio.subprocess.Process) -> None:
-    """The leader's exit. Not proc.wait(), which also waits for every holder of our pipes to close them."""
-    wait = asyncio.ensure_future(proc.wait())
-    try:
-        while proc.returncode is None and not wait.done():
-            await asyncio.wait([wait], timeout=EXIT_POLL_S)
-    finally:
-        wait.cancel()
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
 
 
-async def _pipes_closed(proc: asyncio.subprocess.Process, readers: list[asyncio.Future[None]]) -> None:
-    """The leader has exited; a child it left behind holding our pipes must not keep the task open."""
-    _, pending = await asyncio.wait(readers, timeout=PIPE_GRACE_S)
-    if pending:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        _, pending = await asyncio.wait(pending, timeout=PIPE_GRACE_S)
-        for t in pending:  # it left our process group: keep what was read
-            t.cancel()
+def run_process(inv: Invocation, timeout_s: float, on_stdout: Callable[[bytes], None] | None = None,
+                stop: Stop | None = None, term_grace_s: float = 3.0) -> ProcResult:
+    """Run one invocation in its own process group, in the calling thread, to its end.
 
-
-async def run_process(inv: Invocation, timeout_s: float,
-                      on_stdout: Callable[[bytes], None] | None = None) -> ProcResult:
-    """Run one invocation in its own process group; on timeout or cancel the group is terminated, then killed."""
+    Blocking on one selector (the pipes, the leader's pidfd, the stop pipe) costs a fraction of
+    asyncio's subprocess transports, and a run holds no event-loop turn. On timeout or `stop` the
+    group gets SIGTERM, then SIGKILL after `term_grace_s`. The leader's exit ends the run: a child it
+    left holding our pipes gets PIPE_GRACE_S, then the group is killed, then its output is let go.
+    """
     t0 = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *inv.argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=inv.env,
-        cwd=inv.cwd,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen(inv.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=inv.env, cwd=inv.cwd, start_new_session=True)
     assert proc.stdin and proc.stdout and proc.stderr
-    stdin = proc.stdin
-
-    async def feed() -> None:
-        try:
-            stdin.write(inv.stdin)
-            await stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the child did not read its stdin; its output says why
-        finally:
-            stdin.close()
-
     out, err = bytearray(), bytearray()
-    out_task = asyncio.ensure_future(_read_into(proc.stdout, out, on_chunk=on_stdout))
-    err_task = asyncio.ensure_future(_read_into(proc.stderr, err, STDERR_KEEP))
-    feed_task = asyncio.ensure_future(feed())
-    timed_out = False
-    exited = asyncio.ensure_future(_exited(proc))
+    fds = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    pidfd = -1
+    with contextlib.suppress(AttributeError, OSError):  # Linux 5.3+; elsewhere the leader is polled
+        pidfd = os.pidfd_open(proc.pid)
+    sel = selectors.DefaultSelector()
     try:
-        try:
-            await asyncio.wait_for(asyncio.shield(exited), timeout_s)
-        except TimeoutError:
-            timed_out = True
-            await kill_group(proc)
-    except asyncio.CancelledError:
-        await kill_group(proc)
-        for t in (out_task, err_task, feed_task):
-            t.cancel()
+        for fd in fds:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        stdin_fd, pending = proc.stdin.fileno(), memoryview(inv.stdin)
+        if pending:
+            os.set_blocking(stdin_fd, False)
+            sel.register(stdin_fd, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        if pidfd >= 0:
+            sel.register(pidfd, selectors.EVENT_READ)
+        if stop is not None:
+            sel.register(stop._r, selectors.EVENT_READ)
+        deadline, kill_at, let_go_at = t0 + timeout_s, None, None
+        timed_out = stopping = group_killed = False
+        while True:
+            now = time.monotonic()
+            if let_go_at is None and proc.poll() is not None:
+                let_go_at = now + PIPE_GRACE_S  # the leader is gone: its output may trail it a little
+            if let_go_at is not None and not fds:
+                break
+            if not stopping and ((stop is not None and stop.requested) or now >= deadline):
+                timed_out, stopping = not (stop is not None and stop.requested), True
+                _signal_group(proc.pid, signal.SIGTERM)
+                kill_at = now + term_grace_s
+            if kill_at is not None and now >= kill_at:
+                if proc.returncode is None:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                kill_at = None
+            if let_go_at is not None and now >= let_go_at:
+                if group_killed:
+                    break  # it left our process group: keep what was read
+                _signal_group(proc.pid, signal.SIGKILL)  # a child kept our pipes open: it goes too
+                group_killed, let_go_at = True, now + PIPE_GRACE_S
+            waits = [t for t in (None if stopping else deadline, kill_at, let_go_at) if t is not None]
+            timeout = max(0.0, min(waits) - now) if waits else None
+            if pidfd < 0 and proc.returncode is None:
+                timeout = EXIT_POLL_S if timeout is None else min(timeout, EXIT_POLL_S)
+            for key, _ in sel.select(timeout):
+                fd = key.fd
+                if fd == stdin_fd:
+                    try:
+                        pending = pending[os.write(fd, pending[:PIPE_CHUNK]):]
+                    except BlockingIOError:
+                        continue
+                    except (BrokenPipeError, ConnectionResetError):
+                        pending = pending[:0]  # the child did not read its stdin; its output says why
+                    if not pending:
+                        sel.unregister(fd)
+                        proc.stdin.close()
+                elif fd in fds:
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        sel.unregister(fd)
+                        del fds[fd]
+                        continue
+                    buf = fds[fd]
+                    if buf is out and on_stdout is not None:
+                        on_stdout(chunk)
+                    buf += chunk
+                    if buf is err and len(buf) > 2 * STDERR_KEEP:
+                        del buf[:-STDERR_KEEP]
+                elif fd == pidfd:
+                    sel.unregister(fd)  # the leader exited: the loop's poll() reaps it
+                elif stop is not None and fd == stop._r:
+                    sel.unregister(fd)
+        if proc.returncode is None:  # (only when it left the group and kept our pipes: wait for the leader)
+            proc.wait()
+        _signal_group(proc.pid, signal.SIGKILL)  # grandchildren that outlived the leader
+    except BaseException:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
         raise
     finally:
-        exited.cancel()
-    await _pipes_closed(proc, [out_task, err_task, feed_task])
+        sel.close()
+        if pidfd >= 0:
+            os.close(pidfd)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                f.close()
     return ProcResult(proc.returncode, bytes(out), bytes(err[-STDERR_KEEP:]), timed_out, time.monotonic() - t0)
-
-
-async def kill_group(proc: asyncio.subprocess.Process, grace_s: float = 3.0) -> None:
-    """SIGTERM the child's whole process group, then SIGKILL what is left after a grace period."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            await asyncio.wait_for(proc.wait(), wait)
-            break
-        except TimeoutError:
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # grandchildren that outlived the leader
-    except (ProcessLookupError, PermissionError):
-        pass
