@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -87,19 +87,50 @@ def locked(sp: Spool) -> Iterator[None]:
     """The ledger lock; an flock, so a killed holder releases it and nothing deadlocks."""
     import filelock  # lazy: a submit reads the ledger for its estimate but never locks it
 
-    ledger_dir(sp).mkdir(mode=0o700, parents=True, exist_ok=True)
     if not sp.local.threads.acquire(timeout=LOCK_TIMEOUT_S):
         raise filelock.Timeout(str(spool.ledger_lock_path(sp)))
     try:
-        with filelock.FileLock(spool.ledger_lock_path(sp), timeout=LOCK_TIMEOUT_S, thread_local=False, mode=0o600):
+        lock = sp.local.ledger_lock
+        if lock is None:  # one per spool (our threads take turns on `threads` first): making one costs more than taking it
+            ledger_dir(sp).mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock = sp.local.ledger_lock = filelock.FileLock(spool.ledger_lock_path(sp), timeout=LOCK_TIMEOUT_S,
+                                                            thread_local=False, mode=0o600)
+        try:
+            lock.acquire()
+        except FileNotFoundError:  # somebody removed .spoold/ledger meanwhile
+            ledger_dir(sp).mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock.acquire()
+        try:
             spool.fault("ledger:locked")
             yield
+        finally:
+            lock.release()
     finally:
         sp.local.threads.release()
 
 
-def _load_host(path: Path) -> HostLedger:
-    raw = json.loads(path.read_text(encoding="utf-8"))
+def _load_host(sp: Spool, path: Path) -> HostLedger:
+    """A host's file, parsed again only when it changed: a claim reads every host's, and ours holds a start per
+    task of the window. Its stat (inode, size, mtime, ctime: a replaced or edited file differs in one) is taken
+    from the open file, so what is kept is what that stat describes."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        kept = sp.local.ledgers.get(str(path))
+        if kept is not None and kept[0] == key:
+            return _copy(kept[1])
+        h = _parse_host(f.read())
+    sp.local.ledgers[str(path)] = (key, _copy(h))
+    return h
+
+
+def _copy(h: HostLedger) -> HostLedger:
+    """Callers change what they read; the kept parse must not change with it."""
+    return replace(h, starts=list(h.starts), spend=dict(h.spend), durations=list(h.durations), windows=dict(h.windows))
+
+
+def _parse_host(data: bytes) -> HostLedger:
+    raw = json.loads(data.decode("utf-8"))
     if not isinstance(raw, dict):
         raise ValueError("not an object")
     return HostLedger(
@@ -131,7 +162,7 @@ def _read_hosts(sp: Spool) -> dict[str, HostLedger]:
         if not name.endswith(".json") or not spool.HOST_ID_RE.match(name[:-5]):
             continue  # a sync tool's conflict copy or temp file is no host's account
         try:
-            hosts[name] = _load_host(d / name)
+            hosts[name] = _load_host(sp, d / name)
         except FileNotFoundError:
             continue  # removed (or replaced by a sync tool) since the listing
         except (OSError, ValueError, TypeError, KeyError) as e:
@@ -214,6 +245,8 @@ def _write_host(sp: Spool, path: Path, h: HostLedger) -> None:
             "hold_reason": h.hold_reason, "hold_set_at": h.hold_set_at, "holds_cleared_at": h.holds_cleared_at,
             "windows": {k: w.as_json() for k, w in h.windows.items()}}
     spool.rewrite(sp, path, json.dumps(data, separators=(",", ":")).encode())  # no indent: C encoder, 10x faster
+    st = os.stat(path)  # our own file, under the lock (one writer): what we just wrote needs no parse at the next read
+    sp.local.ledgers[str(path)] = ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), _copy(h))
 
 
 def _update_own(
@@ -226,7 +259,7 @@ def _update_own(
     path = host_file(sp)
     if h is None:
         try:
-            h = _load_host(path)
+            h = _load_host(sp, path)
         except FileNotFoundError:
             h = HostLedger()
         except (OSError, ValueError, TypeError, KeyError) as e:

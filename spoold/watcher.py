@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spoold import intake, spool
@@ -34,24 +35,43 @@ class Watcher:
         self._watching = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        from watchfiles import awatch  # lazy: `spoold submit` must not pay for the watcher
+        """Watch until `stopping`, in a thread of our own on watchfiles' blocking `watch`: events are sorted
+        there, and the loop hears only of news (our own moves, a few per task, cost it nothing)."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        thread = threading.Thread(target=self._watch, args=(loop, stop), name="spoold-watch", daemon=True)
+        thread.start()
+        try:
+            await stopping.wait()
+        finally:
+            stop.set()  # watchfiles looks at it every step (2 ms)
+            thread.join(timeout=1.0)
 
-        queued = self.sp.dir("queued")
-        paths = [self.sp.dir("inbox"), queued, self.sp.dir("running"), self.sp.root]
-        async for changes in awatch(*paths, watch_filter=None, debounce=200, step=2, recursive=False,
-                                    stop_event=stopping, ignore_permission_denied=True):
-            news = False
-            for change, p in changes:
-                path = Path(p)
-                if path.name == self._probe.name:
-                    self._watching.set()
-                    news = True
-                elif is_news(self.sp, change, path, self._owner):
-                    news = True
-                    if path.parent == queued and not spool.parse_queued_name(path.name):
-                        self.foreign_in_queued = True
-            if news:
-                self.on_news()
+    def _watch(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        from watchfiles import watch  # lazy: `spoold submit` must not pay for the watcher
+
+        sp, queued = self.sp, str(self.sp.dir("queued"))
+        paths = [sp.dir("inbox"), sp.dir("queued"), sp.dir("running"), sp.root]
+        try:
+            for changes in watch(*paths, watch_filter=None, debounce=200, step=2, recursive=False, stop_event=stop,
+                                 ignore_permission_denied=True, raise_interrupt=False):
+                news = probed = False
+                for change, p in changes:
+                    parent, name = os.path.split(p)
+                    if name == self._probe.name:
+                        probed = news = True
+                    elif is_news(sp, change, parent, name, self._owner):
+                        news = True
+                        if parent == queued and not spool.parse_queued_name(name):
+                            self.foreign_in_queued = True
+                if probed:
+                    loop.call_soon_threadsafe(self._watching.set)
+                if news:
+                    loop.call_soon_threadsafe(self.on_news)
+        except RuntimeError:
+            return  # the loop closed under us: the daemon has stopped
+        except Exception as e:  # the periodic scan goes on without us
+            log.warning("the file watcher stopped (%s); relying on a scan every few seconds", e)
 
     async def ready(self, scan_interval_s: float, timeout_s: float = 5.0) -> None:
         """Touch a probe until the watcher reports it, so no drop falls between the first scan and the watch."""
@@ -67,18 +87,20 @@ class Watcher:
             log.warning("the file watcher did not answer; relying on a scan every %g s", scan_interval_s)
 
 
-def is_news(sp: Spool, change: Change, path: Path, owner: str) -> bool:
-    """Whether an event can mean new work; our own claims and moves (one per task) are not news."""
+def is_news(sp: Spool, change: Change, parent: str, name: str, owner: str) -> bool:
+    """Whether an event (on `name` in directory `parent`) can mean new work; our own claims and moves (one per
+    task) are not news."""
     from watchfiles import Change
 
-    if path.parent == sp.dir("inbox") and change == Change.deleted and intake.lock_target(path.name):
+    inbox = str(sp.dir("inbox"))
+    if parent == inbox and change == Change.deleted and intake.lock_target(name):
         return True  # an editor let go of a file: it may be a task now
-    if path.parent in (sp.dir("queued"), sp.dir("inbox")):
+    if parent == inbox or parent == str(sp.dir("queued")):
         return change != Change.deleted  # a file leaving the inbox or the queue never makes work
-    if path.parent == sp.dir("running"):
-        if spool.parse_cancel_marker(path.name) is not None:
+    if parent == str(sp.dir("running")):
+        if spool.parse_cancel_marker(name) is not None:
             return True
-        entry = spool.parse_running_name(path.name)
+        entry = spool.parse_running_name(name)
         mine = entry is not None and entry.owner == owner
         return change == Change.deleted and not mine  # a slot another daemon held is free
     return True
