@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+from spoold import plainyaml
 from spoold.config import TARGET_RE
 from spoold.errors import BadInput
 from spoold.spool import PRIORITIES, read_bytes
@@ -358,8 +359,10 @@ def task_meta(task: Task) -> dict[str, Any]:
 
 
 def render(meta: dict[str, Any], body: str) -> bytes:
-    """A Markdown file with YAML frontmatter; the body is written exactly as given."""
-    return f"---\n{_handler().export(meta)}---\n{body}".encode()
+    """A Markdown file with YAML frontmatter; the body is written exactly as given. The common frontmatter
+    is written by hand (spoold.plainyaml, PyYAML's own bytes without its import), the rest by PyYAML."""
+    fm = plainyaml.dump(meta)
+    return f"---\n{_handler().export(meta) if fm is None else fm}---\n{body}".encode()
 
 
 def _plain(value: Any) -> Any:
