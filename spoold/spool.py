@@ -66,6 +66,7 @@ class Local:
     in_touch_until: float = float("inf")  # until when our view vouches that no other host can be running our tasks
     ledger_lock: Any = None  # the ledger's lock file, open between takes: (fd, its closer)
     ledgers: dict[str, tuple[tuple[int, int, int, int], Any]] = field(default_factory=dict)  # host files read: stat, parse
+    floats: dict[float, str] = field(default_factory=dict)  # the JSON of the starts our ledger holds, each made once
 
 
 @dataclass(frozen=True)
@@ -897,7 +898,7 @@ def cache_path(sp: Spool, name: str) -> Path:
 
 
 def ledger_dir(sp: Spool) -> Path:
-    return sp.state_dir / "ledger"
+    return sp.dir(".spoold/ledger")  # (kept like a state's: a claim asks for it a few times)
 
 
 def ledger_host_file(sp: Spool, host: str) -> Path:

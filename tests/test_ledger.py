@@ -374,3 +374,12 @@ def test_a_start_behind_100000_queued_is_found_without_walking_them() -> None:
     took = _time.perf_counter() - t
     assert got == pytest.approx(ledger.untimed_start(100_000, 0.0, [0.0] * 4, [], 60.0, 4, 50, 18_000.0, 0.0, jump=False))
     assert took < 0.05, f"{took:.3f} s: the jump did not happen"
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(), max_size=50), st.lists(st.floats(), max_size=50))
+def test_the_ledger_writes_its_floats_as_json_does(tmp_path_factory: Any, first: list[float], then: list[float]) -> None:
+    """Each float's text is kept for the next write: the kept text must be what json.dumps writes."""
+    sp = spool.open_spool(tmp_path_factory.mktemp("s"))
+    for xs in (first, then, first + then, [0.0, -0.0, 1, 1.0]):
+        assert ledger._floats_json(sp, xs) == json.dumps(xs, separators=(",", ":"))
