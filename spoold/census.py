@@ -23,7 +23,6 @@ from typing import Any
 
 from spoold import spool
 from spoold.config import Settings
-from spoold.leftovers import leftover_mark
 from spoold.spool import QueuedListing, Spool
 from spoold.task import Task
 
@@ -171,6 +170,8 @@ def finished(sp: Spool, state: str) -> list[tuple[Path, int, int, list[str]]]:
     """Per directory of a terminal state: (directory, task files, duplicate answers, names that may be a sync
     tool's leftover). A directory unchanged since it was last counted is not listed; a day's partition
     changes only on its day."""
+    from spoold.leftovers import leftover_mark  # lazy: only `status` counts them, and a submit imports census
+
     kept = _read(sp, f"{state}.json")
     kept = kept if isinstance(kept, dict) else {}
     out, fresh, changed = [], {}, False

@@ -84,7 +84,7 @@ ledger_dir = spool.ledger_dir
 
 
 def host_file(sp: Spool) -> Path:
-    return spool.ledger_dir(sp) / f"{spool.owner_host(spool.owner_tag())}.json"
+    return spool.ledger_host_file(sp, spool.owner_host(spool.owner_tag()))
 
 
 @contextmanager
@@ -110,23 +110,24 @@ def locked(sp: Spool) -> Iterator[None]:
 def _lock_ledger(sp: Spool) -> int:
     """Take the flock on the lock file, kept open between takes; one that was removed or replaced meanwhile
     (its inode is not the path's any more) is opened again, so every process locks the same file."""
-    path, deadline, pause = spool.ledger_lock_path(sp), time.monotonic() + LOCK_TIMEOUT_S, 0.001
+    deadline, pause = time.monotonic() + LOCK_TIMEOUT_S, 0.001
     while True:
         if sp.local.ledger_lock is None:
+            path = spool.ledger_lock_path(sp)
             ledger_dir(sp).mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            sp.local.ledger_lock = (fd, weakref.finalize(sp.local, os.close, fd))  # closed with its Spool
-        fd, close = sp.local.ledger_lock
+            sp.local.ledger_lock = (fd, str(path), weakref.finalize(sp.local, os.close, fd))  # closed with its Spool
+        fd, where, close = sp.local.ledger_lock
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if time.monotonic() > deadline:
-                raise TimeoutError(errno.ETIMEDOUT, "the ledger lock is held for over 30 s", str(path)) from None
+                raise TimeoutError(errno.ETIMEDOUT, "the ledger lock is held for over 30 s", where) from None
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
             continue
         try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            if os.fstat(fd).st_ino == os.stat(where).st_ino:
                 return fd
         except FileNotFoundError:
             pass

@@ -11,7 +11,6 @@ import base64
 import contextlib
 import errno
 import functools
-import hashlib
 import heapq
 import os
 import re
@@ -64,7 +63,7 @@ class Local:
     census_stamp: tuple[int, int, int] | None = None  # the queued/ listing whose census we last wrote
     dirs: dict[str, Path] = field(default_factory=dict)  # Spool.dir's paths, made once
     in_touch_until: float = float("inf")  # until when our view vouches that no other host can be running our tasks
-    ledger_lock: Any = None  # the ledger's lock file, open between takes: (fd, its closer)
+    ledger_lock: Any = None  # the ledger's lock file, open between takes: (fd, its path, its closer)
     ledgers: dict[str, tuple[tuple[int, int, int, int], Any]] = field(default_factory=dict)  # host files read: stat, parse
     floats: dict[float, str] = field(default_factory=dict)  # the JSON of the starts our ledger holds, each made once
 
@@ -179,7 +178,12 @@ def new_id(hint: str = "", now: datetime | None = None, *, of: bytes | None = No
         now = _monotonic_now()
     now = now.astimezone(UTC)
     stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
-    bits = os.urandom(5) if of is None else hashlib.blake2b(of, digest_size=5).digest()
+    if of is None:
+        bits = os.urandom(5)
+    else:
+        import hashlib  # lazy: loading OpenSSL costs a submit ~3 ms, and only intake on a synced spool hashes
+
+        bits = hashlib.blake2b(of, digest_size=5).digest()
     rand = base64.b32encode(bits).decode().lower()[:6]
     slug = slugify(hint)
     return f"{stamp}-{rand}-{slug}" if slug else f"{stamp}-{rand}"
