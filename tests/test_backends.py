@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import executable, fake_claude_script
 
-from spoold.backends import ProcResult
+from spoold import backends
+from spoold.backends import Invocation, ProcResult, Stop, run_process
 from spoold.backends.claude import (
     ClaudeBackend,
     classify,
@@ -249,3 +252,44 @@ def test_an_option_the_cli_lacks_fails_the_task_with_words(tmp_path: Path) -> No
     exe = _cli(tmp_path, "  -p, --print  --strict-mcp-config --setting-sources --tools <tools...>")
     with pytest.raises(BadInput, match=r"claude 2.1.500 has no --effort, which this task needs; upgrade"):
         ClaudeBackend().invocation(Task(id=TASK.id, prompt="p", effort="high"), Settings(claude_bin=str(exe)), tmp_path)
+
+
+# ---- the process runner (spoold.backends.run_process) ----------------------------------------
+
+
+def _inv(tmp_path: Path, script: str, stdin: bytes = b"") -> Invocation:
+    return Invocation(["sh", "-c", script], {"PATH": "/usr/bin:/bin"}, stdin, tmp_path)
+
+
+def test_the_runner_feeds_stdin_larger_than_a_pipe_while_it_reads_stdout(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB: both pipes fill many times over
+    seen: list[bytes] = []
+    proc = run_process(_inv(tmp_path, "cat; echo done >&2", data), 30, on_stdout=seen.append)
+    assert proc.returncode == 0 and proc.stdout == data == b"".join(seen) and proc.stderr == b"done\n"
+    assert not proc.timed_out
+
+
+def test_a_stop_ends_a_quiet_run_at_once(tmp_path: Path) -> None:
+    stop = Stop()
+    threading.Timer(0.2, stop.request, ("cancel",)).start()
+    proc = run_process(_inv(tmp_path, "sleep 30"), 60, stop=stop)
+    stop.close()
+    assert proc.returncode == -signal.SIGTERM and not proc.timed_out and proc.duration_s < 10
+    assert stop.requested and stop.reason == "cancel"
+
+
+def test_a_run_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    proc = run_process(_inv(tmp_path, "trap '' TERM; echo ready; while :; do sleep 1; done"), 0.5, term_grace_s=0.3)
+    assert proc.timed_out and proc.returncode == -signal.SIGKILL and proc.stdout == b"ready\n"
+
+
+def test_a_child_left_holding_the_pipes_does_not_keep_the_run_open(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "PIPE_GRACE_S", 0.3)
+    proc = run_process(_inv(tmp_path, "sleep 30 & echo hi"), 60)
+    assert proc.returncode == 0 and proc.stdout == b"hi\n" and proc.duration_s < 10
+
+
+def test_stderr_keeps_only_its_tail(tmp_path: Path) -> None:
+    proc = run_process(_inv(tmp_path, "head -c 300000 /dev/zero | tr '\\0' x >&2; echo end >&2"), 30)
+    assert proc.returncode == 0 and len(proc.stderr) == backends.STDERR_KEEP and proc.stderr.endswith(b"xend\n")

@@ -233,9 +233,7 @@ def run_process(inv: Invocation, timeout_s: float, on_stdout: Callable[[bytes], 
                     sel.unregister(fd)  # the leader exited: the loop's poll() reaps it
                 elif stop is not None and fd == stop._r:
                     sel.unregister(fd)
-        if proc.returncode is None:  # (only when it left the group and kept our pipes: wait for the leader)
-            proc.wait()
-        _signal_group(proc.pid, signal.SIGKILL)  # grandchildren that outlived the leader
+        _signal_group(proc.pid, signal.SIGKILL)  # grandchildren that outlived the leader (it is reaped: the loop ends so)
     except BaseException:
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
