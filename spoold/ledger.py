@@ -36,7 +36,6 @@ E = TypeVar("E")
 KEEP_DURATIONS = 20
 DEFAULT_DURATION_S = 60.0
 LOCK_TIMEOUT_S = 30.0
-KEEP_FLOATS = 100_000  # how many written floats _floats_json keeps (a start is 8 bytes and a short string)
 
 
 @dataclass
@@ -270,26 +269,27 @@ def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
 def _write_host(sp: Spool, path: Path, h: HostLedger) -> None:
     rest = {"spend": h.spend, "hold_until": h.hold_until, "hold_reason": h.hold_reason, "hold_set_at": h.hold_set_at,
             "holds_cleared_at": h.holds_cleared_at, "windows": {k: w.as_json() for k, w in h.windows.items()}}
-    data = (f'{{"starts":{_floats_json(sp, h.starts)},"durations":{_floats_json(sp, h.durations)},'
+    data = (f'{{"starts":{_floats_json(sp, h.starts)},"durations":{_floats_json(sp, h.durations, "durations")},'
             f'{json.dumps(rest, separators=(",", ":"))[1:]}')  # no indent: C encoder, 10x faster
     spool.rewrite(sp, path, data.encode())
     st = os.stat(path)  # our own file, under the lock (one writer): what we just wrote needs no parse at the next read
     sp.local.ledgers[str(path)] = ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), _copy(h))
 
 
-def _floats_json(sp: Spool, xs: list[float]) -> str:
-    """A JSON array of floats, each written once: a claim rewrites the window's starts, one more each time,
-    and writing a float (its repr, as json does) is what made that cost grow with the window."""
-    memo = sp.local.floats
-    if len(memo) > 4 * KEEP_FLOATS:
-        memo.clear()
-    out = []
-    for x in xs:
-        text = memo.get(x) if x else None  # (0.0 and -0.0 are one key, two texts)
-        if text is None:
-            text = memo[x] = repr(float(x)) if math.isfinite(x) else json.dumps(x)
-        out.append(text)
-    return f"[{','.join(out)}]"
+def _floats_json(sp: Spool, xs: list[float], name: str = "starts") -> str:
+    """A JSON array of floats, as json.dumps writes it, from the texts of the last array written under `name`
+    where it is that one with a few pruned from its front and a few added at its end (a claim's starts):
+    rewriting every float of the window at each claim made its cost grow with the window."""
+    last_xs, last_texts = sp.local.floats.get(name, ([], []))
+    k = bisect.bisect_left(last_xs, xs[0]) if xs and last_xs else len(last_xs)
+    keep = len(last_xs) - k
+    if not (keep <= len(xs) and xs[:keep] == last_xs[k:]) or 0.0 in xs[:keep]:  # (-0.0 == 0.0)
+        keep, texts = 0, []
+    else:
+        texts = last_texts[k:]
+    texts += [repr(float(x)) if math.isfinite(x) else json.dumps(x) for x in xs[keep:]]
+    sp.local.floats[name] = (list(xs), texts)
+    return f"[{','.join(texts)}]"
 
 
 def _update_own(

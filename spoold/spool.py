@@ -65,7 +65,7 @@ class Local:
     in_touch_until: float = float("inf")  # until when our view vouches that no other host can be running our tasks
     ledger_lock: Any = None  # the ledger's lock file, open between takes: (fd, its path, its closer)
     ledgers: dict[str, tuple[tuple[int, int, int, int], Any]] = field(default_factory=dict)  # host files read: stat, parse
-    floats: dict[float, str] = field(default_factory=dict)  # the JSON of the starts our ledger holds, each made once
+    floats: dict[str, tuple[list[float], list[str]]] = field(default_factory=dict)  # our ledger's last floats, as text
 
 
 @dataclass(frozen=True)

@@ -377,9 +377,12 @@ def test_a_start_behind_100000_queued_is_found_without_walking_them() -> None:
 
 
 @hsettings(max_examples=300, deadline=None)
-@given(st.lists(st.floats(), max_size=50), st.lists(st.floats(), max_size=50))
-def test_the_ledger_writes_its_floats_as_json_does(tmp_path_factory: Any, first: list[float], then: list[float]) -> None:
-    """Each float's text is kept for the next write: the kept text must be what json.dumps writes."""
+@given(st.lists(st.floats(), max_size=50), st.lists(st.floats(), max_size=50), st.integers(0, 60))
+def test_the_ledger_writes_its_floats_as_json_does(tmp_path_factory: Any, first: list[float], then: list[float],
+                                                   pruned: int) -> None:
+    """Each write starts from the texts of the last one (a window's starts: a few gone from the front, a few
+    new at the end): what it writes must be what json.dumps writes, whatever the lists."""
     sp = spool.open_spool(tmp_path_factory.mktemp("s"))
-    for xs in (first, then, first + then, [0.0, -0.0, 1.0]):
+    for xs in (first, first[pruned:] + then, sorted(first), sorted(first)[pruned:] + sorted(then), then,
+               [0.0, -0.0, 1.0], [-0.0, 1.0, 2.0], [1.0, 2.0, 3.0]):
         assert ledger._floats_json(sp, xs) == json.dumps(xs, separators=(",", ":"))

@@ -110,6 +110,23 @@ def get_backend(settings: Settings) -> Backend:
     return ClaudeBackend()
 
 
+_environ: tuple[dict[bytes, bytes], dict[str, str]] = ({}, {})
+
+
+def environ() -> dict[str, str]:
+    """A copy of this process's environment for a task's process to start from.
+
+    os.environ decodes every variable in Python on each copy, ~0.3 ms a task; its raw bytes are
+    compared in C instead, and decoded again only when they changed."""
+    raw = getattr(os.environ, "_data", None)
+    global _environ
+    if not isinstance(raw, dict):
+        return dict(os.environ)
+    if raw != _environ[0]:
+        _environ = (dict(raw), dict(os.environ))
+    return dict(_environ[1])
+
+
 class Stop:
     """A request, from any thread, that a run end now: its process group is terminated, then killed.
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from spoold.backends import Invocation, Outcome, ProcResult
+from spoold.backends import Invocation, Outcome, ProcResult, environ
 from spoold.backends.claude_probe import CliInfo, logged_in, probe
 from spoold.backends.claude_stream import Stream, parse
 from spoold.backends.command import stderr_tail, timeout_message
@@ -129,7 +128,7 @@ class ClaudeBackend:
 
 def task_env(settings: Settings) -> dict[str, str]:
     """The daemon's environment, less what would break or redirect a task, plus no non-essential traffic."""
-    env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
+    env = {k: v for k, v in environ().items() if k not in DROP_ENV}
     if not settings.keep_api_key:
         env.pop("ANTHROPIC_API_KEY", None)  # it would silently override the subscription login
     env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"  # no title request: one model call per task

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
-from spoold.backends import Invocation, Outcome, ProcResult
+from spoold.backends import Invocation, Outcome, ProcResult, environ
 from spoold.config import Profile, Settings
 from spoold.errors import CliUnusable
 from spoold.task import Task
@@ -45,7 +44,8 @@ class CommandBackend:
             for key, value in fill.items():
                 arg = arg.replace(key, value)
             argv.append(arg)
-        env = dict(os.environ, SPOOLD_TASK_ID=task.id, SPOOLD_MODEL=task.model)
+        env = environ()
+        env.update(SPOOLD_TASK_ID=task.id, SPOOLD_MODEL=task.model)
         return Invocation(argv, env, task.prompt.encode(), cwd)
 
     def progress(self) -> StdoutSoFar:
