@@ -79,6 +79,7 @@ class Daemon:
         self.slot_freed = asyncio.Event()
         self._more_intake = False  # the last intake stopped at its batch limit
         self.watcher = Watcher(sp, self._news)
+        self._foreign_seen = 0  # the watcher's count of foreign files in queued/ when we last looked
         self.courier = notify.Courier(sp, lambda: self.settings)
         self._holding: tuple[float, str] | None = None  # the hold we told about, until its end
         self._ran_since_drained = False
@@ -359,8 +360,8 @@ class Daemon:
         A thread, so that fsyncs here overlap with finished tasks being written in other threads.
         Everything it needs from the loop's state is copied first.
         """
-        full = time.monotonic() - self._last_scan > self.settings.scan_interval_s or self.watcher.foreign_in_queued
-        self.watcher.foreign_in_queued = False
+        foreign, self._foreign_seen = self.watcher.foreign_seen != self._foreign_seen, self.watcher.foreign_seen
+        full = time.monotonic() - self._last_scan > self.settings.scan_interval_s or foreign
         settings, running_here = self.settings, set(self.running)
 
         view = self.hosts.view

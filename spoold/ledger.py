@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from spoold import spool
 from spoold.config import Settings
@@ -92,11 +92,26 @@ def locked(sp: Spool) -> Iterator[None]:
 
     By hand, not filelock: a claim takes it once per task, and filelock 4 spends ~100 µs of Python on a
     take and release that are two syscalls here. It is the same flock on the same file, so it excludes
-    any filelock.FileLock on it too. Our threads queue on `threads` first, so only processes poll."""
+    any filelock.FileLock on it too. Our threads queue on `threads` first, so only processes poll. Where
+    the filesystem has no flock, filelock takes over (it falls back to a lock file of its own)."""
     if not sp.local.threads.acquire(timeout=LOCK_TIMEOUT_S):
         raise TimeoutError(errno.ETIMEDOUT, "the ledger lock is held for over 30 s", str(spool.ledger_lock_path(sp)))
     try:
-        fd = _lock_ledger(sp)
+        if sp.local.ledger_lock == "filelock":
+            with _filelock(sp):
+                spool.fault("ledger:locked")
+                yield
+            return
+        try:
+            fd = _lock_ledger(sp)
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise
+            sp.local.ledger_lock = "filelock"
+            with _filelock(sp):
+                spool.fault("ledger:locked")
+                yield
+            return
         try:
             spool.fault("ledger:locked")
             yield
@@ -104,6 +119,13 @@ def locked(sp: Spool) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         sp.local.threads.release()
+
+
+def _filelock(sp: Spool) -> Any:
+    import filelock  # lazy: a submit reads the ledger for its estimate but never locks it
+
+    ledger_dir(sp).mkdir(mode=0o700, parents=True, exist_ok=True)
+    return filelock.FileLock(spool.ledger_lock_path(sp), timeout=LOCK_TIMEOUT_S, thread_local=False, mode=0o600)
 
 
 def _lock_ledger(sp: Spool) -> int:
@@ -126,27 +148,29 @@ def _lock_ledger(sp: Spool) -> int:
             pause = min(pause * 2, 0.05)
             continue
         try:
-            if os.fstat(fd).st_ino == os.stat(where).st_ino:
-                return fd
+            same = os.fstat(fd).st_ino == os.stat(where).st_ino
         except FileNotFoundError:
-            pass
+            same = False
+        except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # (never left held behind an error: every other process would wait)
+            raise
+        if same:
+            return fd
         fcntl.flock(fd, fcntl.LOCK_UN)
         close()
         sp.local.ledger_lock = None
 
 
 def _load_host(sp: Spool, path: Path) -> HostLedger:
-    """A host's file, parsed again only when it changed: a claim reads every host's, and ours holds a start per
-    task of the window. Its stat (inode, size, mtime, ctime: a replaced or edited file differs in one) is taken
-    from the open file, so what is kept is what that stat describes."""
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        kept = sp.local.ledgers.get(str(path))
-        if kept is not None and kept[0] == key:
-            return _copy(kept[1])
-        h = _parse_host(f.read())
-    sp.local.ledgers[str(path)] = (key, _copy(h))
+    """A host's file, parsed again only when its bytes changed: a claim reads every host's, and ours holds a
+    start per task of the window. Comparing the bytes is exact where a stat is not (an inode reused within
+    one timestamp tick by another process writing the same host's file)."""
+    data = path.read_bytes()
+    kept = sp.local.ledgers.get(str(path))
+    if kept is not None and kept[0] == data:
+        return _copy(kept[1])
+    h = _parse_host(data)
+    sp.local.ledgers[str(path)] = (data, _copy(h))
     return h
 
 
@@ -271,9 +295,9 @@ def _write_host(sp: Spool, path: Path, h: HostLedger) -> None:
             "holds_cleared_at": h.holds_cleared_at, "windows": {k: w.as_json() for k, w in h.windows.items()}}
     data = (f'{{"starts":{_floats_json(sp, h.starts)},"durations":{_floats_json(sp, h.durations, "durations")},'
             f'{json.dumps(rest, separators=(",", ":"))[1:]}')  # no indent: C encoder, 10x faster
-    spool.rewrite(sp, path, data.encode())
-    st = os.stat(path)  # our own file, under the lock (one writer): what we just wrote needs no parse at the next read
-    sp.local.ledgers[str(path)] = ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), _copy(h))
+    raw = data.encode()
+    spool.rewrite(sp, path, raw)
+    sp.local.ledgers[str(path)] = (raw, _copy(h))  # what we just wrote needs no parse at the next read
 
 
 def _floats_json(sp: Spool, xs: list[float], name: str = "starts") -> str:

@@ -65,7 +65,7 @@ def dump(meta: dict[str, Any]) -> str | None:
     out: list[str] = []
     for key, value in meta.items():
         name = scalar(key) if isinstance(key, str) else None
-        if name is None or name.startswith("'") or len(name) > 128:  # (a longer key is a "? " key in PyYAML)
+        if name is None or name.startswith("'") or len(name.encode()) > 128:  # (longer: a "? " key in libyaml)
             return None
         if isinstance(value, list):
             if not value:

@@ -31,32 +31,33 @@ def run(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, work
         exited: Callable[[], None], stop: Stop) -> bool:
     """Run a claimed task to its end, in the calling thread (one per running task): the backend, then its
     outcome written (kept and retried while the spool cannot be written). `exited()` is called once the backend
-    is done, so that its slot can go to the next. A `stop` asked before the outcome is known ends the run as
-    `interrupted` says; once the backend is done, its outcome is written whatever is asked. True when a
+    is done, so that its slot can go to the next. A `stop` that ended the backend ends the run as `interrupted`
+    says; one asked after the backend was done changes nothing: its outcome is written. True when a
     notification was queued (the courier has news)."""
     task = claimed.task
     backend = get_backend(settings)
     try:
         try:
-            ctx = options.context(sp, settings, task, workdir)
-            inv = backend.invocation(task, settings, ctx.cwd, profile=ctx.profile, session=ctx.session)
-            proc = run_process(inv, task.timeout or settings.timeout_s, stop=stop,
-                               on_stdout=partial_writer(sp, claimed, backend.progress()))
-        except (CliUnusable, options.NotYet, BadInput, OSError) as e:  # the CLI never ran this task
-            outcome, proc = not_run(e, settings), ProcResult(None, b"", b"")
-            ledger.forget_start(sp, settings, claimed.started.timestamp())
-        else:
-            if stop.requested:
-                return interrupted(sp, settings, claimed, stop.reason)
-            outcome = backend.classify(task, proc)
+            try:
+                ctx = options.context(sp, settings, task, workdir)
+                inv = backend.invocation(task, settings, ctx.cwd, profile=ctx.profile, session=ctx.session)
+                proc = run_process(inv, task.timeout or settings.timeout_s, stop=stop,
+                                   on_stdout=partial_writer(sp, claimed, backend.progress()))
+            except (CliUnusable, options.NotYet, BadInput, OSError) as e:  # the CLI never ran this task
+                outcome, proc = not_run(e, settings), ProcResult(None, b"", b"")
+                ledger.forget_start(sp, settings, claimed.started.timestamp())
+            else:
+                if proc.stopped:
+                    return interrupted(sp, settings, claimed, stop.reason)
+                outcome = backend.classify(task, proc)
+        finally:
+            exited()
+        return settle_when_writable(sp, settings, claimed, outcome, proc, stop)
     except Exception:
         log.exception("internal error on %s; requeued", task.id)
         with contextlib.suppress(Exception):
             interrupted(sp, settings, claimed, "error")
         return False
-    finally:
-        exited()
-    return settle_when_writable(sp, settings, claimed, outcome, proc, stop)
 
 
 def interrupted(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, why: str) -> bool:
@@ -116,7 +117,8 @@ def not_run(e: Exception, settings: config.Settings) -> Outcome:
 def settle_when_writable(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, outcome: Outcome,
                          proc: ProcResult, stop: Stop) -> bool:
     """Settle a finished run; while the spool cannot be written, keep its answer here and try again (until
-    a stop, which `interrupted` ends: an answer already written goes beside its task, never runs again)."""
+    the daemon stops, which `interrupted` ends: an answer already written goes beside its task, never runs
+    again)."""
     failures = 0
     while True:
         if failures and not claimed.path.exists():
@@ -128,9 +130,12 @@ def settle_when_writable(sp: Spool, settings: config.Settings, claimed: transiti
             if failures == 1:
                 log.error("cannot record the outcome of %s (%s); keeping it and retrying", claimed.task.id,
                           e.strerror or e)
-            if stop.wait(backoff(failures, WRITE_RETRY_S, settings.scan_interval_s)):
+            delay = backoff(failures, WRITE_RETRY_S, settings.scan_interval_s)
+            if stop.requested and stop.reason != "stop":
+                time.sleep(delay)  # a cancel after the run ended changes nothing: its outcome stands
+            elif stop.wait(delay) and stop.reason == "stop":  # the daemon is going: recovery finishes it later
                 with contextlib.suppress(OSError):
-                    return interrupted(sp, settings, claimed, stop.reason)
+                    return interrupted(sp, settings, claimed, "stop")
                 return False
 
 

@@ -63,8 +63,8 @@ class Local:
     census_stamp: tuple[int, int, int] | None = None  # the queued/ listing whose census we last wrote
     dirs: dict[str, Path] = field(default_factory=dict)  # Spool.dir's paths, made once
     in_touch_until: float = float("inf")  # until when our view vouches that no other host can be running our tasks
-    ledger_lock: Any = None  # the ledger's lock file, open between takes: (fd, its path, its closer)
-    ledgers: dict[str, tuple[tuple[int, int, int, int], Any]] = field(default_factory=dict)  # host files read: stat, parse
+    ledger_lock: Any = None  # the ledger's lock file, open between takes: (fd, its path, its closer), or "filelock"
+    ledgers: dict[str, tuple[bytes, Any]] = field(default_factory=dict)  # host files read: their bytes, their parse
     floats: dict[str, tuple[list[float], list[str]]] = field(default_factory=dict)  # our ledger's last floats, as text
 
 

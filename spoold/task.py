@@ -88,8 +88,10 @@ def _handler() -> Any:
         def export(self, metadata: dict[str, object], **kwargs: object) -> str:
             plain = _plain(metadata)
             readable = "\x85" not in json.dumps(plain, ensure_ascii=False)  # PyYAML mangles a raw NEL
-            return super().export(plain, Dumper=yaml.CSafeDumper, sort_keys=False, allow_unicode=readable,
-                                  width=1_000_000) + "\n"
+            # yaml.dump itself, not super().export, which strips the text: a last value ending in a Unicode space
+            # (U+00A0, U+3000, ...) lost it
+            return str(yaml.dump(plain, Dumper=yaml.CSafeDumper, default_flow_style=False, sort_keys=False,
+                                 allow_unicode=readable, width=1_000_000))
 
     return TaskYAML()
 

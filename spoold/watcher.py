@@ -23,13 +23,15 @@ log = logging.getLogger("spoold")
 class Watcher:
     """Watch inbox/, queued/, running/ and the spool root; call `on_news` for whatever may mean new work.
 
-    `foreign_in_queued` says a foreign tool wrote straight into queued/ (the daemon takes it in at once).
+    `foreign_seen` counts the times a foreign tool wrote straight into queued/ (the daemon takes such a file
+    in at once); only the watcher's thread writes it, so a reader that compares it with the count it saw last
+    misses none.
     """
 
     def __init__(self, sp: Spool, on_news: Callable[[], None]) -> None:
         self.sp = sp
         self.on_news = on_news
-        self.foreign_in_queued = False
+        self.foreign_seen = 0
         self._owner = spool.owner_tag()
         self._probe = spool.watch_probe_path(sp)
         self._watching = asyncio.Event()
@@ -52,6 +54,14 @@ class Watcher:
 
         sp, queued = self.sp, str(self.sp.dir("queued"))
         paths = [sp.dir("inbox"), sp.dir("queued"), sp.dir("running"), sp.root]
+
+        def tell(fn: Callable[[], object]) -> bool:
+            try:
+                loop.call_soon_threadsafe(fn)
+                return True
+            except RuntimeError:  # the loop closed under us: the daemon has stopped
+                return False
+
         try:
             for changes in watch(*paths, watch_filter=None, debounce=200, step=2, recursive=False, stop_event=stop,
                                  ignore_permission_denied=True, raise_interrupt=False):
@@ -63,13 +73,9 @@ class Watcher:
                     elif is_news(sp, change, parent, name, self._owner):
                         news = True
                         if parent == queued and not spool.parse_queued_name(name):
-                            self.foreign_in_queued = True
-                if probed:
-                    loop.call_soon_threadsafe(self._watching.set)
-                if news:
-                    loop.call_soon_threadsafe(self.on_news)
-        except RuntimeError:
-            return  # the loop closed under us: the daemon has stopped
+                            self.foreign_seen += 1
+                if (probed and not tell(self._watching.set)) or (news and not tell(self.on_news)):
+                    return
         except Exception as e:  # the periodic scan goes on without us
             log.warning("the file watcher stopped (%s); relying on a scan every few seconds", e)
 

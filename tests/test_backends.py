@@ -274,7 +274,7 @@ def test_a_stop_ends_a_quiet_run_at_once(tmp_path: Path) -> None:
     threading.Timer(0.2, stop.request, ("cancel",)).start()
     proc = run_process(_inv(tmp_path, "sleep 30"), 60, stop=stop)
     stop.close()
-    assert proc.returncode == -signal.SIGTERM and not proc.timed_out and proc.duration_s < 10
+    assert proc.returncode == -signal.SIGTERM and proc.stopped and not proc.timed_out and proc.duration_s < 10
     assert stop.requested and stop.reason == "cancel"
 
 
@@ -293,3 +293,21 @@ def test_a_child_left_holding_the_pipes_does_not_keep_the_run_open(tmp_path: Pat
 def test_stderr_keeps_only_its_tail(tmp_path: Path) -> None:
     proc = run_process(_inv(tmp_path, "head -c 300000 /dev/zero | tr '\\0' x >&2; echo end >&2"), 30)
     assert proc.returncode == 0 and len(proc.stderr) == backends.STDERR_KEEP and proc.stderr.endswith(b"xend\n")
+
+
+def test_output_trailing_the_leader_never_turns_a_finished_run_into_a_timeout(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock stops when the leader exits: a child holding the pipes past the timeout changes nothing."""
+    monkeypatch.setattr(backends, "PIPE_GRACE_S", 1.5)
+    proc = run_process(_inv(tmp_path, "sleep 30 & echo answer; sleep 0.3"), 0.6)
+    assert proc.returncode == 0 and not proc.timed_out and not proc.stopped and proc.stdout == b"answer\n"
+
+
+def test_a_stop_outranks_a_cancel_asked_before_it() -> None:
+    stop = Stop()
+    stop.request("cancel")
+    stop.request("cancel")
+    assert stop.reason == "cancel" and stop.wait(10)
+    stop.request("stop")
+    assert stop.reason == "stop"
+    stop.close()

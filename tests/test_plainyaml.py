@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 from spoold import plainyaml, task
 
 # Text that exercises every rule: YAML's indicators, spaces, quotes, digits, dates, words, odd Unicode.
-ALPHABET = string.ascii_letters + string.digits + " _./+-,?()!'\"&*%$;=<>~^@[]{}:#|`\\\t\n\x85\u2028\ufeffé日\U0001f600"
+ALPHABET = (string.ascii_letters + string.digits + " _./+-,?()!'\"&*%$;=<>~^@[]{}:#|`\\\t\n\x85\u2028\ufeffé日\U0001f600"
+            "\xa0\u3000\u2009")
 FRAGMENTS = st.sampled_from(["yes", "No", "null", "~", "0x1f", "012", "1_000", "1.5", "1e5", ".5", "2026-12-02",
                              "2026-12-02T01:02:03Z", "1:20", ": ", " #", "- ", "? ", "...", "---", "'", "''", "<<", "=", ".inf"])
 TEXT = st.lists(st.one_of(st.text(ALPHABET, max_size=12), FRAGMENTS), max_size=4).map("".join)
 SCALARS = st.one_of(TEXT, st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none())
 VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(TEXT, SCALARS, max_size=2))
-KEYS = st.one_of(st.sampled_from(["id", "title", "max_budget_usd", "tags"]), TEXT)
+KEYS = st.one_of(st.sampled_from(["id", "title", "max_budget_usd", "tags", "k" * 120 + "éééé", "k" * 125 + "é"]), TEXT)
 
 
 def _pyyaml(meta: dict[str, object]) -> str:
@@ -56,3 +57,11 @@ def test_it_quotes_what_pyyaml_would_read_as_no_string() -> None:
     for text in ("1e5", "a:b", "a#b", "~x", "12:30:00x", "20261202-010203-abcd", "it's", "n", "y"):
         out = plainyaml.dump({"x": text})
         assert out == f"x: {text}\n" == _pyyaml({"x": text}), text
+
+
+def test_a_value_ending_in_a_unicode_space_keeps_it() -> None:
+    """python-frontmatter's own export strips its text, which took a trailing U+00A0 off the last value."""
+    for meta in ({"x": "a\xa0"}, {"x": "a\xa0", "tags": ["b\u3000"]}, {"schema": {"k": "v\xa0"}}):
+        assert yaml.safe_load(_pyyaml(meta)) == meta
+        text = task.render(meta, "body\n").decode()
+        assert task.parse_text(text)[0] == meta

@@ -74,6 +74,7 @@ class ProcResult:
     stderr: bytes  # the last STDERR_KEEP bytes
     timed_out: bool = False
     duration_s: float = 0.0
+    stopped: bool = False  # a Stop's request ended it (not one that came after it had exited)
 
 
 class Progress(Protocol):
@@ -138,16 +139,21 @@ class Stop:
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def request(self, reason: str = "stop") -> None:
-        """Ask once; `reason` (cancel, stop) says what becomes of the task."""
+        """Ask; `reason` (cancel, stop) says what becomes of the task. A stop outranks a cancel asked before it
+        (the daemon is going: a finished run's outcome that cannot be written yet waits no longer)."""
         if not self.requested:
             self.reason, self.requested = reason, True
             with contextlib.suppress(OSError):
                 os.write(self._w, b"x")
+        elif reason == "stop":
+            self.reason = "stop"
 
     def wait(self, timeout_s: float) -> bool:
         """Sleep up to timeout_s, woken early by a request; True when one was made."""
         if not self.requested:
-            select.select([self._r], [], [], timeout_s)
+            waiter = select.poll()  # (not select.select: it cannot wait on a descriptor past 1023)
+            waiter.register(self._r, select.POLLIN)
+            waiter.poll(max(0, int(timeout_s * 1000)))
         return self.requested
 
     def close(self) -> None:
@@ -176,11 +182,11 @@ def run_process(inv: Invocation, timeout_s: float, on_stdout: Callable[[bytes], 
     assert proc.stdin and proc.stdout and proc.stderr
     out, err = bytearray(), bytearray()
     fds = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-    pidfd = -1
-    with contextlib.suppress(AttributeError, OSError):  # Linux 5.3+; elsewhere the leader is polled
-        pidfd = os.pidfd_open(proc.pid)
-    sel = selectors.DefaultSelector()
+    pidfd, sel = -1, None
     try:
+        with contextlib.suppress(AttributeError, OSError):  # Linux 5.3+; elsewhere the leader is polled
+            pidfd = os.pidfd_open(proc.pid)
+        sel = selectors.DefaultSelector()
         for fd in fds:
             os.set_blocking(fd, False)
             sel.register(fd, selectors.EVENT_READ)
@@ -202,7 +208,7 @@ def run_process(inv: Invocation, timeout_s: float, on_stdout: Callable[[bytes], 
                 let_go_at = now + PIPE_GRACE_S  # the leader is gone: its output may trail it a little
             if let_go_at is not None and not fds:
                 break
-            if not stopping and ((stop is not None and stop.requested) or now >= deadline):
+            if not stopping and let_go_at is None and ((stop is not None and stop.requested) or now >= deadline):
                 timed_out, stopping = not (stop is not None and stop.requested), True
                 _signal_group(proc.pid, signal.SIGTERM)
                 kill_at = now + term_grace_s
@@ -215,7 +221,7 @@ def run_process(inv: Invocation, timeout_s: float, on_stdout: Callable[[bytes], 
                     break  # it left our process group: keep what was read
                 _signal_group(proc.pid, signal.SIGKILL)  # a child kept our pipes open: it goes too
                 group_killed, let_go_at = True, now + PIPE_GRACE_S
-            waits = [t for t in (None if stopping else deadline, kill_at, let_go_at) if t is not None]
+            waits = [t for t in (None if stopping or let_go_at else deadline, kill_at, let_go_at) if t is not None]
             timeout = max(0.0, min(waits) - now) if waits else None
             if pidfd < 0 and proc.returncode is None:
                 timeout = EXIT_POLL_S if timeout is None else min(timeout, EXIT_POLL_S)
@@ -250,16 +256,19 @@ def run_process(inv: Invocation, timeout_s: float, on_stdout: Callable[[bytes], 
                     sel.unregister(fd)  # the leader exited: the loop's poll() reaps it
                 elif stop is not None and fd == stop._r:
                     sel.unregister(fd)
-        _signal_group(proc.pid, signal.SIGKILL)  # grandchildren that outlived the leader (it is reaped: the loop ends so)
+        if stopping:
+            _signal_group(proc.pid, signal.SIGKILL)  # what of the group outlived the leader we stopped
     except BaseException:
         _signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
     finally:
-        sel.close()
+        if sel is not None:
+            sel.close()
         if pidfd >= 0:
             os.close(pidfd)
         for f in (proc.stdin, proc.stdout, proc.stderr):
             with contextlib.suppress(OSError):
                 f.close()
-    return ProcResult(proc.returncode, bytes(out), bytes(err[-STDERR_KEEP:]), timed_out, time.monotonic() - t0)
+    return ProcResult(proc.returncode, bytes(out), bytes(err[-STDERR_KEEP:]), timed_out, time.monotonic() - t0,
+                      stopped=stopping and not timed_out)
