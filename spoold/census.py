@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -51,21 +50,11 @@ class Census:
 
 
 def _write(sp: Spool, name: str, value: object) -> None:
-    path = spool.cache_path(sp, name)
-    tmp = path.with_name(f".{spool.owner_tag()}.{os.urandom(4).hex()}.tmp")
-    try:
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp.write_bytes(json.dumps(value).encode())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    spool.write_cache(spool.cache_path(sp, name), value)
 
 
 def _read(sp: Spool, name: str) -> Any:
-    try:
-        return json.loads(spool.cache_path(sp, name).read_bytes())
-    except (OSError, ValueError):
-        return None
+    return spool.read_cache(spool.cache_path(sp, name))
 
 
 def read(sp: Spool) -> Census | None:

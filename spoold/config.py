@@ -253,6 +253,12 @@ def _read_raw(path: Path) -> dict[str, Any]:
         return {}
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text; fix or delete it") from None
+    from spoold import spool
+
+    cache = spool.config_cache_path(path)
+    kept = spool.read_cache(cache) if cache is not None else None
+    if isinstance(kept, dict) and kept.get("text") == text and isinstance(kept.get("raw"), dict):
+        return dict(kept["raw"])  # the same text parsed before: a submit need not load PyYAML (~15 ms)
     import yaml  # lazy: without a config file a submit never pays for PyYAML
 
     try:
@@ -263,7 +269,19 @@ def _read_raw(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of settings")
-    return {str(k): v for k, v in raw.items()}
+    mapping = {str(k): v for k, v in raw.items()}
+    if cache is not None and _json_exact(mapping):  # (a date, say, is parsed each time: JSON cannot hold it)
+        spool.write_cache(cache, {"text": text, "raw": mapping})
+    return mapping
+
+
+def _json_exact(value: object) -> bool:
+    import json
+
+    try:
+        return bool(json.loads(json.dumps(value)) == value)
+    except (TypeError, ValueError):
+        return False
 
 
 def env_values(env: Mapping[str, str] | None = None) -> dict[str, Any]:

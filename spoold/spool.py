@@ -897,8 +897,41 @@ def spool_path(sp: Spool, rel: str) -> Path:
 
 
 def cache_path(sp: Spool, name: str) -> Path:
-    """`.spoold/cache/NAME`: counts any process may rebuild from a listing (spoold.census); never synced."""
+    """`.spoold/cache/NAME`: what any process may rebuild from the files it stands for (spoold.census's counts,
+    config.yaml's parse); never synced."""
     return sp.state_dir / "cache" / name
+
+
+def config_cache_path(config_path: Path) -> Path | None:
+    """Where config.yaml's parse is kept (`.spoold/cache/config.json`); None for a file that is no spool's."""
+    sp = Spool(config_path.parent)
+    return cache_path(sp, "config.json") if config_path == sp.config_path and sp.state_dir.is_dir() else None
+
+
+def write_cache(path: Path, value: object) -> None:
+    """Replace a cache file (tmp, rename; no fsync: it is rebuilt from what it stands for). A failure is no error:
+    the next reader rebuilds it."""
+    import json
+
+    tmp = path.with_name(f".{owner_tag()}.{os.urandom(4).hex()}.tmp")
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)  # (the config's may hold secrets)
+        with open(fd, "wb") as f:
+            f.write(json.dumps(value).encode())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def read_cache(path: Path) -> Any:
+    """A cache file's value; None when there is none or it cannot be read."""
+    import json
+
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
 
 
 def ledger_dir(sp: Spool) -> Path:

@@ -55,3 +55,30 @@ def test_profiles_are_read_typed_and_written_back(tmp_path: Path) -> None:
     path.write_bytes(written["data"])
     again = config.load(path, env={})
     assert again.profiles == s.profiles and again.max_requests == 3
+
+
+def test_a_spools_config_is_parsed_once_per_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.yaml's parse is kept with its text in .spoold/cache: the same text again needs no PyYAML (a
+    submit's start-up); a changed text is parsed again; a file outside a spool keeps nothing."""
+    import sys
+
+    from spoold import spool
+
+    sp = spool.open_spool(tmp_path / "sp")
+    sp.config_path.write_text("concurrency: 3\nprofiles:\n  web:\n    tools: [WebSearch]\n")
+    first = config.load(sp.config_path)
+    assert spool.config_cache_path(sp.config_path) is not None and spool.config_cache_path(sp.config_path).exists()
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` fails from here on
+    assert config.load(sp.config_path) == first and first.concurrency == 3
+    sp.config_path.write_text("concurrency: 4\n")
+    with pytest.raises(ImportError):
+        config.load(sp.config_path)  # a new text is parsed again, never answered from the old one
+    monkeypatch.delitem(sys.modules, "yaml")
+    assert config.load(sp.config_path).concurrency == 4
+    sp.config_path.write_text("concurrency: 5\nwhen: 2026-12-02\n")  # a date: JSON cannot hold it, nothing kept
+    with pytest.raises(ConfigError, match="unknown"):
+        config.load(sp.config_path)
+    assert spool.read_cache(spool.config_cache_path(sp.config_path))["text"] == "concurrency: 4\n"
+    loose = tmp_path / "config.yaml"
+    loose.write_text("concurrency: 2\n")
+    assert config.load(loose).concurrency == 2 and spool.config_cache_path(loose) is None
