@@ -161,10 +161,12 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
     report = IntakeReport([], [], [])
     for state in ("inbox", "queued") if include_queued else ("inbox",):
         base = sp.dir(state)
-        listing = sorted(os.listdir(base))
-        present = set(listing) if state == "inbox" else set()
-        names = [n for n in listing if not (state == "queued" and (spool.parse_queued_name(n) or leftover(base, n)))
-                 and (mine is None or mine(f"{state}/{n}"))]
+        if state == "queued":  # only what is no task's: a deep queue is matched, not parsed or sorted
+            listing, present = [n for n in spool.not_queued_names(os.listdir(base)) if not leftover(base, n)], set()
+        else:
+            listing = sorted(os.listdir(base))
+            present = set(listing)
+        names = [n for n in listing if mine is None or mine(f"{state}/{n}")]
         taken: list[Taken] = []
         for n in names:
             if limit is not None and len(report.queued) + len(report.failed) + len(taken) >= limit:
