@@ -19,7 +19,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,26 +97,21 @@ def locked(sp: Spool) -> Iterator[None]:
     if not sp.local.threads.acquire(timeout=LOCK_TIMEOUT_S):
         raise TimeoutError(errno.ETIMEDOUT, "the ledger lock is held for over 30 s", str(spool.ledger_lock_path(sp)))
     try:
-        if sp.local.ledger_lock == "filelock":
-            with _filelock(sp):
-                spool.fault("ledger:locked")
-                yield
-            return
-        try:
-            fd = _lock_ledger(sp)
-        except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
-                raise
-            sp.local.ledger_lock = "filelock"
-            with _filelock(sp):
-                spool.fault("ledger:locked")
-                yield
-            return
-        try:
+        with ExitStack() as held:
+            fd = None
+            if sp.local.ledger_lock != "filelock":
+                try:
+                    fd = _lock_ledger(sp)
+                except OSError as e:
+                    if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                        raise
+                    sp.local.ledger_lock = "filelock"
+            if fd is None:
+                held.enter_context(_filelock(sp))
+            else:
+                held.callback(fcntl.flock, fd, fcntl.LOCK_UN)
             spool.fault("ledger:locked")
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         sp.local.threads.release()
 

@@ -386,3 +386,22 @@ def test_the_ledger_writes_its_floats_as_json_does(tmp_path_factory: Any, first:
     for xs in (first, first[pruned:] + then, sorted(first), sorted(first)[pruned:] + sorted(then), then,
                [0.0, -0.0, 1.0], [-0.0, 1.0, 2.0], [1.0, 2.0, 3.0]):
         assert ledger._floats_json(sp, xs) == json.dumps(xs, separators=(",", ":"))
+
+
+def test_a_filesystem_without_flock_falls_back_to_filelock(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    sp = spool.open_spool(tmp_path / "s")
+
+    def no_flock(_sp: spool.Spool) -> int:
+        raise OSError(errno.ENOSYS, "flock not supported")
+
+    monkeypatch.setattr(ledger, "_lock_ledger", no_flock)
+    with ledger.locked(sp):
+        assert sp.local.ledger_lock == "filelock" and spool.ledger_lock_path(sp).exists()
+    with ledger.locked(sp):  # and it stays so for this spool, without trying flock again
+        pass
+    monkeypatch.setattr(ledger, "_lock_ledger", lambda _sp: (_ for _ in ()).throw(OSError(errno.EIO, "eio")))
+    sp2 = spool.open_spool(tmp_path / "s2")
+    with pytest.raises(OSError, match="eio"), ledger.locked(sp2):
+        pass
