@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from spoold import (
     census,
@@ -47,6 +48,7 @@ from spoold.watcher import Watcher
 log = logging.getLogger("spoold")
 PENDING_RECHECK_S = 0.05
 INTAKE_BATCH = 256  # files taken in per turn: a dropped corpus starts running while it is still taken in
+INTAKE_FIRST = 16  # ... when nothing runs: the first task of a corpus starts after 16 fsyncs, not 256
 VIEW_REFRESH_S = 1.0  # how often the other hosts' heartbeats are read (a few small files)
 RUN_THREADS = 1024  # a thread per running task (started as needed): far above any sensible concurrency
 TIDY_S = 60.0  # how often a daemon on a synced spool removes sync tools' identical conflict copies
@@ -76,8 +78,13 @@ class Daemon:
         self._write_failures = 0
         self._finishing: set[str] = set()  # ids whose process exited; their outcome is being written
         self.news = asyncio.Event()  # the watcher saw something that may be new work (or stop was asked)
+        self.inbox_news = asyncio.Event()  # ... in inbox/ alone: intake's to answer, beside the runs
+        self.fresh = asyncio.Event()  # intake queued tasks since this turn's listing
         self.slot_freed = asyncio.Event()
         self._more_intake = False  # the last intake stopped at its batch limit
+        self._pending = False  # the last intake saw files not yet complete: look again soon
+        self._intaking: asyncio.Future[intake.IntakeReport] | None = None  # the inbox taken in, in a thread
+        self._intake_error: BaseException | None = None  # what stopped it, raised in the next turn
         self.watcher = Watcher(sp, self._news)
         self._foreign_seen = 0  # the watcher's count of foreign files in queued/ when we last looked
         self.courier = notify.Courier(sp, lambda: self.settings)
@@ -261,8 +268,8 @@ class Daemon:
         silent = self.hosts.silent_for(host)
         return silent is not None and silent >= self.settings.running_lease_s
 
-    def _news(self) -> None:
-        self.news.set()
+    def _news(self, inbox_only: bool = False) -> None:
+        (self.inbox_news if inbox_only else self.news).set()
         self.wake.set()
 
     def request_stop(self) -> None:
@@ -276,6 +283,7 @@ class Daemon:
         while not self.stopping.is_set():
             self.wake.clear()
             self.news.clear()  # before this turn looks at anything: news from now on ends its dispatch pass
+            self.fresh.clear()
             await self._maybe_reload()
             try:
                 pending = await self._intake_and_recover()
@@ -293,7 +301,7 @@ class Daemon:
             if self.once and not self.running and await self._drained(wait_until):
                 return
             timeout = self.settings.scan_interval_s
-            if pending:
+            if pending and self._intaking is None:  # (a running intake wakes us when it ends)
                 timeout = min(timeout, 0.0 if self._more_intake else PENDING_RECHECK_S)
             if wait_until is not None:
                 timeout = min(timeout, max(0.0, wait_until - time.time()) + 0.001)
@@ -317,6 +325,8 @@ class Daemon:
 
     async def _drained(self, wait_until: float | None) -> bool:
         """--once ends when no queued task can start now: the queue is empty, or it waits on the limit."""
+        if self._intaking is not None or self._more_intake:
+            return False
         if wait_until is not None:
             log.info("--once: stopping; the next start waits until %s", iso(wait_until))
             return True
@@ -330,6 +340,8 @@ class Daemon:
         return ledger.next_eligible(listing, time.time()) is None
 
     async def _shutdown(self) -> None:
+        with contextlib.suppress(Exception):  # a batch being taken in lands whole (each file is atomic anyway)
+            await self._intake_ended()
         if not self.running:
             return
         jobs = [r.job for r in self.running.values()]
@@ -357,39 +369,81 @@ class Daemon:
     async def _intake_and_recover(self) -> bool:
         """Take new files into the queue (and, every scan interval, recover) in a worker thread.
 
-        A thread, so that fsyncs here overlap with finished tasks being written in other threads.
-        Everything it needs from the loop's state is copied first.
+        The inbox alone is taken in beside this turn's claims and runs (`_start_intake`): a corpus being
+        taken in, fsync by fsync, never holds up a start. A full scan (queued/'s foreign files, recovery)
+        waits for that intake and runs before the claims, since recovery must see every claim made.
         """
         foreign, self._foreign_seen = self.watcher.foreign_seen != self._foreign_seen, self.watcher.foreign_seen
         full = time.monotonic() - self._last_scan > self.settings.scan_interval_s or foreign
+        if full:
+            await self._intake_ended()
+        self._raise_intake_error()
+        if not full:
+            self._start_intake()
+            return self._pending
         settings, running_here = self.settings, set(self.running)
 
         view = self.hosts.view
         shared = view.shared
         mine = self._mine if shared else None
-        tidy = full and view.peers and time.monotonic() - self._last_tidy > TIDY_S
+        tidy = view.peers and time.monotonic() - self._last_tidy > TIDY_S
         if tidy:
             self._last_tidy = time.monotonic()
 
         def work() -> intake.IntakeReport:
             report = intake.scan(self.sp, default_model=settings.default_model, max_bytes=settings.max_bytes,
-                                 include_queued=full, limit=INTAKE_BATCH, settings=settings, mine=mine)
-            if full:
-                for action in recovery.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here,
-                                               silent=self._silent if shared else None):
-                    log.info("recovery: %s", action)
+                                 include_queued=True, limit=INTAKE_BATCH, settings=settings, mine=mine)
+            for action in recovery.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here,
+                                           silent=self._silent if shared else None):
+                log.info("recovery: %s", action)
             if tidy:
                 for left in set(leftovers.tidy(self.sp)) - self._told_leftovers:
                     self._told_leftovers.add(left)  # said once; `spoold status` keeps listing it
                     log.warning("sync leftover kept (it differs from its original): %s", left)
             return report
 
+        self.inbox_news.clear()
         report = await asyncio.to_thread(work)
-        self._more_intake = report.more
-        pending = bool(report.pending or report.more)
-        if full:
-            self._last_scan = time.monotonic()
-        return pending
+        self._more_intake, self._pending = report.more, bool(report.pending or report.more)
+        self._last_scan = time.monotonic()
+        if report.more:
+            self._start_intake()
+        return self._pending
+
+    def _start_intake(self) -> None:
+        """Take a batch of dropped files in, in a worker thread, unless a batch is being taken in already (the
+        loop starts the next one when it ends: at a turn's start, or while it waits for a slot)."""
+        if self._intaking is not None or self._intake_error is not None or self.stopping.is_set():
+            return
+        self.inbox_news.clear()
+        settings, mine = self.settings, (self._mine if self.hosts.view.shared else None)
+        self._intaking = asyncio.ensure_future(asyncio.to_thread(
+            intake.scan, self.sp, default_model=settings.default_model, max_bytes=settings.max_bytes,
+            include_queued=False, limit=INTAKE_BATCH if self.running else INTAKE_FIRST, settings=settings, mine=mine))
+        self._intaking.add_done_callback(self._took_in)
+
+    def _took_in(self, job: asyncio.Future[intake.IntakeReport]) -> None:
+        self._intaking = None
+        if job.cancelled():
+            return
+        if (error := job.exception()) is not None:
+            self._intake_error = error
+        else:
+            report = job.result()
+            self._more_intake, self._pending = report.more, bool(report.pending or report.more)
+            if report.queued or report.failed:
+                self.fresh.set()
+        self.wake.set()
+
+    async def _intake_ended(self) -> None:
+        """Wait for the intake in flight, if any (its error, if it failed, is raised by `_raise_intake_error`)."""
+        if self._intaking is not None:
+            await asyncio.wait((self._intaking,))
+
+    def _raise_intake_error(self) -> None:
+        error, self._intake_error = self._intake_error, None
+        if error is not None:
+            raise error
 
     async def _check_cancels(self) -> None:
         """Stop the runs someone asked to cancel (a `running/ID.cancel` marker): one listing of running/."""
@@ -410,6 +464,11 @@ class Daemon:
         """
         settings = self.settings
         listing = await asyncio.to_thread(self._list_queued)
+        if not listing and self._intaking is not None:  # nothing to start but what is being taken in
+            await self._intake_ended()
+            self._raise_intake_error()
+            self.fresh.clear()
+            listing = await asyncio.to_thread(self._list_queued)
         self._queue_empty, self._gate = not listing, None
         entries = ledger.dispatch_order(listing, settings.strategy)
         started = 0
@@ -537,15 +596,20 @@ class Daemon:
         """
         timeout = self.settings.scan_interval_s - (time.monotonic() - self._last_scan)
         while self._busy() >= self.settings.concurrency:
-            if self.news.is_set() or self.stopping.is_set() or timeout <= 0 or self._more_intake:
-                return False  # (more dropped files to take in: back to intake, then list again)
+            if self.news.is_set() or self.stopping.is_set() or timeout <= 0 or self._intake_error is not None:
+                return False
+            if self.inbox_news.is_set() or self._more_intake:  # taken in while every slot is busy
+                self._start_intake()
             self.slot_freed.clear()
-            waits = [asyncio.ensure_future(self.slot_freed.wait()), asyncio.ensure_future(self.news.wait())]
-            _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for w in pending:
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(e.wait()) for e in (self.slot_freed, self.news)]
+            if self._intaking is None:
+                waits.append(asyncio.ensure_future(self.inbox_news.wait()))
+            intaking = [self._intaking] if self._intaking is not None else []  # when it ends, the next batch starts
+            await asyncio.wait([*waits, *intaking], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
                 w.cancel()
             timeout = self.settings.scan_interval_s - (time.monotonic() - self._last_scan)
-        return True
+        return not self.fresh.is_set()  # tasks were queued meanwhile: list again, in a new turn, to see them
 
     # ---- one task ----------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -21,14 +22,15 @@ log = logging.getLogger("spoold")
 
 
 class Watcher:
-    """Watch inbox/, queued/, running/ and the spool root; call `on_news` for whatever may mean new work.
+    """Watch inbox/, queued/, running/ and the spool root; call `on_news(inbox_only)` for whatever may mean new
+    work (`inbox_only`: every change in that batch was in inbox/, which intake alone answers).
 
     `foreign_seen` counts the times a foreign tool wrote straight into queued/ (the daemon takes such a file
     in at once); only the watcher's thread writes it, so a reader that compares it with the count it saw last
     misses none.
     """
 
-    def __init__(self, sp: Spool, on_news: Callable[[], None]) -> None:
+    def __init__(self, sp: Spool, on_news: Callable[[bool], None]) -> None:
         self.sp = sp
         self.on_news = on_news
         self.foreign_seen = 0
@@ -52,7 +54,7 @@ class Watcher:
     def _watch(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
         from watchfiles import watch  # lazy: `spoold submit` must not pay for the watcher
 
-        sp, queued = self.sp, str(self.sp.dir("queued"))
+        sp, queued, inbox = self.sp, str(self.sp.dir("queued")), str(self.sp.dir("inbox"))
         paths = [sp.dir("inbox"), sp.dir("queued"), sp.dir("running"), sp.root]
 
         def tell(fn: Callable[[], object]) -> bool:
@@ -65,16 +67,17 @@ class Watcher:
         try:
             for changes in watch(*paths, watch_filter=None, debounce=200, step=2, recursive=False, stop_event=stop,
                                  ignore_permission_denied=True, raise_interrupt=False):
-                news = probed = False
+                news = probed = elsewhere = False
                 for change, p in changes:
                     parent, name = os.path.split(p)
                     if name == self._probe.name:
-                        probed = news = True
+                        probed = news = elsewhere = True
                     elif is_news(sp, change, parent, name, self._owner):
-                        news = True
+                        news, elsewhere = True, elsewhere or parent != inbox
                         if parent == queued and not spool.parse_queued_name(name):
                             self.foreign_seen += 1
-                if (probed and not tell(self._watching.set)) or (news and not tell(self.on_news)):
+                if (probed and not tell(self._watching.set)) or (
+                        news and not tell(functools.partial(self.on_news, not elsewhere))):
                     return
         except Exception as e:  # the periodic scan goes on without us
             log.warning("the file watcher stopped (%s); relying on a scan every few seconds", e)

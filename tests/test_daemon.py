@@ -216,3 +216,62 @@ def test_a_family_window_past_the_reserve_holds_only_that_family(sp, daemon, tmp
     assert info.state == "queued" and info.attempts == 0 and "weekly Opus window is 90% used" in info.error
     assert abs(datetime.fromisoformat(info.not_before).timestamp() - reset) < 1
     assert (tmp_path / "argv").read_text().count("--model=opus") == 1  # the held one never ran
+
+
+HOLD_UNTIL = 'read p; case "$p" in hold*) while [ ! -e "$0" ]; do sleep 0.01; done;; esac; echo "$p"'
+
+
+def test_a_slot_freed_while_dropped_files_are_taken_in_starts_the_next_task(sp, tmp_path, monkeypatch) -> None:
+    """Intake runs beside the claims: a batch being taken in (held here, as a slow disk would) never holds up
+    the next start. The daemon runs in this process, so that intake can be held at will."""
+    import asyncio
+    import threading
+
+    from spoold import daemon as daemon_mod
+    from spoold import intake
+
+    go = tmp_path / "go"
+    write_config(sp, backend="command", command=["sh", "-c", HOLD_UNTIL, str(go)], concurrency=1)
+    first, second = api.submit(sp, "hold").id, api.submit(sp, "then me").id
+    entered, release = threading.Event(), threading.Event()
+    scan = intake.scan
+
+    def held_scan(*args: object, **kwargs: object) -> intake.IntakeReport:
+        if kwargs.get("include_queued") is False:  # the inbox alone, beside the runs (not a turn's full scan)
+            entered.set()
+            release.wait(30)
+        return scan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake, "scan", held_scan)
+    d, loops, failures = daemon_mod.Daemon(sp), [], []
+
+    def drive() -> None:
+        try:
+            wait_for(lambda: loops, what="the daemon's loop")
+            wait_for(lambda: spool.locate(sp, first).state == "running", what="first running")
+            drop(sp, "third.md", "dropped while the first runs\n")
+            wait_for(entered.is_set, what="intake of the dropped file")
+            go.touch()
+            wait_for(lambda: spool.locate(sp, second).state == "done", what="second done while intake is held")
+            assert not release.is_set() and len(os.listdir(sp.dir("inbox"))) == 1
+            release.set()
+            wait_for(lambda: len(terminal_files(sp, "done")) == 3, what="the dropped file taken in and done")
+        except BaseException as e:  # raised again in the test's thread
+            failures.append(e)
+        finally:
+            release.set()
+            loops[0].call_soon_threadsafe(d.request_stop)
+
+    async def serve() -> int:
+        loops.append(asyncio.get_running_loop())
+        return await d.run()
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        assert asyncio.run(serve()) == 0
+    finally:
+        release.set()
+        driver.join(30)
+    if failures:
+        raise failures[0]
