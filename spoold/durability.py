@@ -11,11 +11,12 @@ for) before its name is linked, and ext4 commits no name before data already on 
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from spoold import libc
 
 if TYPE_CHECKING:
     from spoold.spool import Spool
@@ -28,11 +29,8 @@ def commit(sp: Spool) -> bool:
     fd = os.open(sp.root, os.O_RDONLY | os.O_DIRECTORY)
     sp.local.dirty = False  # before the flush: a write during it marks the next commit
     try:
-        if _libc("syncfs")(fd) != 0:
-            import ctypes
-
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(sp.root))
+        if libc.function("syncfs")(fd) != 0:
+            raise libc.error(sp.root)
     except BaseException:
         sp.local.dirty = True
         raise
@@ -43,7 +41,7 @@ def commit(sp: Spool) -> bool:
 
 def start_writeback(fd: int) -> None:
     """Send a new file's bytes to the disk now, without waiting for them."""
-    fn = _libc("sync_file_range")
+    fn = libc.function("sync_file_range")
     if fn is None or fn(fd, 0, 0, 2) != 0:  # SYNC_FILE_RANGE_WRITE
         os.fsync(fd)
 
@@ -52,7 +50,7 @@ def problem(root: Path) -> str | None:
     """Why group commit could lose more than its last interval on this spool's filesystem; None if it cannot."""
     if not sys.platform.startswith("linux"):
         return "it needs Linux (syncfs, and ext4's ordered journal)"
-    if _libc("syncfs") is None or _libc("sync_file_range") is None:
+    if libc.function("syncfs") is None or libc.function("sync_file_range") is None:
         return "this C library has no syncfs or sync_file_range"
     mount = _mount_of(root)
     if mount is None:
@@ -100,15 +98,3 @@ def _block_name(dev: str) -> str | None:
         return None
 
 
-@functools.cache
-def _libc(name: str) -> Any:
-    """A libc function by name, typed for how it is called here; None where there is none."""
-    import ctypes
-
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = {"syncfs": [ctypes.c_int],
-                   "sync_file_range": [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]}[name]
-    return fn

@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import stat
-import sys
 import threading
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, overload
 
-from spoold import durability
+from spoold import durability, libc
 from spoold.errors import BadTaskId, SpoolError, TaskNotFound
 
 STATES = ("inbox", "tmp", "queued", "running", "done", "failed", "cancelled")
@@ -482,21 +481,6 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
-@functools.cache
-def _renameat2() -> Any:
-    """libc's renameat2, loaded on the first rename (a `spoold submit` never renames; ctypes costs start-up)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn
-
 
 
 def rename_noreplace(src: Path, dest: Path) -> None:
@@ -506,13 +490,11 @@ def rename_noreplace(src: Path, dest: Path) -> None:
     filesystem lacks it, a check-then-rename is the fallback (ids are unique,
     so the window only matters for foreign files).
     """
-    renameat2 = _renameat2()
+    renameat2 = libc.function("renameat2")
     if renameat2 is not None:
         if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
             return
-        import ctypes
-
-        err = ctypes.get_errno()
+        err = libc.last_errno()
         if err == errno.ENOENT:
             raise FileNotFoundError(err, os.strerror(err), str(src))
         if err == errno.EEXIST:
