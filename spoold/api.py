@@ -386,6 +386,13 @@ def _from_result(ti: TaskInfo, res: Result) -> None:
     ti.started_at, ti.finished_at = iso(res.started_at), iso(res.finished_at)
 
 
+def inbox(sp: Spool) -> tuple[list[str], bool]:
+    """The dropped files not taken in yet, and whether a daemon on this host is serving (it takes them soon)."""
+    from spoold import intake
+
+    return intake.waiting_files(sp), any(d["alive"] for d in owners.serving_daemons(sp))
+
+
 def recent(sp: Spool, *, limit: int = 20, states: list[str] | None = None, since: datetime | None = None,
            tag: str | None = None, model: str | None = None) -> list[TaskInfo]:
     """The newest tasks across states, newest first (ids sort by submission), filtered; names are listed,

@@ -233,9 +233,14 @@ def _print_listing(sp: Any, items: list[Any], filtered: bool = False) -> None:
              (ti.error or ti.title) if ti.state in ("failed", "cancelled") else ti.title] for ti in items]
     for line in terminal.table(header, body, total=terminal.width(sys.stdout), color_col=1, color=color):
         print(line)
-    if not items:
+    waiting, serving = api.inbox(sp) if not filtered else ([], True)
+    if not items and not waiting:
         print("no tasks match" if filtered else "no tasks yet: drop a Markdown file into the inbox, or "
               "`spoold submit \"a question\"`")
+    if waiting:
+        names = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+        print(f"in the inbox, not taken in yet: {names}" + (
+            "" if serving else " (no daemon is serving this spool on this host: `spoold run` takes them in)"))
     for line in _window_lines(api.windows(sp)):
         print(line)
 

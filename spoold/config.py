@@ -339,7 +339,13 @@ def update_file(spool_write: Any, config_path: Path, changes: dict[str, Any]) ->
 
 
 def as_dict(s: Settings) -> dict[str, Any]:
-    return asdict(s)
+    """The settings as in effect (`notify_on` unset shows the default rule it stands for)."""
+    return {**asdict(s), "notify_on": notify_rule(s)}
+
+
+def notify_rule(s: Settings) -> dict[str, list[str]]:
+    """Which events go to which targets: the owner's `notify_on`, else every event to every target."""
+    return s.notify_on or DEFAULT_NOTIFY_ON
 
 
 def as_yaml(values: dict[str, Any]) -> str:

@@ -358,6 +358,11 @@ def read_dropped(path: Path, *, task_id: str, source: str, default_model: str, m
     return task
 
 
+def waiting_files(sp: Spool) -> list[str]:
+    """Inbox files that will become tasks once a daemon takes them in (shown by `ls`: they have no id yet)."""
+    return sorted(n for n in os.listdir(sp.dir("inbox")) if is_task_name(n))
+
+
 def ignored_files(sp: Spool) -> list[str]:
     """Visible inbox files spoold leaves alone because they are not tasks (shown by `status`)."""
     out = []

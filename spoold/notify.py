@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spoold import owners, spool
-from spoold.config import DEFAULT_NOTIFY_ON, Settings
+from spoold import config, owners, spool
+from spoold.config import Settings
 from spoold.spool import Spool
 from spoold.units import backoff, iso
 
@@ -56,7 +56,7 @@ class Event:
 
 def targets_for(settings: Settings, kind: str, chosen: list[str] | None = None) -> list[str]:
     """The owner's targets an event goes to: the task's own choice for its end, else the `notify_on` rule."""
-    names = chosen if chosen is not None and kind in TASK_EVENTS else (settings.notify_on or DEFAULT_NOTIFY_ON).get(kind, [])
+    names = chosen if chosen is not None and kind in TASK_EVENTS else config.notify_rule(settings).get(kind, [])
     out: list[str] = []
     for n in names:
         for name in (settings.notify if n == "all" else [n]):

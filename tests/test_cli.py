@@ -177,6 +177,7 @@ def test_spool_before_the_command_and_config_as_yaml(sp: spool.Spool) -> None:
                        capture_output=True, text=True)
     assert r.returncode == 0 and "max_requests: 10\n" in r.stdout and "budget_day_usd: null" in r.stdout
     assert "None" not in r.stdout and "False" not in r.stdout
+    assert "notify_on:\n  done: [all]\n  failed: [all]\n" in r.stdout  # the default rule, not an empty {}
     changed = run(sp, "config", "--max-requests", "4")
     assert changed.stdout == "max_requests: 10 -> 4\n"
     bad = run(sp, "config", "--unset", "window")
@@ -259,6 +260,16 @@ def test_ls_is_one_table_newest_first_with_why_and_filters(sp: spool.Spool) -> N
     assert run(sp, "ls", "--since", "1h").stdout.count("\n") == 4
     rows = json.loads(run(sp, "ls", "--json", "--state", "done").stdout)
     assert rows[0]["result_path"].endswith(".result.md") and rows[0]["duration_s"] is not None
+
+
+def test_ls_shows_dropped_files_not_taken_in_yet_and_who_takes_them(sp: spool.Spool) -> None:
+    (sp.dir("inbox") / "question.md").write_text("what is a spool?\n")
+    (sp.dir("inbox") / "notes.pdf").write_bytes(b"%PDF")  # not a task: `status` names it, `ls` leaves it out
+    out = run(sp, "ls").stdout
+    assert "no tasks yet" not in out
+    assert "in the inbox, not taken in yet: question.md (no daemon is serving this spool on this host: " \
+           "`spoold run` takes them in)\n" in out and "notes.pdf" not in out
+    assert "question.md" not in run(sp, "ls", "--state", "done").stdout
 
 
 def test_ls_colours_states_on_a_terminal_and_never_with_no_color(sp: spool.Spool) -> None:
