@@ -643,7 +643,10 @@ def cmd_mcp_config(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, like every other error, with where to look."""
+    """Usage errors in one line, like every other error, with where to look. `built_only`: this parser was
+    built for one subcommand alone, and it was one."""
+
+    built_only = False
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"spoold: {message} (see `{self.prog} --help`)\n")
@@ -656,9 +659,9 @@ class _Skipped:
         return lambda *a, **k: self
 
 
-def parser(only: str | None = None) -> argparse.ArgumentParser:
+def parser(only: str | None = None) -> _Parser:
     """The whole command line; with `only`, just that subcommand's part (a `spoold submit` need not
-    build the other eighteen: 9 ms of its start-up). `parser.built_only` says whether `only` was one."""
+    build the other eighteen: 9 ms of its start-up)."""
     p = _Parser(prog="spoold", description="Run Claude prompts asynchronously through a filesystem spool.",
                 epilog="Examples: spoold submit \"Why is the sky blue?\"; spoold ls; spoold wait @last. The spool is "
                        "$SPOOLD_DIR or ~/async; the README describes every command and the spool format.")
@@ -677,7 +680,7 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
             return _Skipped()  # type: ignore[return-value]
         sp = sub.add_parser(name, parents=[common], help=help_, description=help_)  # type: ignore[list-item]
         sp.set_defaults(fn=fn)
-        p.built_only = True  # type: ignore[attr-defined]
+        p.built_only = True
         return sp
 
     i = add("init", cmd_init, "create the spool directories")
@@ -770,7 +773,7 @@ def parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = parser(only=argv[0]) if argv and not argv[0].startswith("-") else None
-    if p is None or not getattr(p, "built_only", False):  # no command first, or not one: the whole parser
+    if p is None or not p.built_only:  # no command first, or not one: the whole parser
         p = parser()
     args = p.parse_args(argv)
     args.json = getattr(args, "json", False) or args.json_first
