@@ -10,6 +10,7 @@ it to PyYAML's own output over generated values, so the two never differ where `
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -17,12 +18,18 @@ from typing import Any
 MAX_CHARS = 4096  # longer strings go to PyYAML (its line width is set far above this)
 # A plain scalar PyYAML would write as is: a safe first character, then printable text without the
 # sequences YAML gives a meaning (": ", " #", a leading "..."), no trailing space or colon, no line breaks.
-_PLAIN = re.compile(r"[A-Za-z0-9_/.~=<][A-Za-z0-9 _./+\-,?()!'\"&*%$;:#|`\\=<>~^@\[\]{}"
-                    "\u00a0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd]*")
+# The regexes are compiled on first use, and the Unicode ranges only for text that needs them: compiling
+# them all cost a `spoold submit` 4 ms.
+_PLAIN_ASCII = r"[A-Za-z0-9_/.~=<][A-Za-z0-9 _./+\-,?()!'\"&*%$;:#|`\\=<>~^@\[\]{}]*"
+_PLAIN = _PLAIN_ASCII[:-2] + "\u00a0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd]*"
 # What PyYAML's resolver reads as something other than a string: its own patterns for bool, float, int,
-# merge, null, timestamp and value, copied as they are. Such a string is written in single quotes.
-_NOT_STR = re.compile(r"""(?:yes|Yes|YES|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF
-    |[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+# merge, null, timestamp and value, copied as they are, in two parts: the words (bool, null, merge, value),
+# and the patterns of the rest, which all begin with a digit, a sign or a dot. Such a string is written in
+# single quotes.
+_WORDS = frozenset(["yes", "Yes", "YES", "no", "No", "NO", "true", "True", "TRUE", "false", "False", "FALSE",
+                    "on", "On", "ON", "off", "Off", "OFF", "~", "null", "Null", "NULL", "<<", "="])
+_NUMERIC_FIRST = frozenset("+-.0123456789")
+_NUMERIC = r"""(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
     |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
     |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
     |[-+]?\.(?:inf|Inf|INF)
@@ -32,12 +39,24 @@ _NOT_STR = re.compile(r"""(?:yes|Yes|YES|no|No|NO|true|True|TRUE|false|False|FAL
     |[-+]?(?:0|[1-9][0-9_]*)
     |[-+]?0x[0-9a-fA-F_]+
     |[-+]?[1-9][0-9_]*(?::[0-5]?[0-9])+
-    |<<
-    |~|null|Null|NULL
     |[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]
     |[0-9][0-9][0-9][0-9]-[0-9][0-9]?-[0-9][0-9]?(?:[Tt]|[ \t]+)[0-9][0-9]?:[0-9][0-9]:[0-9][0-9](?:\.[0-9]*)?
-        (?:[ \t]*(?:Z|[-+][0-9][0-9]?(?::[0-9][0-9])?))?
-    |=)""", re.X)
+        (?:[ \t]*(?:Z|[-+][0-9][0-9]?(?::[0-9][0-9])?))?)"""
+
+
+@functools.cache
+def _compiled(pattern: str, flags: int = 0) -> re.Pattern[str]:
+    return re.compile(pattern, flags)
+
+
+def _plain(text: str) -> bool:
+    return _compiled(_PLAIN_ASCII if text.isascii() else _PLAIN).fullmatch(text) is not None
+
+
+def _not_str(text: str) -> bool:
+    if text in _WORDS:
+        return True
+    return text[0] in _NUMERIC_FIRST and _compiled(_NUMERIC, re.X).fullmatch(text) is not None
 
 
 def scalar(value: object) -> str | None:
@@ -53,9 +72,9 @@ def scalar(value: object) -> str | None:
     if kind is not str or not value or len(value) > MAX_CHARS:  # type: ignore[arg-type]
         return None
     text = str(value)
-    if not _PLAIN.fullmatch(text) or ": " in text or " #" in text or text[-1] in " :" or text.startswith("..."):
+    if not _plain(text) or ": " in text or " #" in text or text[-1] in " :" or text.startswith("..."):
         return None
-    if _NOT_STR.fullmatch(text):
+    if _not_str(text):
         return None if "'" in text else f"'{text}'"
     return text
 
