@@ -138,11 +138,11 @@ def _floor(n: int, conc: int, under: Path | None = None) -> float:
                     run, done = f"{d['running']}/r{i}", f"{d['done']}/r{i}"
                     os.rename(f"{d['queued']}/q{i}", run)  # format 2: a claim is a rename, then a read
                     Path(run).read_bytes()
-                    _fsync_dir(d["running"])
-                    _fsync_dir(d["queued"])
-                    _durable(f"{d['tmp']}/l{i}", b'{"starts":[1]}')
+                    _durable(f"{d['tmp']}/l{i}", b'{"starts":[1]}')  # the ledger's write, then the claim's dirs
                     os.replace(f"{d['tmp']}/l{i}", f"{d['ledger']}/host.json")
                     _fsync_dir(d["ledger"])
+                    _fsync_dir(d["running"])
+                    _fsync_dir(d["queued"])
                 subprocess.run([*MARK[:3], str(base / "starts"), str(base / "end")], stdin=subprocess.DEVNULL,
                                capture_output=True, check=True)
                 _durable(f"{d['tmp']}/e{i}", body)  # finish: the result, then the task's move beside it

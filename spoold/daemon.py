@@ -491,10 +491,9 @@ class Daemon:
                 if not await self._slot_freed():
                     return None, started  # a running task's end (ours or another daemon's) comes as news
                 continue
-            claimed, gate = await asyncio.to_thread(
-                ledger.start_many, self.sp, settings, candidates, self._claimer(settings), free,
-                finishing=frozenset(self._finishing), undo=self._unclaim, members=len(self.hosts.view.members),
-            )
+            claimed, gate = await asyncio.to_thread(  # (the loop's state read here, on the loop)
+                self._start, settings, candidates, self._claimer(settings), free, frozenset(self._finishing),
+                len(self.hosts.view.members))
             for c in claimed:
                 started += 1
                 stop = Stop()
@@ -541,6 +540,20 @@ class Daemon:
         census.keep(self.sp, listing)
         return listing
 
+    def _start(self, settings: config.Settings, candidates: Iterator[spool.QueuedEntry],
+               claim: Callable[[spool.QueuedEntry, float], transitions.Claimed | None], free: int,
+               finishing: frozenset[str], members: int) -> tuple[list[transitions.Claimed], ledger.Gate]:
+        """Admit and claim up to `free` tasks (in a worker thread): the ledger's write first, then the claims'
+        directories made durable, so that on a journaled filesystem one commit carries both."""
+        claimed, gate = ledger.start_many(self.sp, settings, candidates, claim, free, finishing=finishing,
+                                          undo=self._unclaim, members=members)
+        try:
+            transitions.claims_durable(self.sp, claimed)
+        except OSError:
+            self._unclaim(claimed)  # not durable: they must not run (their starts stay counted: the limit holds)
+            raise
+        return claimed, gate
+
     def _claimer(self, settings: config.Settings) -> Callable[[spool.QueuedEntry, float], transitions.Claimed | None]:
         """transitions.claim, except for a task that must not start yet; it goes back to the queue with a not_before
         and counts as no start: a model family whose own window is rejected or past the reserve (weekly Opus:
@@ -557,7 +570,7 @@ class Daemon:
             families = read[0]
             if entry.task_id in busy:
                 return None  # left queued: once the run ends, its claim finds it answered and drops it
-            c = transitions.claim(self.sp, entry, settings.default_model, started=t)
+            c = transitions.claim(self.sp, entry, settings.default_model, started=t, sync=False)
             if c is not None:
                 busy.add(c.task.id)
             if c is None or (self.sp.local.peers and transitions.drop_answered(self.sp, c)):

@@ -167,25 +167,39 @@ class Claimed:
     kept: Path | None = None  # on a synced spool, our local link to the claimed file (see _keep)
 
 
-def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: float | None = None) -> Claimed | None:
+def claim(sp: Spool, entry: spool.QueuedEntry, default_model: str, started: float | None = None, *,
+          sync: bool = True) -> Claimed | None:
     """queued/ → running/ under our owner name: one rename. None if another process won, or the file is bad
-    (then it is failed, with the reason). The file is read after the move, so what runs is what was claimed."""
+    (then it is failed, with the reason). The file is read after the move, so what runs is what was claimed.
+
+    `sync=False` leaves the two directories' fsyncs to `claims_durable`, which the caller calls before the task
+    runs: after the ledger's write, whose own fsync then carries the renames on a journaled filesystem (one
+    journal commit a claim fewer)."""
     h = history(sp, entry.task_id)
     t = datetime.fromtimestamp(started, UTC) if started is not None else now()
     dest = spool.running_path(sp, entry.task_id, h.next_number, t)
+    how = "both" if sync else "none"
     try:
-        spool.move(spool.queued_path(sp, entry.name), dest, sp=sp)
+        spool.move(spool.queued_path(sp, entry.name), dest, sync=how, sp=sp)
     except (FileNotFoundError, FileExistsError):
         return None  # another process took it
     now_h = history(sp, entry.task_id)  # read again now that it is ours: records cannot change under us any more
     if now_h.next_number != h.next_number:  # a requeue's record landed between our look and our rename
         h, stale = now_h, dest
         dest = spool.running_path(sp, entry.task_id, h.next_number, t)
-        spool.move(stale, dest, sp=sp)
+        spool.move(stale, dest, sync=how, sp=sp)
     claimed = _read_claimed(sp, dest, entry.task_id, default_model, h.next_number - h.base, h.next_number, t)
     if claimed is not None:
         log.info("running %s (attempt %d, model %s)", claimed.task.id, claimed.attempt, claimed.task.model)
     return claimed
+
+
+def claims_durable(sp: Spool, claims: list[Claimed]) -> None:
+    """Make claims made with `sync=False` durable: running/ and queued/ once for all of them. Before any of them
+    runs: a claim a power cut undoes while its task ran would run it twice."""
+    if claims:
+        spool.fsync_dir(sp.dir("running"), sp)
+        spool.fsync_dir(sp.dir("queued"), sp)
 
 
 def _read_claimed(sp: Spool, path: Path, task_id: str, default_model: str, attempt: int, number: int,

@@ -37,6 +37,20 @@ def test_claim_is_exclusive_and_its_name_says_attempt_start_and_owner(sp: spool.
     assert first.path.read_bytes() == intake_bytes  # a claim is a rename: the file is as intake wrote it
 
 
+def test_a_claim_without_sync_leaves_both_directories_to_claims_durable(sp: spool.Spool, monkeypatch) -> None:
+    """The daemon fsyncs its claims' directories after its ledger write (one journal commit carries both)."""
+    _enqueue(sp)
+    _enqueue(sp, "another\n")
+    synced: list[str] = []
+    monkeypatch.setattr(spool, "fsync_dir", lambda path, sp=None: synced.append(path.name))
+    claims = [transitions.claim(sp, e, "sonnet", sync=False) for e in spool.list_queued(sp)]
+    assert all(claims) and synced == []
+    transitions.claims_durable(sp, claims)  # type: ignore[arg-type]
+    assert synced == ["running", "queued"]  # once for the whole batch, before any of them runs
+    transitions.claims_durable(sp, [])
+    assert synced == ["running", "queued"]
+
+
 def test_finish_writes_result_then_moves_the_untouched_task(sp: spool.Spool) -> None:
     t = _enqueue(sp)
     before = (sp.dir("queued") / spool.list_queued(sp)[0].name).read_bytes()
