@@ -479,7 +479,7 @@ def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
     if not _written_by_spoold(loc.path, task_id):  # bad input the user fixed where it lies: taken in anew
         raise NotATask(f"{loc.path} is the file as it was dropped", loc.path)
     _set_aside(sp, loc)
-    dest = spool.move(loc.path, spool.queued_path_for(sp, task_id, task.priority, None), sp=sp)
+    dest = spool.move(loc.path, spool.queued_path_for(sp, task_id, task.priority, task.not_before), sp=sp)
     log.info("retry %s", task_id)
     return dest
 

@@ -109,6 +109,18 @@ def test_cancel_queued_and_retry_are_renames(sp: spool.Spool) -> None:
     assert aside.kind == "retried" and parse_result(aside.path.read_text()).status == "cancelled"
 
 
+def test_a_retried_task_still_waits_for_its_not_before(sp: spool.Spool) -> None:
+    """Cancelled before its time came, then retried: it starts no earlier than it was asked to."""
+    from datetime import UTC, datetime
+
+    later = datetime(2030, 1, 1, tzinfo=UTC)
+    t = _enqueue(sp, not_before=later)
+    transitions.cancel(sp, t.id)
+    transitions.retry(sp, t.id)
+    [entry] = spool.list_queued(sp)
+    assert entry.task_id == t.id and entry.not_before == later
+
+
 def test_retry_resets_the_count_and_keeps_the_old_answer(sp: spool.Spool) -> None:
     t = _enqueue(sp)
     for _ in range(2):
