@@ -779,12 +779,16 @@ def main(argv: list[str] | None = None) -> int:
     args.json = getattr(args, "json", False) or args.json_first
     logging.Formatter.converter = time.gmtime  # the log's times are UTC, like the spool's files and JSON
     log_file = getattr(args, "log_file", None)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO if args.fn is cmd_run and not args.quiet
-        else logging.WARNING,  # other commands print what they did; the log's info lines are the daemon's
-        format="%(asctime)s spoold: %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ",
-        **({"filename": log_file} if log_file else {"stream": sys.stderr}),
-    )
+    try:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO if args.fn is cmd_run and not args.quiet
+            else logging.WARNING,  # other commands print what they did; the log's info lines are the daemon's
+            format="%(asctime)s spoold: %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ",
+            **({"filename": log_file} if log_file else {"stream": sys.stderr}),
+        )
+    except OSError as e:
+        print(f"spoold: cannot write the log to {log_file}: {e.strerror}", file=sys.stderr)
+        return 2
     for noisy in ("watchfiles", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("apprise").setLevel(logging.ERROR)  # a failed delivery is said once, by spoold, with what follows

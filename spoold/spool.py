@@ -96,8 +96,13 @@ def open_spool(root: Path | str, create: bool = True) -> Spool:
     sp = Spool(Path(root).expanduser().absolute())
     fresh = create and not sp.dir("queued").is_dir()  # a spool made now: in this format from the start
     if create:
-        for d in (sp.root, *(sp.dir(s) for s in STATES), sp.state_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            for d in (sp.root, *(sp.dir(s) for s in STATES), sp.state_dir):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way, no such place, no permission: the user's to fix, in one line
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+            raise SpoolError(f"cannot make a spool at {sp.root}: {why} ({e.filename}); pass --spool DIR "
+                             "or set SPOOLD_DIR to a directory of your own") from None
     elif not sp.dir("queued").is_dir():
         raise SpoolError(f"no spool at {sp.root}: run `spoold init` (or pass --spool)")
     else:  # an empty directory a copy or a sync tool did not bring along (git keeps none) is made again

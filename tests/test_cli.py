@@ -262,6 +262,22 @@ def test_ls_is_one_table_newest_first_with_why_and_filters(sp: spool.Spool) -> N
     assert rows[0]["result_path"].endswith(".result.md") and rows[0]["duration_s"] is not None
 
 
+def test_a_spool_or_log_path_that_cannot_be_used_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    for spool_dir in (blocker, blocker / "sub"):
+        r = subprocess.run([sys.executable, "-m", "spoold.cli", "--spool", str(spool_dir), "init"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        assert f"cannot make a spool at {spool_dir}: a file is in the way" in r.stderr
+    good = tmp_path / "spool"
+    for log_file, why in ((tmp_path / "no" / "such" / "x.log", "No such file"), (tmp_path, "Is a directory")):
+        r = subprocess.run([sys.executable, "-m", "spoold.cli", "run", "--once", "--spool", str(good),
+                            "--log-file", str(log_file)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr == f"spoold: cannot write the log to {log_file}: {why}" + (
+            "\n" if why == "Is a directory" else " or directory\n")
+
+
 def test_ls_shows_dropped_files_not_taken_in_yet_and_who_takes_them(sp: spool.Spool) -> None:
     (sp.dir("inbox") / "question.md").write_text("what is a spool?\n")
     (sp.dir("inbox") / "notes.pdf").write_bytes(b"%PDF")  # not a task: `status` names it, `ls` leaves it out
