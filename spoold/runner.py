@@ -108,8 +108,10 @@ def not_run(e: Exception, settings: config.Settings) -> Outcome:
         return Outcome("failed", error=str(e))
     assert isinstance(e, OSError)
     if e.errno in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):  # the CLI itself is missing or not executable
-        return Outcome("hold", error=f"cannot start {settings.claude_bin!r}: {e.strerror}; install it or set claude_bin",
-                       hold_until=later)
+        claude = settings.backend == "claude"
+        program = settings.claude_bin if claude else (e.filename or (settings.command or ["?"])[0])
+        fix = "set claude_bin" if claude else "fix `command:` in config.yaml"
+        return Outcome("hold", error=f"cannot start {program!r}: {e.strerror}; install it or {fix}", hold_until=later)
     return Outcome("failed", error=f"the task could not be started ({e.strerror or e}): its schema or system "
                    "prompt may be too long for one command-line argument; make it shorter")
 
