@@ -659,6 +659,13 @@ class _Skipped:
         return lambda *a, **k: self
 
 
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return port
+
+
 def parser(only: str | None = None) -> _Parser:
     """The whole command line; with `only`, just that subcommand's part (a `spoold submit` need not
     build the other eighteen: 9 ms of its start-up)."""
@@ -750,7 +757,7 @@ def parser(only: str | None = None) -> _Parser:
     c.add_argument("--clear-hold", action="store_true", help="lift a usage-limit or login hold now")
     w = add("web", cmd_web, "serve a local page: the queue live, the answers, submit/cancel/retry, /metrics")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (beyond 127.0.0.1 the page asks for a token)")
-    w.add_argument("--port", type=int, default=8465, help="port (default 8465)")
+    w.add_argument("--port", type=_port, default=8465, help="port (default 8465)")
     no = add("notify", cmd_notify, "send a test message to the spool's notification targets")
     no.add_argument("action", choices=["test"], help="test: send one now")
     no.add_argument("target", nargs="?", help="one target of config.yaml's notify: (default: all of them)")

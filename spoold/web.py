@@ -239,14 +239,23 @@ def build_app(root: Path | str, *, token: str | None = None) -> Any:
 
 
 def serve(root: Path | str, host: str = "127.0.0.1", port: int = 8465) -> int:
+    """Serve the page until Ctrl-C. The socket is bound here, before the address is printed: a port in use
+    is one line, not an address that answers nothing."""
+    import socket
+
     import uvicorn
 
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise SpooldError(f"cannot listen on {host}:{port}: {why} (pick another with --port)") from None
     token = None if host in LOOPBACK else login_token()
     if token is not None:
         print(f"spoold web: bound to {host}, so it needs its token: http://{host}:{port}/?token={token}", flush=True)
     else:
         print(f"spoold web: http://{host}:{port}/", flush=True)
-    uvicorn.run(build_app(root, token=token), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(build_app(root, token=token), log_level="warning")).run(sockets=[sock])
     return 0
 
 

@@ -278,6 +278,18 @@ def test_a_spool_or_log_path_that_cannot_be_used_is_one_line_not_a_traceback(tmp
             "\n" if why == "Is a directory" else " or directory\n")
 
 
+def test_web_on_a_port_it_cannot_have_is_one_line(sp: spool.Spool) -> None:
+    import socket
+
+    bad = run(sp, "web", "--port", "99999")
+    assert bad.returncode == 2 and "'99999' is not a port (1 to 65535)" in bad.stderr and bad.stdout == ""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        busy = run(sp, "web", "--port", str(port))
+    assert busy.returncode == 2 and busy.stdout == ""  # no address printed that answers nothing
+    assert busy.stderr == f"spoold: cannot listen on 127.0.0.1:{port}: Address already in use (pick another with --port)\n"
+
+
 def test_ls_shows_dropped_files_not_taken_in_yet_and_who_takes_them(sp: spool.Spool) -> None:
     (sp.dir("inbox") / "question.md").write_text("what is a spool?\n")
     (sp.dir("inbox") / "notes.pdf").write_bytes(b"%PDF")  # not a task: `status` names it, `ls` leaves it out
