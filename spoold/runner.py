@@ -149,6 +149,8 @@ def settle(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, o
     if outcome.kind == "hold":
         until = outcome.hold_until or datetime.now(UTC) + timedelta(minutes=30)
         ledger.set_hold(sp, settings, until.timestamp(), outcome.error or "held", seen)
+        if not outcome.counted:  # refused before any work (not logged in, no credit): the start is given back
+            ledger.forget_start(sp, settings, claimed.started.timestamp())
         log.warning("holding the queue until %s: %s", iso(until), outcome.error)
         transitions.requeue(sp, claimed, outcome.error or "held", count_attempt=False)
         return False

@@ -78,6 +78,7 @@ def test_classification_of_real_cli_results(name: str, version: str) -> None:
 def test_auth_hold_says_to_log_in(version: str) -> None:
     out = classify(TASK, captured("auth_401_oauth_x_api_key", version)[0])
     assert "run `claude auth login`" in out.error  # what 2.1.x calls it; the probe reads it from `claude auth --help`
+    assert out.kind == "hold" and out.counted is False  # refused before any work: it gives its start back
     older = classify(TASK, captured("auth_401_oauth_x_api_key", version)[0], login_command="claude login")
     assert "run `claude login`" in older.error
 

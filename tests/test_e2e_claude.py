@@ -176,6 +176,13 @@ def test_daemon_start_says_the_cli_is_not_logged_in_before_any_task(sp, fake_api
     d = claude_daemon(unset=("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY"))
     wait_for(lambda: "is not logged in: run `claude auth login`" in d.log, timeout=30, what="the start check")
     assert fake_api.requests == []  # the check spends no model call
+    from spoold import ledger
+
+    task_id = api.submit(sp, "a question for a logged-out CLI").id
+    wait_for(lambda: "holding the queue until" in d.log, timeout=60, what="the login hold")
+    wait_for(lambda: _state(sp, task_id) == "queued", timeout=30, what="the task back in the queue")
+    assert ledger.read_usage(sp).starts == []  # refused before any work: its start is given back to the limit
+    assert "not logged in" in (api.status(sp).hold_reason or "")
 
 
 def test_reserve_holds_starts_at_the_threshold_and_resumes_after_the_window(sp, fake_api, claude_daemon) -> None:

@@ -57,6 +57,7 @@ class Outcome:
     hold_until: datetime | None = None
     windows: list[Window] = field(default_factory=list)
     structured: object = None  # the JSON a task's `schema:` asked for, when it produced it
+    counted: bool = True  # the run used a start of the limit (not when the account refused it: not logged in)
 
 
 @dataclass

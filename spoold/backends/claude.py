@@ -171,12 +171,12 @@ def classify(task: Task, proc: ProcResult, now: datetime | None = None, login_co
     if res.get("api_error") == "usage_limit_reached" or _limit_rejected(stream) or kind == "usage_limit":
         return _usage_hold(out, stream, text, now)
     if errors & AUTH_ERRORS or status in (401, 403) or kind == "auth":
-        out.kind, out.hold_until = "hold", now + AUTH_HOLD
+        out.kind, out.hold_until, out.counted = "hold", now + AUTH_HOLD, False
         out.error = (f"claude is not logged in or its credentials were refused ({text[:200]}): "
                      f"run `{login_command}`, then `spoold config --clear-hold`")
         return out
     if errors & BILLING_ERRORS or kind == "billing":
-        out.kind, out.hold_until = "hold", now + BILLING_HOLD
+        out.kind, out.hold_until, out.counted = "hold", now + BILLING_HOLD, False
         out.error = f"the account cannot pay for requests ({text[:200]}); add credit, then `spoold config --clear-hold`"
         return out
     if (errors & TRANSIENT_ERRORS or res.get("api_error_type") in TRANSIENT_TYPES or status in (408, 409, 429)
