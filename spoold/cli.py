@@ -403,10 +403,15 @@ def _local(iso_time: str | None) -> str:
 
 
 def _no_daemon_hint(sp: Any) -> None:
-    """Say, on stderr, that nothing will run the task until a daemon serves the spool (the wait goes on)."""
+    """Say, on stderr, what keeps the task from starting soon: no daemon serves the spool, or a hold is on
+    (the wait goes on; a waiting person or script learns why at once, not when it gives up)."""
     if not api.serving(sp):
         print("spoold: no daemon is serving this spool: start one with `spoold run` (the task waits until then)",
               file=sys.stderr)
+        return
+    until, why = api.hold(sp)
+    if why:
+        print(f"spoold: every start waits until {_at(until)}: {why} (the task waits until then)", file=sys.stderr)
 
 
 def _follow(sp: Any, task_id: str, *, show: bool = True, poll_s: float = 0.25) -> None:
@@ -446,7 +451,8 @@ def _finish_wait(sp: Any, task_id: str, args: argparse.Namespace, timeout: float
         _write_answer(answer or "", raw=getattr(args, "raw", False))
     else:
         sys.stdout.write(answer or "")
-        why = ti.error if finished else f"still {ti.state}{_eta(ti)} after {_dur(timeout)}"
+        asked = getattr(args, "timeout", None)  # (the user's whole wait, not what was left of it for this part)
+        why = ti.error if finished else f"still {ti.state}{_eta(ti)} after {_dur(asked if asked is not None else timeout)}"
         print(f"spoold: {task_id} {ti.state if finished else 'not finished'}: {why or 'no reason recorded'}",
               file=sys.stderr)
     return STATE_EXIT[ti.state] if finished else EXIT_TIMEOUT

@@ -290,6 +290,23 @@ def test_web_on_a_port_it_cannot_have_is_one_line(sp: spool.Spool) -> None:
     assert busy.stderr == f"spoold: cannot listen on 127.0.0.1:{port}: Address already in use (pick another with --port)\n"
 
 
+def test_wait_says_at_once_why_a_held_queue_does_not_start(sp: spool.Spool, daemon) -> None:
+    import time as time_mod
+
+    from spoold import ledger
+    from spoold.config import Settings
+
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    ledger.set_hold(sp, Settings(), time_mod.time() + 3600, "subscription 5-hour limit reached")
+    daemon(sp)
+    tid = run(sp, "submit", "held back").stdout.strip()
+    r = run(sp, "wait", tid, "--timeout", "1")
+    first, *_ = r.stderr.splitlines()
+    assert r.returncode == 124 and first.startswith("spoold: every start waits until ")
+    assert first.endswith(": subscription 5-hour limit reached (the task waits until then)")
+    assert r.stderr.splitlines()[-1].endswith(" after 1s")  # the wait asked for, not what was left of it
+
+
 def test_ls_shows_dropped_files_not_taken_in_yet_and_who_takes_them(sp: spool.Spool) -> None:
     (sp.dir("inbox") / "question.md").write_text("what is a spool?\n")
     (sp.dir("inbox") / "notes.pdf").write_bytes(b"%PDF")  # not a task: `status` names it, `ls` leaves it out
