@@ -511,7 +511,7 @@ def _count(sp: Spool, state: str, left: list[Leftover]) -> tuple[int, int]:
     if state == "running":
         return len(spool.list_running(sp)), 0
     if state == "inbox":
-        return sum(1 for n in os.listdir(sp.dir("inbox")) if not intake.is_ignored(n)), 0
+        return len(intake.waiting_files(sp)), 0  # (a file that is no task is listed apart, by `status`)
     tasks = duplicates = 0
     for d, n, dup, odd in census.finished(sp, state):
         tasks += n

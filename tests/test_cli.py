@@ -315,6 +315,8 @@ def test_ls_shows_dropped_files_not_taken_in_yet_and_who_takes_them(sp: spool.Sp
     assert "in the inbox, not taken in yet: question.md (no daemon is serving this spool on this host: " \
            "`spoold run` takes them in)\n" in out and "notes.pdf" not in out
     assert "question.md" not in run(sp, "ls", "--state", "done").stdout
+    status = run(sp, "status").stdout
+    assert "inbox 1 " in status and "inbox files that are not tasks (use .md or .txt): notes.pdf" in status
 
 
 def test_ls_colours_states_on_a_terminal_and_never_with_no_color(sp: spool.Spool) -> None:
