@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from spoold import units
 from spoold.errors import ConfigError
 
 DEFAULT_SPOOL = "~/async"
@@ -123,10 +124,13 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(default, int) and not isinstance(default, bool):
             return int(value)
         if isinstance(default, float) or "float" in str(kind):
+            if name.endswith("_s") and isinstance(value, str) and (secs := units.seconds(value)) is not None:
+                return secs  # a duration as a task's `timeout:` takes it: 30m, 2h
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"setting {name}={value!r} has the wrong type; expected {kind}") from None
+        expected = "seconds, such as 600 or 30m" if name.endswith("_s") else kind
+        raise ConfigError(f"setting {name}={value!r} has the wrong type; expected {expected}") from None
 
 
 def _profiles(value: Any) -> dict[str, Profile]:

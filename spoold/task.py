@@ -15,7 +15,7 @@ from spoold import plainyaml
 from spoold.config import TARGET_RE
 from spoold.errors import BadInput
 from spoold.spool import PRIORITIES, read_bytes
-from spoold.units import iso
+from spoold.units import iso, seconds
 
 USER_KEYS = ("model", "priority", "system", "title", "tags", "timeout", "not_before", "resume", "follow_up",
              "schema", "max_budget_usd", "fallback_model", "effort", "max_turns", "profile", "notify")
@@ -25,8 +25,6 @@ SPOOLD_KEYS = ("id", "submitted_at", "source", "warnings")
 FORMAT1_KEYS = ("status", "attempts", "started_at", "finished_at", "error")  # what spoold 1 rewrote into task files
 MAX_FRONTMATTER = 64 * 1024
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]@-]{0,199}$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
-_UNITS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
 
 
 @dataclass
@@ -157,10 +155,10 @@ def parse_duration(value: Any, key: str = "timeout") -> float:
         raise BadInput(f"`{key}` must be a duration such as 600, 30m or 2h")
     if isinstance(value, (int, float)) and value > 0:
         return float(value)
-    m = _DURATION_RE.match(str(value)) if isinstance(value, str) else None
-    if not m or float(m.group(1)) <= 0:
+    secs = seconds(value) if isinstance(value, str) else None
+    if not secs:
         raise BadInput(f"`{key}: {value}` is not a duration such as 600, 30m or 2h")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    return secs
 
 
 def check_model(value: Any) -> str:

@@ -4,6 +4,7 @@ UTC, windows in words."""
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from typing import overload
 
@@ -55,3 +56,13 @@ def window_words(name: str) -> str:
 def backoff(n: int, base: float, cap: float) -> float:
     """The wait before try n+1 after n failures: base, 2*base, 4*base, ... up to cap (the one backoff rule)."""
     return min(cap, base * 2 ** min(max(n, 1) - 1, 30))
+
+
+_DURATION = r"\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*"
+_UNITS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+
+
+def seconds(text: str) -> float | None:
+    """The seconds in a duration a person writes (`600`, `90s`, `30m`, `2h`), or None if it is not one."""
+    m = re.fullmatch(_DURATION, text)
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else None

@@ -28,6 +28,7 @@ def test_one_precedence(tmp_path: Path) -> None:
     ("keep_api_key: 'yes'", "keep_api_key", True), ("allowed_tools: Read, Grep", "allowed_tools", ["Read", "Grep"]),
     ("command: llm -m x", "command", ["llm", "-m", "x"]), ("budget_day_usd: null", "budget_day_usd", None),
     ("window_minutes: 90", "window_minutes", 90.0), ("reserve: 0.25", "reserve", 0.25),
+    ("timeout_s: 30m", "timeout_s", 1800.0), ("grace_s: 90s", "grace_s", 90.0), ("heartbeat_s: '15'", "heartbeat_s", 15.0),
 ])
 def test_values_take_their_settings_type(tmp_path: Path, text: str, field: str, value: object) -> None:
     s = config.load(_file(tmp_path, text + ("\nbackend: command" if field == "command" else "")), env={})
@@ -38,6 +39,7 @@ def test_values_take_their_settings_type(tmp_path: Path, text: str, field: str, 
     ("max_requests: lots", "has the wrong type"), ("windw: 5", "unknown setting"), ("reserve: 1.5", "reserve must be"),
     ("concurrency: 0", "at least 1"), ("- a list", "must be a mapping"), ("a: [unclosed", "not valid YAML"),
     ("profiles: [a, b]", "profiles must be a mapping"), ("profiles: {x: {shell: true}}", "unknown key"),
+    ("timeout_s: soon", "expected seconds, such as 600 or 30m"),
 ])
 def test_a_bad_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from spoold.units import usd
+from spoold.units import seconds, usd
 
 
 @pytest.mark.parametrize(("amount", "text"), [
@@ -11,3 +11,9 @@ from spoold.units import usd
 ])
 def test_usd(amount, text) -> None:
     assert usd(amount) == text
+
+
+@pytest.mark.parametrize(("text", "secs"), [("600", 600.0), ("90s", 90.0), ("1.5 h", 5400.0), ("30min", 1800.0),
+                                            (" 2hr ", 7200.0), ("0", 0.0), ("soon", None), ("5d", None), ("-1", None)])
+def test_seconds_of_a_duration_a_person_writes(text: str, secs: float | None) -> None:
+    assert seconds(text) == secs
