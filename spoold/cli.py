@@ -665,6 +665,15 @@ class _Skipped:
         return lambda *a, **k: self
 
 
+def _wait_s(text: str) -> float:
+    from spoold.units import seconds
+
+    secs = seconds(text)
+    if secs is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30, 90s or 10m")
+    return secs
+
+
 def _port(text: str) -> int:
     port = int(text) if text.isdigit() else -1
     if not 1 <= port <= 65535:
@@ -747,7 +756,7 @@ def parser(only: str | None = None) -> _Parser:
             cmd.add_argument("--raw", action="store_true", help="the answer's Markdown as written, even on a terminal")
     w = add("wait", cmd_wait, "wait for a task and print its answer; exit 0 done, 1 failed, 3 cancelled, 124 timeout")
     w.add_argument("id", help="an id, its first characters, its random part, the dropped file's name, or @last")
-    w.add_argument("--timeout", type=float, help="give up after this many seconds (exit 124)")
+    w.add_argument("--timeout", type=_wait_s, help="give up after this long: 30, 90s, 10m (exit 124)")
     c = add("config", cmd_config, "read or change the spool's settings")
     c.add_argument("--max-requests", type=int, help="task starts allowed per window")
     c.add_argument("--window", type=float, help="the window's length in minutes")

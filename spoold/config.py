@@ -86,6 +86,7 @@ ENV = {
 STRATEGIES = ("priority", "fifo", "lifo")
 EVENTS = ("done", "failed", "cancelled", "held", "resumed", "drained")  # what a notification can be about
 DEFAULT_NOTIFY_ON = {"done": ["all"], "failed": ["all"], "held": ["all"], "resumed": ["all"], "drained": ["all"]}
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]@-]{0,199}$")  # an alias or a model id
 TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")  # a notification target's name
 BACKENDS = ("claude", "command")
 LIMIT_MODES = ("shared", "strict")
@@ -203,6 +204,9 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("window_minutes must be more than 0")
     if s.concurrency < 1:
         raise ConfigError("concurrency must be at least 1")
+    if not MODEL_RE.match(s.default_model):
+        raise ConfigError(f"default_model {s.default_model!r} is not a model name; use an alias (sonnet, opus, haiku) "
+                          "or a full model id")
     if s.limit_mode not in LIMIT_MODES:
         raise ConfigError(f"limit_mode must be one of {', '.join(LIMIT_MODES)}")
     if s.durability not in DURABILITIES:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spoold import plainyaml
-from spoold.config import TARGET_RE
+from spoold.config import MODEL_RE, TARGET_RE
 from spoold.errors import BadInput
 from spoold.spool import PRIORITIES, read_bytes
 from spoold.units import iso, seconds
@@ -24,7 +24,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a profile name, a 
 SPOOLD_KEYS = ("id", "submitted_at", "source", "warnings")
 FORMAT1_KEYS = ("status", "attempts", "started_at", "finished_at", "error")  # what spoold 1 rewrote into task files
 MAX_FRONTMATTER = 64 * 1024
-MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]@-]{0,199}$")
 
 
 @dataclass

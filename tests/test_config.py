@@ -40,6 +40,7 @@ def test_values_take_their_settings_type(tmp_path: Path, text: str, field: str, 
     ("concurrency: 0", "at least 1"), ("- a list", "must be a mapping"), ("a: [unclosed", "not valid YAML"),
     ("profiles: [a, b]", "profiles must be a mapping"), ("profiles: {x: {shell: true}}", "unknown key"),
     ("timeout_s: soon", "expected seconds, such as 600 or 30m"),
+    ("default_model: ''", "is not a model name"),
 ])
 def test_a_bad_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
