@@ -423,17 +423,23 @@ class Daemon:
         self._intaking.add_done_callback(self._took_in)
 
     def _took_in(self, job: asyncio.Future[intake.IntakeReport]) -> None:
+        """An intake ended: wake the loop only for what it brought (an empty one must not start a turn, which
+        would start another intake: an idle daemon would spin)."""
         self._intaking = None
         if job.cancelled():
             return
         if (error := job.exception()) is not None:
             self._intake_error = error
-        else:
-            report = job.result()
-            self._more_intake, self._pending = report.more, bool(report.pending or report.more)
-            if report.queued or report.failed:
-                self.fresh.set()
-        self.wake.set()
+            self.wake.set()
+            return
+        report = job.result()
+        self._more_intake, self._pending = report.more, bool(report.pending or report.more)
+        if report.queued or report.failed:
+            self.fresh.set()
+        if report.queued or report.failed or report.more:
+            self.wake.set()
+        elif report.pending:  # a file still being written: look again soon, as a turn's timeout would
+            asyncio.get_running_loop().call_later(PENDING_RECHECK_S, self.wake.set)
 
     async def _intake_ended(self) -> None:
         """Wait for the intake in flight, if any (its error, if it failed, is raised by `_raise_intake_error`)."""

@@ -275,3 +275,43 @@ def test_a_slot_freed_while_dropped_files_are_taken_in_starts_the_next_task(sp, 
         driver.join(30)
     if failures:
         raise failures[0]
+
+
+def test_an_idle_daemon_does_not_spin(sp, monkeypatch) -> None:
+    """An intake that found nothing must not wake the loop (a turn starts an intake: that would loop at full
+    CPU with an empty queue). Counted in intake scans over half a second of nothing to do."""
+    import asyncio
+    import threading
+    import time as time_mod
+
+    from spoold import daemon as daemon_mod
+    from spoold import intake
+
+    write_config(sp, backend="command", command=ECHO_COMMAND)
+    scans, scan = [], intake.scan
+    monkeypatch.setattr(intake, "scan", lambda *a, **k: scans.append(1) or scan(*a, **k))
+    d, loops = daemon_mod.Daemon(sp), []
+
+    def idle_then_stop() -> None:
+        try:
+            wait_for(lambda: loops, what="the daemon's loop")
+            drop(sp, "one.md", "one question\n")  # a turn, an intake and a run, then nothing to do
+            wait_for(lambda: len(terminal_files(sp, "done")) == 1, what="the task done")
+            before = len(scans)
+            time_mod.sleep(0.5)  # (nothing to await: what is checked is that nothing happens)
+            idle.append(len(scans) - before)
+        finally:
+            loops[0].call_soon_threadsafe(d.request_stop)
+
+    async def serve() -> int:
+        loops.append(asyncio.get_running_loop())
+        return await d.run()
+
+    idle: list[int] = []
+    driver = threading.Thread(target=idle_then_stop)
+    driver.start()
+    try:
+        assert asyncio.run(serve()) == 0
+    finally:
+        driver.join(30)
+    assert idle and idle[0] <= 3, f"{idle} intake scans in half a second of idling"
