@@ -74,6 +74,7 @@ class Daemon:
         self.workdir = spool.work_dir(sp)
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._last_scan = 0.0
+        self._listed_at = 0.0  # when this dispatch pass listed queued/
         self._held_logged: str | None = None
         self._write_failures = 0
         self._finishing: set[str] = set()  # ids whose process exited; their outcome is being written
@@ -470,6 +471,7 @@ class Daemon:
         """
         settings = self.settings
         listing = await asyncio.to_thread(self._list_queued)
+        self._listed_at = time.monotonic()
         if not listing and self._intaking is not None:  # nothing to start but what is being taken in
             await self._intake_ended()
             self._raise_intake_error()
@@ -607,13 +609,19 @@ class Daemon:
             return len(self.running)
         return len(self.running) - len(self._finishing)
 
+    def _until_rescan(self) -> float:
+        """How long this pass may keep its listing: a scan interval from the last scan, or from the listing
+        itself if that came later (a listing of a million names can take longer than the interval: counted
+        from the scan, it ran out before its first slot freed, and every start cost a listing)."""
+        return self.settings.scan_interval_s - (time.monotonic() - max(self._last_scan, self._listed_at))
+
     async def _slot_freed(self) -> bool:
         """Wait, keeping this turn's listing, until one of our tasks frees a slot (True) or until anything
         else may change what to start: news from the watcher, a stop, the next periodic scan (False).
 
         So a deep queue is listed once for many starts, not once per start.
         """
-        timeout = self.settings.scan_interval_s - (time.monotonic() - self._last_scan)
+        timeout = self._until_rescan()
         while self._busy() >= self.settings.concurrency:
             if self.news.is_set() or self.stopping.is_set() or timeout <= 0 or self._intake_error is not None:
                 return False
@@ -627,7 +635,7 @@ class Daemon:
             await asyncio.wait([*waits, *intaking], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
-            timeout = self.settings.scan_interval_s - (time.monotonic() - self._last_scan)
+            timeout = self._until_rescan()
         return not self.fresh.is_set()  # tasks were queued meanwhile: list again, in a new turn, to see them
 
     # ---- one task ----------------------------------------------------------------

@@ -109,6 +109,8 @@ def is_news(sp: Spool, change: Change, parent: str, name: str, owner: str) -> bo
     if parent == str(sp.dir("running")):
         if spool.parse_cancel_marker(name) is not None:
             return True
+        if name.endswith(spool.PARTIAL_SUFFIX):  # an answer so far, written and removed by its task's owner:
+            return False  # it frees no slot (its task file's move does), so a task's end costs no new listing
         entry = spool.parse_running_name(name)
         mine = entry is not None and entry.owner == owner
         return change == Change.deleted and not mine  # a slot another daemon held is free

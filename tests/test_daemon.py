@@ -315,3 +315,45 @@ def test_an_idle_daemon_does_not_spin(sp, monkeypatch) -> None:
     finally:
         driver.join(30)
     assert idle and idle[0] <= 3, f"{idle} intake scans in half a second of idling"
+
+
+def test_a_listing_slower_than_the_scan_interval_still_serves_many_starts(sp, monkeypatch) -> None:
+    """A deep queue's listing can take longer than the scan interval (a million names on a slow disk): the
+    pass keeps it for an interval from when it was made, not from the last scan, or each start costs a listing."""
+    import asyncio
+    import threading
+    import time as time_mod
+
+    from spoold import daemon as daemon_mod
+
+    write_config(sp, backend="command", command=ECHO_COMMAND, scan_interval_s=0.3, max_requests=100)
+    ids = [api.submit(sp, f"question {i}").id for i in range(8)]
+    listings, listed = [], daemon_mod.Daemon._list_queued
+
+    def slow_listing(self: daemon_mod.Daemon) -> spool.QueuedListing:
+        listings.append(1)
+        time_mod.sleep(0.4)  # the slow listing itself (the condition under test, not a wait for an event)
+        return listed(self)
+
+    monkeypatch.setattr(daemon_mod.Daemon, "_list_queued", slow_listing)
+    d, loops = daemon_mod.Daemon(sp), []
+
+    def drive() -> None:
+        try:
+            wait_for(lambda: loops, what="the daemon's loop")
+            wait_for(lambda: all(spool.locate(sp, t).state == "done" for t in ids), timeout=60, what="all done")
+        finally:
+            loops[0].call_soon_threadsafe(d.request_stop)
+
+    async def serve() -> int:
+        loops.append(asyncio.get_running_loop())
+        return await d.run()
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    try:
+        assert asyncio.run(serve()) == 0
+    finally:
+        driver.join(60)
+    assert all(spool.locate(sp, t).state == "done" for t in ids)
+    assert len(listings) <= 4, f"{len(listings)} listings for 8 starts"
