@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from datetime import datetime
 
 from conftest import ECHO_COMMAND, drop, results, terminal_files, wait_for, write_config
@@ -221,13 +222,45 @@ def test_a_family_window_past_the_reserve_holds_only_that_family(sp, daemon, tmp
 HOLD_UNTIL = 'read p; case "$p" in hold*) while [ ! -e "$0" ]; do sleep 0.01; done;; esac; echo "$p"'
 
 
-def test_a_slot_freed_while_dropped_files_are_taken_in_starts_the_next_task(sp, tmp_path, monkeypatch) -> None:
-    """Intake runs beside the claims: a batch being taken in (held here, as a slow disk would) never holds up
-    the next start. The daemon runs in this process, so that intake can be held at will."""
+def _in_process(sp: spool.Spool, drive: Callable[[], None]) -> None:
+    """A daemon served in this process's main thread (its signal handlers need it) while `drive` runs in
+    another thread, for tests that hold or count its parts; it stops when `drive` ends, whose error is raised."""
     import asyncio
     import threading
 
     from spoold import daemon as daemon_mod
+
+    d, loops, failures = daemon_mod.Daemon(sp), [], []
+
+    def driver() -> None:
+        try:
+            wait_for(lambda: loops, what="the daemon's loop")
+            drive()
+        except BaseException as e:  # raised again in the test's thread
+            failures.append(e)
+        finally:
+            if loops:
+                loops[0].call_soon_threadsafe(d.request_stop)
+
+    async def serve() -> int:
+        loops.append(asyncio.get_running_loop())
+        return await d.run()
+
+    thread = threading.Thread(target=driver)
+    thread.start()
+    try:
+        assert asyncio.run(serve()) == 0
+    finally:
+        thread.join(60)
+    if failures:
+        raise failures[0]
+
+
+def test_a_slot_freed_while_dropped_files_are_taken_in_starts_the_next_task(sp, tmp_path, monkeypatch) -> None:
+    """Intake runs beside the claims: a batch being taken in (held here, as a slow disk would) never holds up
+    the next start."""
+    import threading
+
     from spoold import intake
 
     go = tmp_path / "go"
@@ -243,11 +276,9 @@ def test_a_slot_freed_while_dropped_files_are_taken_in_starts_the_next_task(sp, 
         return scan(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(intake, "scan", held_scan)
-    d, loops, failures = daemon_mod.Daemon(sp), [], []
 
     def drive() -> None:
         try:
-            wait_for(lambda: loops, what="the daemon's loop")
             wait_for(lambda: spool.locate(sp, first).state == "running", what="first running")
             drop(sp, "third.md", "dropped while the first runs\n")
             wait_for(entered.is_set, what="intake of the dropped file")
@@ -256,72 +287,39 @@ def test_a_slot_freed_while_dropped_files_are_taken_in_starts_the_next_task(sp, 
             assert not release.is_set() and len(os.listdir(sp.dir("inbox"))) == 1
             release.set()
             wait_for(lambda: len(terminal_files(sp, "done")) == 3, what="the dropped file taken in and done")
-        except BaseException as e:  # raised again in the test's thread
-            failures.append(e)
         finally:
             release.set()
-            loops[0].call_soon_threadsafe(d.request_stop)
 
-    async def serve() -> int:
-        loops.append(asyncio.get_running_loop())
-        return await d.run()
-
-    driver = threading.Thread(target=drive)
-    driver.start()
-    try:
-        assert asyncio.run(serve()) == 0
-    finally:
-        release.set()
-        driver.join(30)
-    if failures:
-        raise failures[0]
+    _in_process(sp, drive)
 
 
 def test_an_idle_daemon_does_not_spin(sp, monkeypatch) -> None:
     """An intake that found nothing must not wake the loop (a turn starts an intake: that would loop at full
     CPU with an empty queue). Counted in intake scans over half a second of nothing to do."""
-    import asyncio
-    import threading
     import time as time_mod
 
-    from spoold import daemon as daemon_mod
     from spoold import intake
 
     write_config(sp, backend="command", command=ECHO_COMMAND)
     scans, scan = [], intake.scan
     monkeypatch.setattr(intake, "scan", lambda *a, **k: scans.append(1) or scan(*a, **k))
-    d, loops = daemon_mod.Daemon(sp), []
-
-    def idle_then_stop() -> None:
-        try:
-            wait_for(lambda: loops, what="the daemon's loop")
-            drop(sp, "one.md", "one question\n")  # a turn, an intake and a run, then nothing to do
-            wait_for(lambda: len(terminal_files(sp, "done")) == 1, what="the task done")
-            before = len(scans)
-            time_mod.sleep(0.5)  # (nothing to await: what is checked is that nothing happens)
-            idle.append(len(scans) - before)
-        finally:
-            loops[0].call_soon_threadsafe(d.request_stop)
-
-    async def serve() -> int:
-        loops.append(asyncio.get_running_loop())
-        return await d.run()
-
     idle: list[int] = []
-    driver = threading.Thread(target=idle_then_stop)
-    driver.start()
-    try:
-        assert asyncio.run(serve()) == 0
-    finally:
-        driver.join(30)
+
+    def drive() -> None:
+        drop(sp, "one.md", "one question\n")  # a turn, an intake and a run, then nothing to do
+        wait_for(lambda: len(terminal_files(sp, "done")) == 1, what="the task done")
+        before = len(scans)
+        time_mod.sleep(0.5)  # (nothing to await: what is checked is that nothing happens)
+        idle.append(len(scans) - before)
+
+    _in_process(sp, drive)
     assert idle and idle[0] <= 3, f"{idle} intake scans in half a second of idling"
 
 
 def test_a_listing_slower_than_the_scan_interval_still_serves_many_starts(sp, monkeypatch) -> None:
     """A deep queue's listing can take longer than the scan interval (a million names on a slow disk): the
-    pass keeps it for an interval from when it was made, not from the last scan, or each start costs a listing."""
-    import asyncio
-    import threading
+    pass keeps it for an interval from when it was made, not from the last scan, or each start costs a
+    listing. And a task's end (its answer so far removed) is no news that would end the pass."""
     import time as time_mod
 
     from spoold import daemon as daemon_mod
@@ -336,24 +334,6 @@ def test_a_listing_slower_than_the_scan_interval_still_serves_many_starts(sp, mo
         return listed(self)
 
     monkeypatch.setattr(daemon_mod.Daemon, "_list_queued", slow_listing)
-    d, loops = daemon_mod.Daemon(sp), []
-
-    def drive() -> None:
-        try:
-            wait_for(lambda: loops, what="the daemon's loop")
-            wait_for(lambda: all(spool.locate(sp, t).state == "done" for t in ids), timeout=60, what="all done")
-        finally:
-            loops[0].call_soon_threadsafe(d.request_stop)
-
-    async def serve() -> int:
-        loops.append(asyncio.get_running_loop())
-        return await d.run()
-
-    driver = threading.Thread(target=drive)
-    driver.start()
-    try:
-        assert asyncio.run(serve()) == 0
-    finally:
-        driver.join(60)
-    assert all(spool.locate(sp, t).state == "done" for t in ids)
+    _in_process(sp, lambda: wait_for(lambda: all(spool.locate(sp, t).state == "done" for t in ids), timeout=60,
+                                     what="all done"))
     assert len(listings) <= 4, f"{len(listings)} listings for 8 starts"
