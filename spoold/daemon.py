@@ -405,11 +405,15 @@ class Daemon:
 
         self.inbox_news.clear()
         report = await asyncio.to_thread(work)
-        self._more_intake, self._pending = report.more, bool(report.pending or report.more)
+        self._note(report)
         self._last_scan = time.monotonic()
         if report.more:
             self._start_intake()
         return self._pending
+
+    def _note(self, report: intake.IntakeReport) -> None:
+        """What an intake leaves for the next: more files past its batch, or files not yet complete."""
+        self._more_intake, self._pending = report.more, bool(report.pending or report.more)
 
     def _start_intake(self) -> None:
         """Take a batch of dropped files in, in a worker thread, unless a batch is being taken in already (the
@@ -434,7 +438,7 @@ class Daemon:
             self.wake.set()
             return
         report = job.result()
-        self._more_intake, self._pending = report.more, bool(report.pending or report.more)
+        self._note(report)
         if report.queued or report.failed:
             self.fresh.set()
         if report.queued or report.failed or report.more:
