@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -191,6 +192,7 @@ class Taken:
     task_id: str
     name: str  # as shown to the user
     mode: int
+    held: int | None = None  # a synced spool's claim is a link: the flock on the file, until its inbox name goes
 
 
 def leftover(directory: Path, name: str) -> bool:
@@ -227,11 +229,16 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
             log.info("dropped a late copy of %s: it was taken in as %s, which has finished", name, same)
             return None
         task_id = same or task_id
-    claimed = transitions.claim_intake(sp, path, task_id)
+    held = None
+    if stable and regular:  # a synced spool: the inbox name stays (for every host) until the task is queued
+        linked = transitions.link_intake(sp, path, task_id)
+        claimed, held = linked if linked else (None, None)
+    else:
+        claimed = transitions.claim_intake(sp, path, task_id)
     if claimed is None:
         return None  # another daemon took it first
     shown = os.fsencode(name).decode("utf-8", "replace")  # a name that is not UTF-8 still gets a readable source
-    return Taken(claimed, path, task_id, shown, st.st_mode)
+    return Taken(claimed, path, task_id, shown, st.st_mode, held)
 
 
 def _stable_id(sp: Spool, path: Path, name: str, st: os.stat_result) -> tuple[str | None, bool]:
@@ -250,6 +257,8 @@ def _stable_id(sp: Spool, path: Path, name: str, st: os.stat_result) -> tuple[st
         return None, False
     task_id = spool.new_id(Path(name).stem, datetime.fromtimestamp(secs, UTC),
                            of=b"\0".join([os.fsencode(name), b"%d" % st.st_size, b"%d" % secs, data]))
+    if any(e.task_id == task_id for e in spool.list_running(sp)):
+        return task_id, True  # taken in and running: its inbox name came back (a power cut undid its removal)
     finished = spool.find_finished(sp, task_id)
     if finished is None:
         return task_id, False
@@ -267,24 +276,33 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
     Order: the claims are made durable, then every queued copy is written, then queued/ is
     synced, and only then are the claimed originals removed: a power cut at any point leaves
     each task in tmp/ (recovery returns it to inbox/), queued, or both (recovery drops the copy).
+    A linked claim (a synced spool) keeps its inbox name until then too: a kill leaves the file there.
     """
     spool.fsync_dir(sp.dir("tmp"), sp)
     spool.fsync_dir(base, sp)
-    accepted: list[Path] = []
+    accepted: list[Taken] = []
+    settled: set[int] = set()  # (ids of) those queued or rejected: a linked one's inbox name goes
     try:
         for i, t in enumerate(taken):
             try:
                 if _settle_intake(sp, t, report, default_model=default_model, max_bytes=max_bytes, settings=settings):
-                    accepted.append(t.claimed)
+                    accepted.append(t)
+                settled.add(id(t))
             except OSError:  # the spool cannot be written: leave the files where the user put them
                 for rest in taken[i:]:
-                    transitions.unclaim_intake(sp, rest.claimed, rest.original)
+                    transitions.unclaim_intake(sp, rest.claimed, rest.original, rest.held)
                 raise
     finally:
         if accepted:
             spool.fsync_dir(sp.dir("queued"), sp)
-            for claimed in accepted:
-                transitions.drop_intake_copy(claimed)
+            for t in accepted:
+                transitions.drop_intake_copy(t.claimed)
+        for t in taken:
+            if t.held is not None:
+                if id(t) in settled:
+                    transitions.release_original(t.original, t.held)
+                else:
+                    os.close(t.held)  # not settled (an error): the link is left for recovery, the name kept
 
 
 MAX_HASHED = 1024 * 1024  # bytes of a dropped file its stable id hashes (max_bytes' default: all of a task)
@@ -299,7 +317,7 @@ def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: 
                             f"{t.name!r} is a {kind}, not a file; spoold never follows or reads it")
         report.failed.append(t.task_id)
         return False
-    if os.lstat(t.claimed).st_nlink > 1:
+    if _linked_elsewhere(sp, t):
         transitions.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name!r} is a hard link to a file elsewhere; "
                             "spoold reads only files of its own: copy it into inbox/ instead")
         report.failed.append(t.task_id)
@@ -322,6 +340,23 @@ def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: 
             transitions.accept_intake(sp, task)
     report.queued.append(task.id)
     return True
+
+
+def _linked_elsewhere(sp: Spool, t: Taken) -> bool:
+    """Whether the taken file has a hard link outside the spool's own: its inbox name and intake links."""
+    st = os.lstat(t.claimed)
+    if st.st_nlink <= (1 if t.held is None else 2):
+        return False
+    if t.held is None:
+        return True
+    tmp = sp.dir("tmp")  # a dead daemon's link of the same file waits there for recovery
+    ours = 0
+    for n in os.listdir(tmp):
+        if n.startswith(spool.INTAKE_PREFIX):
+            with contextlib.suppress(OSError):
+                other = os.lstat(tmp / n)
+                ours += (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+    return st.st_nlink > 1 + ours
 
 
 def _kind(mode: int) -> str:

@@ -6,9 +6,11 @@ Run by a daemon at start and every scan interval. Each step is a transition of i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,6 +133,9 @@ def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]
     owner, task_id, source = claim_parts
     if owners.owner_alive(sp, owner) and not (ours_stray and owner == spool.owner_tag()):
         return []
+    if _still_in_inbox(sp, path):  # a synced spool's claim: a link, the dropped file is still in inbox/
+        path.unlink(missing_ok=True)
+        return [f"dropped the intake link of {source} (it is still in inbox, to be taken in again)"]
     try:
         spool.locate(sp, task_id)
         if not path.is_dir() or path.is_symlink():
@@ -143,6 +148,24 @@ def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]
         return [f"moved {source} to failed (its result was already written)"]
     spool.move(path, spool.returned_path(sp, source, task_id), sp=sp)
     return [f"returned {source} to inbox (intake was interrupted)"]
+
+
+def _still_in_inbox(sp: Spool, path: Path) -> bool:
+    """Whether an intake claim is a link to a file whose inbox name is still there (looked for by inode: a long
+    name is cut in the claim's)."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            return False
+        inbox = sp.dir("inbox")
+        for name in os.listdir(inbox):
+            with contextlib.suppress(OSError):
+                there = os.lstat(inbox / name)
+                if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+                    return True
+    except OSError:
+        return False
+    return False
 
 
 def _remove(path: Path) -> None:

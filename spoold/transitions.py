@@ -10,6 +10,7 @@ ask through a `.cancel` marker, or take it over once its owner is proven dead.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -58,12 +59,61 @@ def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
         return None
 
 
-def unclaim_intake(sp: Spool, claimed: Path, original: Path) -> None:
-    """Undo claim_intake when the task could not be written; recovery does it if even this fails."""
+def link_intake(sp: Spool, path: Path, task_id: str) -> tuple[Path, int] | None:
+    """On a synced spool, take a dropped file by a hard link in tmp/, its inbox name kept until it is queued.
+
+    tmp/ is never synced: a claim by rename would carry the inbox name's removal to every host at once, and a
+    host killed before the task is queued would keep the only copy where no other host can take it over. The
+    claim is an exclusive flock on the file, held (the returned descriptor) until the inbox name is removed,
+    so this host's other daemons pass it by; a kill drops the lock, and the next taker finds the name again.
+    """
     try:
-        spool.move(claimed, original, sp=sp)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # gone, or no longer a regular file (ELOOP): the next scan sees what is there now
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held, named = os.fstat(fd), os.lstat(path)
+        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+            raise FileNotFoundError(path)  # taken and replaced while we waited for nothing: not this file
+        dest = spool.intake_claim_path(sp, task_id, path.name)
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()  # our own earlier link of it, left by an error this process survived
+        os.link(path, dest, follow_symlinks=False)
+    except (BlockingIOError, FileNotFoundError):  # another daemon of this host is taking it, or it went
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return dest, fd
+
+
+def unclaim_intake(sp: Spool, claimed: Path, original: Path, held: int | None = None) -> None:
+    """Undo a claim when the task could not be written (a link's inbox name is still there: the link just
+    goes); recovery does it if even this fails."""
+    try:
+        if held is None:
+            spool.move(claimed, original, sp=sp)
+        else:
+            claimed.unlink()
     except OSError as e:
         log.warning("left %s in tmp/ (%s); recovery returns it to %s", claimed.name, e.strerror or e, original.parent.name)
+
+
+def release_original(original: Path, held: int) -> None:
+    """A linked claim's task is queued (or rejected) and durable: its inbox name goes, if it is still the file
+    we took (an editor may have saved a new one over it: that is a new drop), and the lock with it."""
+    try:
+        st, now_there = os.fstat(held), os.lstat(original)
+        if (st.st_dev, st.st_ino) == (now_there.st_dev, now_there.st_ino):
+            original.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # a synced spool's stable id makes a later take of it the same task
+        log.warning("left %s in inbox/ (%s); it is queued already", original.name, e.strerror or e)
+    finally:
+        os.close(held)
 
 
 def accept_intake(sp: Spool, task: Task) -> Path:

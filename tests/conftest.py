@@ -164,6 +164,13 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[Callable[..., DaemonProc]
             d.proc.wait()
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited: an owner recovery can prove dead."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
 def drop(sp: Spool, name: str, content: str | bytes) -> Path:
     """Drop a file into inbox/ the safe way a script would (write elsewhere, rename in)."""
     data = content.encode() if isinstance(content, str) else content

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from conftest import drop, results, terminal_files
+from conftest import dead_pid, drop, results, terminal_files
 
-from spoold import intake, spool
+from spoold import intake, recovery, spool, transitions
 from spoold.task import parse_result, parse_task
 
 IGNORED = [".q.md.swp", ".q.md.swx", "q.md~", "4913", ".#q.md", "#q.md#", ".q.md.Ab12Cd", ".syncthing.q.md.tmp",
@@ -192,3 +197,142 @@ def test_editor_locks_hold_a_file_until_their_editor_is_gone(sp: spool.Spool) ->
     assert len(scan(sp).queued) == 1 and (inbox / ".q.md.kate-swp").exists()  # taken; the lock is left alone
     assert [intake.lock_target(n) for n in (".q.md.swp", ".#q.md", ".q.md.kate-swp", ".q.md.swo", "q.md")] == [
         "q.md", "q.md", "q.md", "q.md", None]
+
+
+# ---- a synced spool: a dropped file is taken by a link, its inbox name kept until the task is queued ----------
+
+
+def synced_scan(sp: spool.Spool) -> intake.IntakeReport:
+    return intake.scan(sp, default_model="sonnet", max_bytes=1024, mine=lambda key: True)
+
+
+def _settled(path: Path) -> None:
+    os.utime(path, (0, 0))
+
+
+@pytest.fixture
+def no_link_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file with a second link is left for a moment (a writer's link-then-unlink may be under way), counted
+    from its ctime, which no test can set back: the moment is made nothing."""
+    monkeypatch.setattr(intake, "DEFAULT_SETTLE_S", 0.0)
+
+
+KILLED_MID_INTAKE = """
+import os, sys, time
+from spoold import intake, spool, transitions
+sp = spool.open_spool(sys.argv[1])
+def stuck(*args, **kwargs):
+    open(sys.argv[2], "w").close()
+    time.sleep(60)
+transitions.accept_intake = stuck
+intake.scan(sp, default_model="sonnet", max_bytes=1024, mine=lambda key: True)
+"""
+
+
+def test_a_host_killed_in_the_middle_of_intake_leaves_the_file_in_the_synced_inbox(
+        sp: spool.Spool, tmp_path: Path, no_link_grace: None) -> None:
+    """tmp/ is never synced: the file must stay where every host sees it until its task is queued."""
+    dropped = drop(sp, "q.md", "a question\n")
+    marker = tmp_path / "linked"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_MID_INTAKE, str(sp.root), str(marker)])
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # a child process's progress: no event to await across processes but its file
+        assert marker.exists(), "the child never reached the queueing step"
+    finally:
+        child.kill()
+        child.wait()
+    assert dropped.read_text() == "a question\n"  # still in the (synced) inbox: another host can take it
+    [link] = [n for n in os.listdir(sp.dir("tmp")) if n.startswith(spool.INTAKE_PREFIX)]
+    assert os.stat(dropped).st_nlink == 2
+    # This host's next intake (a restarted daemon runs intake before recovery) takes it all the same...
+    report = synced_scan(sp)
+    assert len(report.queued) == 1 and report.failed == [] and not dropped.exists()
+    # ... and recovery drops the dead process's link, never a second copy in the inbox.
+    assert recovery.recover(sp, max_attempts=3) == [f"dropped the intake copy of {report.queued[0]} (already queued)"]
+    assert os.listdir(sp.dir("tmp")) == [] and os.listdir(sp.dir("inbox")) == []
+    assert [e.task_id for e in spool.list_queued(sp)] == report.queued and not (sp.dir("tmp") / link).exists()
+
+
+def test_recovery_drops_a_dead_link_whose_file_is_still_in_the_inbox(sp: spool.Spool) -> None:
+    dropped = drop(sp, "q.md", "a question\n")
+    task_id = spool.new_id("q")
+    dead = sp.dir("tmp") / f"intake~{spool.host_id()}-{dead_pid()}~{task_id}~q.md"
+    os.link(dropped, dead)
+    assert recovery.recover(sp, max_attempts=3) == [
+        "dropped the intake link of q.md (it is still in inbox, to be taken in again)"]
+    assert os.listdir(sp.dir("tmp")) == [] and os.listdir(sp.dir("inbox")) == ["q.md"]
+    assert os.stat(dropped).st_nlink == 1
+
+
+def test_a_file_another_daemon_of_this_host_is_taking_is_passed_by(sp: spool.Spool) -> None:
+    dropped = drop(sp, "q.md", "a question\n")
+    _settled(dropped)
+    fd = os.open(dropped, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what link_intake holds while it queues the file
+        report = synced_scan(sp)
+        assert report.queued == [] and report.failed == [] and dropped.exists()
+        assert os.listdir(sp.dir("tmp")) == [] and os.stat(dropped).st_nlink == 1
+    finally:
+        os.close(fd)
+    assert len(synced_scan(sp).queued) == 1 and not dropped.exists() and os.listdir(sp.dir("tmp")) == []
+
+
+def test_two_daemons_of_one_host_take_a_synced_file_once(sp: spool.Spool) -> None:
+    for n in range(40):
+        _settled(drop(sp, f"q{n}.md", f"question {n}\n"))
+    reports: list[intake.IntakeReport] = []
+    start = threading.Barrier(2)
+
+    def take() -> None:
+        start.wait()
+        reports.append(synced_scan(sp))
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queued = [q for r in reports for q in r.queued]
+    assert len(queued) == len(set(queued)) == 40 and len(spool.list_queued(sp)) == 40
+    assert os.listdir(sp.dir("inbox")) == [] and os.listdir(sp.dir("tmp")) == []
+
+
+def test_a_hard_link_to_a_file_elsewhere_is_still_refused_on_a_synced_spool(
+        sp: spool.Spool, tmp_path: Path, no_link_grace: None) -> None:
+    secret = tmp_path / "secret.md"
+    secret.write_text("not for a prompt\n")
+    os.link(secret, sp.dir("inbox") / "linked.md")
+    _settled(secret)
+    report = synced_scan(sp)
+    assert report.queued == [] and len(report.failed) == 1
+    assert "is a hard link to a file elsewhere" in parse_result(results(sp, "failed")[0].read_text()).error
+    assert os.listdir(sp.dir("inbox")) == [] and os.listdir(sp.dir("tmp")) == []
+    assert secret.read_text() == "not for a prompt\n"
+
+
+def test_a_new_save_over_a_file_being_taken_in_is_a_new_drop(sp: spool.Spool) -> None:
+    dropped = drop(sp, "q.md", "first version\n")
+    _settled(dropped)
+    linked = transitions.link_intake(sp, dropped, spool.new_id("q"))
+    assert linked is not None
+    claimed, held = linked
+    drop(sp, "q.md", "second version\n")  # an editor's atomic save while the first is being queued
+    claimed.unlink()
+    transitions.release_original(dropped, held)
+    assert dropped.read_text() == "second version\n"
+
+
+def test_an_inbox_name_a_power_cut_brought_back_beside_its_running_task_is_dropped(sp: spool.Spool) -> None:
+    dropped = drop(sp, "q.md", "a question\n")
+    _settled(dropped)
+    saved = sp.root.parent / "before-the-cut"
+    shutil.copy2(dropped, saved)  # the inbox name, as a power cut before its removal reached the disk brings it back
+    [task_id] = synced_scan(sp).queued
+    claim = transitions.claim(sp, spool.list_queued(sp)[0], "sonnet")
+    assert claim is not None and not dropped.exists()
+    os.rename(saved, dropped)
+    assert synced_scan(sp).queued == [] and not dropped.exists()
+    assert [e.task_id for e in spool.list_running(sp)] == [task_id] and len(spool.list_queued(sp)) == 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from datetime import UTC, datetime
+
+from conftest import dead_pid
 
 from spoold import recovery, spool, transitions
 from spoold.task import Result, Task, render_result
@@ -17,18 +17,12 @@ def _enqueue(sp: spool.Spool, prompt: str = "q\n") -> Task:
     return t
 
 
-def _dead_pid() -> int:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
-
-
 def _orphan(sp: spool.Spool, host: str | None = None, task: Task | None = None) -> spool.Path:
     """Claim the next task (or this one), then make its running file look like a claim by a process that died."""
     entry = next(e for e in spool.list_queued(sp) if task is None or e.task_id == task.id)
     c = transitions.claim(sp, entry, "sonnet")
     assert c is not None
-    dead = spool.running_path(sp, c.task.id, c.number, c.started, f"{host or spool.host_id()}-{_dead_pid()}")
+    dead = spool.running_path(sp, c.task.id, c.number, c.started, f"{host or spool.host_id()}-{dead_pid()}")
     os.rename(c.path, dead)
     return dead
 
@@ -88,7 +82,7 @@ def test_recovery_drops_a_running_copy_a_power_cut_brought_back(sp: spool.Spool)
     assert c is not None
     ghost = c.path.read_bytes()
     transitions.finish(sp, c, transitions.result_for(c, "done", answer="the answer"))
-    dead = spool.running_path(sp, t.id, c.number, c.started, f"{spool.host_id()}-{_dead_pid()}")
+    dead = spool.running_path(sp, t.id, c.number, c.started, f"{spool.host_id()}-{dead_pid()}")
     dead.write_bytes(ghost)
     assert recovery.recover(sp, max_attempts=3)[0].startswith("dropped a stale running/ copy")
     assert not dead.exists() and spool.locate(sp, t.id).state == "done"
@@ -96,7 +90,7 @@ def test_recovery_drops_a_running_copy_a_power_cut_brought_back(sp: spool.Spool)
 
 
 def test_recovery_returns_an_interrupted_intake_to_the_inbox(sp: spool.Spool) -> None:
-    name = f"intake~{spool.host_id()}-{_dead_pid()}~{spool.new_id('x')}~my question.md"
+    name = f"intake~{spool.host_id()}-{dead_pid()}~{spool.new_id('x')}~my question.md"
     (sp.dir("tmp") / name).write_text("my question\n")
     recovery.recover(sp, max_attempts=3)
     assert (sp.dir("inbox") / "my question.md").read_text() == "my question\n"
@@ -127,7 +121,7 @@ def test_recovery_finishes_an_uncounted_requeue_it_interrupted(sp: spool.Spool) 
     t = _enqueue(sp)
     c = transitions.claim(sp, spool.list_queued(sp)[0], "sonnet")
     assert c is not None
-    dead_owner = f"{spool.host_id()}-{_dead_pid()}"
+    dead_owner = f"{spool.host_id()}-{dead_pid()}"
     dead = spool.running_path(sp, t.id, c.number, c.started, dead_owner)
     os.rename(c.path, dead)
     record = spool.attempts_dir(sp, t.id) / f"{c.number}.waited.{spool.stamp_ms(datetime.now(UTC))}@{dead_owner}.json"
