@@ -194,6 +194,8 @@ def retry(sp: Spool, task_id: str) -> TaskInfo:
 
 
 def _read_task(path: Path, task_id: str) -> Task | None:
+    if path.name.endswith(spool.REJECTED_SUFFIX):
+        return None  # a dropped directory or link, kept as it came: never read or followed
     try:
         return read_task(path, task_id)
     except (OSError, BadInput):
@@ -330,9 +332,8 @@ def _list_state(sp: Spool, state: str, limit: int) -> list[TaskInfo]:
         raise InvalidState(f"unknown state {state!r}; use one of queued, running, done, failed, cancelled")
     out = []
     for d in spool.terminal_dirs(sp, state):
-        names = sorted((n for n in os.listdir(d) if spool.is_task_file(n)), reverse=True)
-        for n in names[: limit - len(out)]:
-            tid = n[:-3]
+        named = sorted(((tid, n) for n in os.listdir(d) if (tid := spool.listed_id(n))), reverse=True)
+        for tid, n in named[: limit - len(out)]:
             if spool.ID_RE.match(tid):
                 out.append(_summary(sp, d / n, tid, state))
         if len(out) >= limit:

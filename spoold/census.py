@@ -49,6 +49,12 @@ class Census:
     listed: float  # when the listing they come from was made (later submits carry them forward)
 
 
+def _finished_cache(state: str) -> str:
+    """The cache of a terminal state's counts; `-2`: counts that include rejected entries (`ID.rejected`), so
+    that counts made before them are not trusted."""
+    return f"{state}-2.json"
+
+
 def _write(sp: Spool, name: str, value: object) -> None:
     spool.write_cache(spool.cache_path(sp, name), value)
 
@@ -161,7 +167,7 @@ def finished(sp: Spool, state: str) -> list[tuple[Path, int, int, list[str]]]:
     changes only on its day."""
     from spoold.leftovers import leftover_mark  # lazy: only `status` counts them, and a submit imports census
 
-    kept = _read(sp, f"{state}.json")
+    kept = _read(sp, _finished_cache(state))
     kept = kept if isinstance(kept, dict) else {}
     out, fresh, changed = [], {}, False
     for d in spool.terminal_dirs(sp, state):
@@ -181,6 +187,6 @@ def finished(sp: Spool, state: str) -> list[tuple[Path, int, int, list[str]]]:
         fresh[d.name] = counts
         out.append((d, int(counts[1]), int(counts[2]), list(counts[3])))
     if changed or set(fresh) != set(kept):
-        _write(sp, f"{state}.json", fresh)
+        _write(sp, _finished_cache(state), fresh)
     return out
 

@@ -777,9 +777,22 @@ def staging_owner(name: str) -> str | None:
     return name.split(".", 1)[0] if name.endswith(".tmp") and "." in name[:-4] else None
 
 
+REJECTED_SUFFIX = ".rejected"
+
+
 def rejected_path(sp: Spool, task_id: str, regular: bool) -> Path:
     """Where bad input goes: `failed/ID.md` for a file, `failed/ID.rejected` for anything else (kept untouched)."""
-    return sp.dir("failed") / (f"{task_id}.md" if regular else f"{task_id}.rejected")
+    return sp.dir("failed") / (f"{task_id}.md" if regular else f"{task_id}{REJECTED_SUFFIX}")
+
+
+def listed_id(name: str) -> str | None:
+    """The task id a terminal directory's entry stands for: `ID.md`, or a rejected `ID.rejected` (a directory or
+    link that was dropped: listed and shown by its result, never read or followed)."""
+    if name.endswith(".md") and not name.endswith(".result.md"):
+        return name[:-3]
+    if name.endswith(REJECTED_SUFFIX):
+        return name[: -len(REJECTED_SUFFIX)]
+    return None
 
 
 def returned_path(sp: Spool, source: str, task_id: str) -> Path:
@@ -1118,17 +1131,18 @@ def is_task_file(name: str) -> bool:
 
 
 def count_task_files(names: list[str]) -> int:
-    """How many of a listing's names are task files (is_task_file), counted in C: `status` over 100,000."""
+    """How many of a listing's names are tasks (is_task_file, and rejected entries), counted in C: `status` over
+    100,000."""
     joined = "\n".join(names) + "\n"
-    return joined.count(".md\n") - joined.count(".result.md\n")
+    return joined.count(".md\n") - joined.count(".result.md\n") + joined.count(REJECTED_SUFFIX + "\n")
 
 
 def newest_terminal(sp: Spool, state: str, n: int | None) -> list[tuple[str, Path]]:
     """(id, task file) of a terminal state's `n` most recently submitted tasks (all with None), by name alone."""
-    named = [(name[:-3], str(d)) for d in terminal_dirs(sp, state) if d.is_dir() for name in os.listdir(d)
-             if is_task_file(name)]  # strings, not Paths: 100,000 Paths cost half a second
+    named = [(tid, str(d), name) for d in terminal_dirs(sp, state) if d.is_dir() for name in os.listdir(d)
+             if (tid := listed_id(name))]  # strings, not Paths: 100,000 Paths cost half a second
     picked = heapq.nlargest(n, named) if n is not None else named
-    return [(tid, Path(d) / f"{tid}.md") for tid, d in picked if ID_RE.match(tid)]
+    return [(tid, Path(d) / name) for tid, d, name in picked if ID_RE.match(tid)]
 
 
 def terminal_task_files(sp: Spool, state: str, *, days: int | None = None) -> Iterator[Path]:
@@ -1237,6 +1251,9 @@ def find_finished(sp: Spool, task_id: str) -> Located | None:
             p = task_path_for(d, task_id)
             if p.exists():
                 return Located(state, p, task_id)
+    rejected = rejected_path(sp, task_id, regular=False)
+    if os.path.lexists(rejected):
+        return Located("failed", rejected, task_id)
     return None
 
 

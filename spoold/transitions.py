@@ -522,6 +522,9 @@ def retry(sp: Spool, task_id: str, default_model: str = "sonnet") -> Path:
     loc = spool.locate(sp, task_id)
     if loc.state not in ("failed", "cancelled"):
         raise InvalidState(f"task {task_id} is {loc.state}; only failed or cancelled tasks can be retried")
+    if loc.path.name.endswith(spool.REJECTED_SUFFIX):
+        raise InvalidState(f"task {task_id} was dropped as a directory or link, which spoold never reads; drop it "
+                           f"again as a file (it is kept as {loc.path})")
     try:
         task = read_task(loc.path, task_id, default_model)
     except (BadInput, OSError) as e:

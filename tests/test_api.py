@@ -10,7 +10,7 @@ import pytest
 
 from spoold import api, census, ledger, spool, transitions
 from spoold.config import Settings
-from spoold.errors import BadInput, TaskNotFound
+from spoold.errors import BadInput, InvalidState, TaskNotFound
 from spoold.task import Result
 
 
@@ -154,3 +154,31 @@ def test_status_over_a_counted_queue_neither_checks_nor_sorts_it_and_says_the_sa
     _quiet(sp.dir("queued"))
     census.keep(sp, spool.list_queued(sp))
     assert spool.list_queued(sp, census.trust(sp)).ordered  # no longer vouched for: checked again
+
+
+def test_a_dropped_directory_or_link_is_a_failed_task_every_view_shows(sp: spool.Spool, tmp_path: Path) -> None:
+    """Kept as `failed/ID.rejected` beside its result: listed, counted, shown; never read, followed or retried."""
+    from spoold import intake
+
+    secret = tmp_path / "secret.md"
+    secret.write_text("---\ntitle: a secret title\n---\nnot for anyone\n")
+    (sp.dir("inbox") / "folder.md").mkdir()
+    os.symlink(secret, sp.dir("inbox") / "link.md")
+    report = intake.scan(sp, default_model="sonnet", max_bytes=1024)
+    assert len(report.failed) == 2 and report.queued == []
+    assert sorted(os.path.splitext(n)[1] for n in os.listdir(sp.dir("failed"))) == [".md", ".md", ".rejected",
+                                                                                   ".rejected"]
+    listed = api.list_tasks(sp, "failed")
+    assert sorted(t.id for t in listed) == sorted(report.failed)
+    assert {t.error for t in listed} == {"'folder.md' is a directory, not a file; spoold never follows or reads it",
+                                         "'link.md' is a symbolic link, not a file; spoold never follows or reads it"}
+    assert all(t.title != "a secret title" for t in listed + api.recent(sp))  # the link's target is never read
+    assert sorted(t.id for t in api.recent(sp) if t.state == "failed") == sorted(report.failed)
+    assert api.status(sp).counts["failed"] == 2
+    for task_id in report.failed:
+        ti, answer = api.result(sp, task_id)
+        assert ti.state == "failed" and ti.error and ti.result_path and answer == ""
+        assert ti.prompt is None and ti.path.endswith(".rejected")
+        with pytest.raises(InvalidState, match="drop it again as a file"):
+            api.retry(sp, task_id)
+    assert secret.read_text().endswith("not for anyone\n")
