@@ -200,6 +200,13 @@ class Daemon:
                 log.warning("%s", problem)
         except CliUnusable as e:
             log.error("tasks cannot run yet: %s", e)
+            return
+        try:  # the CLI runs now: a hold from when it could not (set by this host alone) has no cause left
+            if await asyncio.to_thread(ledger.clear_host_hold, self.sp, self.settings):
+                log.info("lifted this host's hold for its CLI: the CLI runs now")
+                self.wake.set()
+        except OSError as e:
+            log.warning("could not lift this host's hold for its CLI (%s); it ends by itself", e.strerror or e)
 
     # ---- the other hosts on a synced spool ---------------------------------------
 

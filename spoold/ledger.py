@@ -65,6 +65,7 @@ class HostLedger:
     hold_set_at: float | None = None
     holds_cleared_at: float | None = None  # lifts every host's hold set before it, without writing their files
     windows: dict[str, WindowSeen] = field(default_factory=dict)  # what the subscription said, per window
+    hold_here: bool = False  # the hold is about this host (its CLI cannot run), not the account: it holds only it
 
 
 @dataclass
@@ -187,6 +188,7 @@ def _parse_host(data: bytes) -> HostLedger:
         hold_set_at=float(raw["hold_set_at"]) if raw.get("hold_set_at") else None,
         holds_cleared_at=float(raw["holds_cleared_at"]) if raw.get("holds_cleared_at") else None,
         windows={str(k): _window(v) for k, v in (raw.get("windows") or {}).items()},
+        hold_here=raw.get("hold_here") is True,
     )
 
 
@@ -222,19 +224,21 @@ def _read_hosts(sp: Spool) -> dict[str, HostLedger]:
 def read_usage(sp: Spool, now: float | None = None, hosts: dict[str, HostLedger] | None = None) -> Usage:
     """All hosts' ledgers joined: what admission and estimates read."""
     now = time.time() if now is None else now
-    hosts_ = list((hosts if hosts is not None else _read_hosts(sp)).values())
+    hosts_ = list((hosts if hosts is not None else _read_hosts(sp)).items())
     starts: list[float] = []
     spend: dict[str, float] = {}
     durations: list[float] = []
     hold_until, hold_reason = None, None
     windows: dict[str, WindowSeen] = {}
-    cleared = max((h.holds_cleared_at or 0.0 for h in hosts_), default=0.0)
-    for h in hosts_:
+    cleared = max((h.holds_cleared_at or 0.0 for _, h in hosts_), default=0.0)
+    own = host_file(sp).name
+    for name, h in hosts_:
         starts += h.starts
         for day, amount in h.spend.items():
             spend[day] = spend.get(day, 0.0) + amount
         durations += h.durations
-        live = h.hold_until is not None and h.hold_until > now and (h.hold_set_at or 0.0) > cleared
+        live = (h.hold_until is not None and h.hold_until > now and (h.hold_set_at or 0.0) > cleared
+                and (name == own or not h.hold_here))  # another host's missing CLI holds that host alone
         if live and h.hold_until is not None and (hold_until is None or h.hold_until > hold_until):
             hold_until, hold_reason = h.hold_until, h.hold_reason
         for name, w in h.windows.items():
@@ -287,7 +291,8 @@ def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
 
 def _write_host(sp: Spool, path: Path, h: HostLedger) -> None:
     rest = {"spend": h.spend, "hold_until": h.hold_until, "hold_reason": h.hold_reason, "hold_set_at": h.hold_set_at,
-            "holds_cleared_at": h.holds_cleared_at, "windows": {k: w.as_json() for k, w in h.windows.items()}}
+            "holds_cleared_at": h.holds_cleared_at, "windows": {k: w.as_json() for k, w in h.windows.items()},
+            **({"hold_here": True} if h.hold_here else {})}
     data = (f'{{"starts":{_floats_json(sp, h.starts)},"durations":{_floats_json(sp, h.durations, "durations")},'
             f'{json.dumps(rest, separators=(",", ":"))[1:]}')  # no indent: C encoder, 10x faster
     raw = data.encode()
@@ -336,7 +341,7 @@ def _update_own(
     h.spend = {d: v for d, v in h.spend.items() if d >= month_start}
     h.durations = h.durations[-KEEP_DURATIONS:]
     if h.hold_until and h.hold_until <= now:
-        h.hold_until, h.hold_reason, h.hold_set_at = None, None, None
+        h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here = None, None, None, False
     h.windows = {k: w for k, w in h.windows.items() if w.resets_at is None or w.resets_at > now}
     _write_host(sp, path, h)
 
@@ -564,14 +569,28 @@ def forget_start(sp: Spool, settings: Settings, started: float) -> None:
 
 
 def set_hold(sp: Spool, settings: Settings, until: float, reason: str,
-             windows: dict[str, WindowSeen] | None = None) -> None:
-    """Hold all dispatch (every process reads it) until `until`."""
+             windows: dict[str, WindowSeen] | None = None, *, this_host: bool = False) -> None:
+    """Hold all dispatch (every process reads it) until `until`; `this_host`: a hold about this machine (its
+    CLI cannot run), which holds this host's daemons alone."""
 
     def change(h: HostLedger, t: float) -> None:
-        h.hold_until, h.hold_reason, h.hold_set_at = until, reason, t
+        h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here = until, reason, t, this_host
         h.windows.update(windows or {})
 
     _locked_update(sp, settings, change)
+
+
+def clear_host_hold(sp: Spool, settings: Settings) -> bool:
+    """Lift this host's hold about its own CLI (a daemon started with one that works); True if there was one."""
+    lifted = [False]
+
+    def change(h: HostLedger, t: float) -> None:
+        if h.hold_here and h.hold_until is not None:
+            h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here = None, None, None, False
+            lifted[0] = True
+
+    _locked_update(sp, settings, change)
+    return lifted[0]
 
 
 def clear_hold(sp: Spool, settings: Settings) -> None:

@@ -101,7 +101,7 @@ def not_run(e: Exception, settings: config.Settings) -> Outcome:
     loses nothing), a follow-up waits for its earlier task, a task that cannot run as asked fails."""
     later = datetime.now(UTC) + timedelta(seconds=EXEC_HOLD_S)
     if isinstance(e, CliUnusable):  # missing, broken, or unable to isolate the task
-        return Outcome("hold", error=str(e), hold_until=later)
+        return Outcome("hold", error=str(e), hold_until=later, counted=False, this_host=True)
     if isinstance(e, options.NotYet):
         return Outcome("wait", error=str(e), hold_until=datetime.now(UTC) + timedelta(seconds=options.RESUME_WAIT_S))
     if isinstance(e, BadInput):  # its profile or the task it continues is gone: say so, don't guess
@@ -111,7 +111,8 @@ def not_run(e: Exception, settings: config.Settings) -> Outcome:
         claude = settings.backend == "claude"
         program = settings.claude_bin if claude else (e.filename or (settings.command or ["?"])[0])
         fix = "set claude_bin" if claude else "fix `command:` in config.yaml"
-        return Outcome("hold", error=f"cannot start {program!r}: {e.strerror}; install it or {fix}", hold_until=later)
+        return Outcome("hold", error=f"cannot start {program!r}: {e.strerror}; install it or {fix}", hold_until=later,
+                       counted=False, this_host=True)
     return Outcome("failed", error=f"the task could not be started ({e.strerror or e}): its schema or system "
                    "prompt may be too long for one command-line argument; make it shorter")
 
@@ -148,7 +149,7 @@ def settle(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, o
             for w in outcome.windows}
     if outcome.kind == "hold":
         until = outcome.hold_until or datetime.now(UTC) + timedelta(minutes=30)
-        ledger.set_hold(sp, settings, until.timestamp(), outcome.error or "held", seen)
+        ledger.set_hold(sp, settings, until.timestamp(), outcome.error or "held", seen, this_host=outcome.this_host)
         if not outcome.counted:  # refused before any work (not logged in, no credit): the start is given back
             ledger.forget_start(sp, settings, claimed.started.timestamp())
         log.warning("holding the queue until %s: %s", iso(until), outcome.error)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import fake_claude_script, wait_for, write_config
 
-from spoold import api, spool
+from spoold import api, ledger, spool
 
 OK = '{"type":"result","subtype":"success","is_error":false,"result":"fine","total_cost_usd":0.001}'
 SCRIPTS = {
@@ -95,4 +95,12 @@ def test_missing_cli_holds_the_queue_and_keeps_the_task(sp, daemon, tmp_path) ->
     wait_for(lambda: spool.locate(sp, tid).state == "queued", what="the task back in the queue")
     info = api.info(sp, tid)
     assert info.attempts == 0  # not the task's fault
+    assert d.stop() == 0
+    usage = ledger.read_usage(sp)
+    assert usage.starts == [] and usage.hold_reason and "claude CLI not found" in usage.hold_reason  # no start used
+    # Fixed (claude_bin set right) and started again: the hold, about this host's CLI, has no cause left.
+    write_config(sp, claude_bin=str(fake_claude(tmp_path, f"echo '{OK}'")))
+    d = daemon(sp)
+    wait_for(lambda: spool.locate(sp, tid).state == "done", what="the task done, without waiting out the hold")
+    assert "lifted this host's hold for its CLI" in d.log and ledger.read_usage(sp).hold_until is None
     assert d.stop() == 0

@@ -164,6 +164,23 @@ def test_hold_is_shared_and_can_be_cleared(sp: spool.Spool) -> None:
     assert json.loads((d / "otherhost.json").read_text())["hold_reason"] == "theirs"  # their file untouched
 
 
+def test_a_hold_for_a_host_s_own_cli_holds_that_host_alone_and_ends_when_its_cli_runs(sp: spool.Spool) -> None:
+    """A synced spool: one host without a working claude must not stop every host's queue."""
+    s = settings()
+    d = ledger.ledger_dir(sp)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "otherhost.json").write_text(json.dumps({"hold_until": 4_000_000_001.0, "hold_set_at": 1.0,
+                                                  "hold_reason": "claude CLI not found", "hold_here": True}))
+    assert ledger.read_usage(sp).hold_until is None  # theirs: their CLI, not the account
+    ledger.set_hold(sp, s, 4_000_000_000.0, "claude CLI not found ('claude')", this_host=True)
+    assert ledger.read_usage(sp).hold_reason == "claude CLI not found ('claude')"  # ours holds us
+    assert json.loads(ledger.host_file(sp).read_text())["hold_here"] is True
+    assert ledger.clear_host_hold(sp, s) and ledger.read_usage(sp).hold_until is None
+    ledger.set_hold(sp, s, 4_000_000_000.0, "usage limit")  # the account's: never lifted by a CLI that runs
+    assert not ledger.clear_host_hold(sp, s) and ledger.read_usage(sp).hold_reason == "usage limit"
+    assert "hold_here" not in json.loads(ledger.host_file(sp).read_text())
+
+
 def _hammer(root: str, until: float, out: Any) -> None:
     """One competing process: take every slot it can until `until`."""
     import time

@@ -58,6 +58,7 @@ class Outcome:
     windows: list[Window] = field(default_factory=list)
     structured: object = None  # the JSON a task's `schema:` asked for, when it produced it
     counted: bool = True  # the run used a start of the limit (not when the account refused it: not logged in)
+    this_host: bool = False  # a hold about this machine (its CLI cannot run), not the account: other hosts go on
 
 
 @dataclass
