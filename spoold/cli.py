@@ -712,7 +712,8 @@ def parser(only: str | None = None) -> _Parser:
     r.add_argument("--once", action="store_true", help="drain what can start now, then exit (for cron)")
     r.add_argument("--log-file", help="append the log to this file instead of stderr (for `spoold run &` and cron)")
     r.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
-    r.add_argument("--concurrency", type=int, help="tasks running at once (overrides config.yaml)")
+    r.add_argument("--concurrency", type=int,
+                   help="tasks running at once on this machine, across its daemons (overrides config.yaml)")
     r.add_argument("--max-requests", type=int, help="task starts allowed per window (overrides config.yaml)")
     r.add_argument("--window", type=float, help="the window's length in minutes")
     r.add_argument("--backend", choices=config.BACKENDS, help="what runs a task")
@@ -760,7 +761,7 @@ def parser(only: str | None = None) -> _Parser:
     c = add("config", cmd_config, "read or change the spool's settings")
     c.add_argument("--max-requests", type=int, help="task starts allowed per window")
     c.add_argument("--window", type=float, help="the window's length in minutes")
-    c.add_argument("--concurrency", type=int, help="tasks running at once, across all daemons")
+    c.add_argument("--concurrency", type=int, help="tasks running at once on this machine, across its daemons")
     c.add_argument("--min-interval", type=float, help="seconds between starts")
     c.add_argument("--budget-day", type=float, help="USD per day")
     c.add_argument("--budget-month", type=float, help="USD per month")
