@@ -51,6 +51,7 @@ INTAKE_BATCH = 256  # files taken in per turn: a dropped corpus starts running w
 INTAKE_FIRST = 16  # ... when nothing runs: the first task of a corpus starts after 16 fsyncs, not 256
 VIEW_REFRESH_S = 1.0  # how often the other hosts' heartbeats are read (a few small files)
 RUN_THREADS = 1024  # a thread per running task (started as needed): far above any sensible concurrency
+HELD_FOR_PERSON = 7  # `run --once` stopped behind a hold only a person ends (logged out, no credit, no CLI)
 TIDY_S = 60.0  # how often a daemon on a synced spool removes sync tools' identical conflict copies
 
 
@@ -66,6 +67,7 @@ class Daemon:
         self.sp = sp
         self.overrides = overrides or {}
         self.once = once
+        self.exit_code = 0  # --once: HELD_FOR_PERSON when it stops behind a hold only a person can end
         self.settings = config.load(sp.config_path, self.overrides)
         self._config_mtime = self._mtime(sp.config_path)
         self.running: dict[str, Running] = {}
@@ -166,7 +168,7 @@ class Daemon:
             owners.let_go(self.sp, owner_lock)
             self._runs.shutdown(wait=False)
             log.info("stopped")
-        return 0
+        return self.exit_code
 
     async def _committing(self) -> None:
         """Group commit (`durability: batch`, spoold.durability): one flush every commit_interval_ms for what the
@@ -336,7 +338,13 @@ class Daemon:
         if self._intaking is not None or self._more_intake:
             return False
         if wait_until is not None:
-            log.info("--once: stopping; the next start waits until %s", iso(wait_until))
+            usage = await asyncio.to_thread(ledger.read_usage, self.sp)
+            if usage.hold_person and usage.hold_until is not None:  # cron must hear of it: nothing ends it alone
+                self.exit_code = HELD_FOR_PERSON
+                log.error("--once: stopping behind a hold a person must end (until %s): %s", iso(usage.hold_until),
+                          usage.hold_reason)
+            else:
+                log.info("--once: stopping; the next start waits until %s", iso(wait_until))
             return True
         listing = await asyncio.to_thread(spool.list_queued, self.sp)
         view = self.hosts.view

@@ -66,6 +66,7 @@ class HostLedger:
     holds_cleared_at: float | None = None  # lifts every host's hold set before it, without writing their files
     windows: dict[str, WindowSeen] = field(default_factory=dict)  # what the subscription said, per window
     hold_here: bool = False  # the hold is about this host (its CLI cannot run), not the account: it holds only it
+    hold_person: bool = False  # only a person ends its cause: log in, add credit, install the CLI
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Usage:
     hold_until: float | None
     hold_reason: str | None
     windows: dict[str, WindowSeen] = field(default_factory=dict)  # the newest word on each, from any host
+    hold_person: bool = False  # the hold's cause is a person's to fix (not a limit that resets by itself)
 
 
 ledger_dir = spool.ledger_dir
@@ -189,6 +191,7 @@ def _parse_host(data: bytes) -> HostLedger:
         holds_cleared_at=float(raw["holds_cleared_at"]) if raw.get("holds_cleared_at") else None,
         windows={str(k): _window(v) for k, v in (raw.get("windows") or {}).items()},
         hold_here=raw.get("hold_here") is True,
+        hold_person=raw.get("hold_person") is True,
     )
 
 
@@ -228,7 +231,7 @@ def read_usage(sp: Spool, now: float | None = None, hosts: dict[str, HostLedger]
     starts: list[float] = []
     spend: dict[str, float] = {}
     durations: list[float] = []
-    hold_until, hold_reason = None, None
+    hold_until, hold_reason, hold_person = None, None, False
     windows: dict[str, WindowSeen] = {}
     cleared = max((h.holds_cleared_at or 0.0 for _, h in hosts_), default=0.0)
     own = host_file(sp).name
@@ -240,11 +243,11 @@ def read_usage(sp: Spool, now: float | None = None, hosts: dict[str, HostLedger]
         live = (h.hold_until is not None and h.hold_until > now and (h.hold_set_at or 0.0) > cleared
                 and (name == own or not h.hold_here))  # another host's missing CLI holds that host alone
         if live and h.hold_until is not None and (hold_until is None or h.hold_until > hold_until):
-            hold_until, hold_reason = h.hold_until, h.hold_reason
+            hold_until, hold_reason, hold_person = h.hold_until, h.hold_reason, h.hold_person
         for name, w in h.windows.items():
             if (w.resets_at is None or w.resets_at > now) and (name not in windows or w.seen_at > windows[name].seen_at):
                 windows[name] = w
-    return Usage(sorted(starts), spend, durations[-KEEP_DURATIONS:], hold_until, hold_reason, windows)
+    return Usage(sorted(starts), spend, durations[-KEEP_DURATIONS:], hold_until, hold_reason, windows, hold_person)
 
 
 def _rebuild(sp: Spool, path: Path, err: Exception) -> HostLedger:
@@ -292,7 +295,7 @@ def started_stamps(sp: Spool, since_days: int = 2) -> list[float]:
 def _write_host(sp: Spool, path: Path, h: HostLedger) -> None:
     rest = {"spend": h.spend, "hold_until": h.hold_until, "hold_reason": h.hold_reason, "hold_set_at": h.hold_set_at,
             "holds_cleared_at": h.holds_cleared_at, "windows": {k: w.as_json() for k, w in h.windows.items()},
-            **({"hold_here": True} if h.hold_here else {})}
+            **({"hold_here": True} if h.hold_here else {}), **({"hold_person": True} if h.hold_person else {})}
     data = (f'{{"starts":{_floats_json(sp, h.starts)},"durations":{_floats_json(sp, h.durations, "durations")},'
             f'{json.dumps(rest, separators=(",", ":"))[1:]}')  # no indent: C encoder, 10x faster
     raw = data.encode()
@@ -341,7 +344,7 @@ def _update_own(
     h.spend = {d: v for d, v in h.spend.items() if d >= month_start}
     h.durations = h.durations[-KEEP_DURATIONS:]
     if h.hold_until and h.hold_until <= now:
-        h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here = None, None, None, False
+        h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here, h.hold_person = None, None, None, False, False
     h.windows = {k: w for k, w in h.windows.items() if w.resets_at is None or w.resets_at > now}
     _write_host(sp, path, h)
 
@@ -569,12 +572,12 @@ def forget_start(sp: Spool, settings: Settings, started: float) -> None:
 
 
 def set_hold(sp: Spool, settings: Settings, until: float, reason: str,
-             windows: dict[str, WindowSeen] | None = None, *, this_host: bool = False) -> None:
+             windows: dict[str, WindowSeen] | None = None, *, this_host: bool = False, person: bool = False) -> None:
     """Hold all dispatch (every process reads it) until `until`; `this_host`: a hold about this machine (its
-    CLI cannot run), which holds this host's daemons alone."""
+    CLI cannot run), which holds this host's daemons alone; `person`: its cause is a person's to fix."""
 
     def change(h: HostLedger, t: float) -> None:
-        h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here = until, reason, t, this_host
+        h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here, h.hold_person = until, reason, t, this_host, person
         h.windows.update(windows or {})
 
     _locked_update(sp, settings, change)
@@ -586,7 +589,7 @@ def clear_host_hold(sp: Spool, settings: Settings) -> bool:
 
     def change(h: HostLedger, t: float) -> None:
         if h.hold_here and h.hold_until is not None:
-            h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here = None, None, None, False
+            h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here, h.hold_person = None, None, None, False, False
             lifted[0] = True
 
     _locked_update(sp, settings, change)

@@ -149,7 +149,8 @@ def settle(sp: Spool, settings: config.Settings, claimed: transitions.Claimed, o
             for w in outcome.windows}
     if outcome.kind == "hold":
         until = outcome.hold_until or datetime.now(UTC) + timedelta(minutes=30)
-        ledger.set_hold(sp, settings, until.timestamp(), outcome.error or "held", seen, this_host=outcome.this_host)
+        ledger.set_hold(sp, settings, until.timestamp(), outcome.error or "held", seen, this_host=outcome.this_host,
+                        person=not outcome.counted)  # refused before any work: logged out, no credit, no CLI
         if not outcome.counted:  # refused before any work (not logged in, no credit): the start is given back
             ledger.forget_start(sp, settings, claimed.started.timestamp())
         log.warning("holding the queue until %s: %s", iso(until), outcome.error)

@@ -499,3 +499,20 @@ def test_result_renders_markdown_on_a_terminal_and_is_raw_in_a_pipe(sp: spool.Sp
     shown = _tty_run(sp, "result", tid, env=env)
     assert "Findings" in shown and "•" in shown and "**one**" not in shown  # rendered
     assert "**one**" in _tty_run(sp, "result", tid, "--raw", env=env)
+
+
+def test_run_once_fails_behind_a_hold_only_a_person_can_end(sp: spool.Spool, tmp_path: Path) -> None:
+    """cron hears of it (exit 7, one line): a missing CLI, a logged-out or unpaid account never ends by itself;
+    a usage limit that resets does, and exits 0."""
+    from spoold import config, ledger
+
+    write_config(sp, backend="command", command=[str(tmp_path / "no-such-program"), "{prompt}"])
+    tid = run(sp, "submit", "q").stdout.strip()
+    r = run(sp, "run", "--once")
+    assert r.returncode == 7, r.stderr
+    assert "--once: stopping behind a hold a person must end" in r.stderr and "no-such-program" in r.stderr
+    assert json.loads(run(sp, "show", tid, "--json").stdout)["state"] == "queued"
+    assert run(sp, "config", "--clear-hold").returncode == 0
+    ledger.set_hold(sp, config.Settings(), 4_000_000_000.0, "usage limit")  # resets by itself
+    r = run(sp, "run", "--once")
+    assert r.returncode == 0 and "the next start waits until" in r.stderr, r.stderr
