@@ -147,6 +147,7 @@ class IntakeReport:
     pending: list[str]  # not yet complete; look again soon
     more: bool = False  # stopped at the batch limit: more files wait
     editing: list[str] = field(default_factory=list)  # open in an editor: taken once its lock or swap file goes
+    listing: spool.QueuedListing | None = None  # queued/ as this scan listed it (the dispatch may reuse it)
 
 
 def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool = True,
@@ -162,8 +163,9 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
     report = IntakeReport([], [], [])
     for state in ("inbox", "queued") if include_queued else ("inbox",):
         base = sp.dir(state)
-        if state == "queued":  # only what is no task's: a deep queue is matched, not parsed or sorted
-            listing, present = [n for n in spool.not_queued_names(os.listdir(base)) if not leftover(base, n)], set()
+        if state == "queued":  # only what is no task's: a deep queue is matched, not parsed (its listing is kept)
+            report.listing = spool.list_queued(sp)
+            listing, present = [n for n in report.listing.unparsed if not leftover(base, n)], set()
         else:
             listing = sorted(os.listdir(base))
             present = set(listing)

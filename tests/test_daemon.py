@@ -337,3 +337,30 @@ def test_a_listing_slower_than_the_scan_interval_still_serves_many_starts(sp, mo
     _in_process(sp, lambda: wait_for(lambda: all(spool.locate(sp, t).state == "done" for t in ids), timeout=60,
                                      what="all done"))
     assert len(listings) <= 4, f"{len(listings)} listings for 8 starts"
+
+
+def test_the_first_dispatch_uses_the_full_scan_s_listing_of_an_unchanged_queue(sp, monkeypatch) -> None:
+    """A daemon's first turn lists queued/ for foreign files, then for its dispatch: over a million queued tasks
+    each listing and its checks took ~3 s. While queued/ is as the scan saw it, one listing serves both."""
+    import os as os_mod
+
+    from spoold import transitions
+
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=100)
+    task_id = api.submit(sp, "question").id
+    queued, listings, at_first_claim = str(sp.dir("queued")), [], []
+    listdir, claim = os_mod.listdir, transitions.claim
+
+    def counted_listdir(path: object = ".") -> list[str]:
+        if str(path) == queued:
+            listings.append(1)
+        return listdir(path)  # type: ignore[arg-type]
+
+    def noted_claim(*args: object, **kwargs: object) -> object:
+        at_first_claim.append(len(listings))
+        return claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os_mod, "listdir", counted_listdir)
+    monkeypatch.setattr(transitions, "claim", noted_claim)
+    _in_process(sp, lambda: wait_for(lambda: spool.find_finished(sp, task_id), what="the task done"))  # (no listing)
+    assert at_first_claim[0] == 1, f"queued/ listed {at_first_claim[0]} times before the first claim"

@@ -207,10 +207,13 @@ def test_group_commit_is_refused_where_a_power_cut_could_undo_more() -> None:
     assert why is not None and "proc" in why
 
 
-def test_the_names_in_queued_that_are_no_tasks_are_those_that_do_not_parse() -> None:
+def test_the_names_in_queued_that_are_no_tasks_are_those_that_do_not_parse(sp: spool.Spool) -> None:
     good = "2.00000000T000000Z.20261202T095027067Z-abcdef-t3.md"
     timed = "1.20261202T010203Z.20261202T095027067Z-abcdef-t4.md"
     names = [good, timed, "x.md", "2.20261399T000000Z.20261202T095027067Z-abcdef-t3.md", "a\nb", good + ".tmp",
              "4.00000000T000000Z.20261202T095027067Z-abcdef-t3.md", ".hidden", "2.00000000T000000Z.bad.md"]
-    assert spool.not_queued_names(names) == sorted(n for n in names if spool.parse_queued_name(n) is None)
-    assert good not in spool.not_queued_names(names) and timed not in spool.not_queued_names(names)
+    for n in names:
+        (sp.dir("queued") / n).write_text("x")
+    listing = spool.list_queued(sp)
+    assert listing.unparsed == sorted(n for n in names if spool.parse_queued_name(n) is None)
+    assert listing.names == [timed, good] and [e.task_id for e in listing] == [spool.queued_id(timed), spool.queued_id(good)]
