@@ -79,7 +79,7 @@ def test_cancel_running_task_stops_its_process(sp, daemon) -> None:
     wait_for(lambda: spool.locate(sp, tid).state == "cancelled", what="cancelled")
     wait_for(lambda: not os.path.exists(sp.dir("running") / f"{tid}.cancel"), what="cancel marker removed")
     assert spool.list_running(sp) == []
-    assert f"cancelled {tid}" in d.log
+    wait_for(lambda: f"cancelled {tid}" in d.log, what="the cancel logged")  # (written after the moves)
 
 
 def test_sigterm_requeues_a_running_task_after_the_grace_period(sp, daemon) -> None:
