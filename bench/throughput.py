@@ -118,10 +118,11 @@ def _floor(n: int, conc: int, under: Path | None = None) -> float:
         t0 = time.perf_counter()
         for i in range(n):
             os.rename(f"{d['inbox']}/t{i}.md", f"{d['tmp']}/c{i}")
+        for i in range(n):  # intake's order: the queued copies written, then the claims durable, then queued
+            _durable(f"{d['tmp']}/a{i}", body)
         _fsync_dir(d["tmp"])
         _fsync_dir(d["inbox"])
         for i in range(n):
-            _durable(f"{d['tmp']}/a{i}", body)
             os.link(f"{d['tmp']}/a{i}", f"{d['queued']}/q{i}")
             os.unlink(f"{d['tmp']}/a{i}")
         _fsync_dir(d["queued"])

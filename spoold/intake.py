@@ -20,7 +20,7 @@ from spoold.config import Settings
 from spoold.errors import BadInput
 from spoold.leftovers import among
 from spoold.spool import Spool
-from spoold.task import Task, parse_user_task
+from spoold.task import Task, parse_user_task, render_task
 
 log = logging.getLogger("spoold")
 
@@ -275,26 +275,42 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
                  max_bytes: int, settings: Settings | None = None) -> None:
     """Queue a scan's claimed entries with one fsync per directory for all of them, not per entry.
 
-    Order: the claims are made durable, then every queued copy is written, then queued/ is
-    synced, and only then are the claimed originals removed: a power cut at any point leaves
-    each task in tmp/ (recovery returns it to inbox/), queued, or both (recovery drops the copy).
-    A linked claim (a synced spool) keeps its inbox name until then too: a kill leaves the file there.
+    Order: each queued copy is written into tmp/ (its bytes fsynced, invisible), then the claims are made
+    durable, then the copies are linked into queued/ and queued/ is synced, and only then are the claimed
+    originals removed: a power cut at any point leaves each task in tmp/ (recovery returns it to inbox/),
+    queued, or both (recovery drops the copy). A linked claim (a synced spool) keeps its inbox name until then
+    too: a kill leaves the file there. On a journaled filesystem the first copy's fsync commits the claims'
+    renames with it, so that their directories' fsyncs find nothing left: a drop costs one commit fewer.
     """
-    spool.fsync_dir(sp.dir("tmp"), sp)
-    spool.fsync_dir(base, sp)
     accepted: list[Taken] = []
     settled: set[int] = set()  # (ids of) those queued or rejected: a linked one's inbox name goes
+    staged: dict[int, Path] = {}  # (ids of) taken entries -> their queued copy, written but not yet queued
+    done = 0
     try:
-        for i, t in enumerate(taken):
-            try:
-                if _settle_intake(sp, t, report, default_model=default_model, max_bytes=max_bytes, settings=settings):
+        try:
+            checked = [(t, _check(sp, t, default_model=default_model, max_bytes=max_bytes, settings=settings))
+                       for t in taken]
+            for t, verdict in checked:
+                if isinstance(verdict, Task):
+                    staged[id(t)] = spool.stage(sp, render_task(verdict))
+            spool.fsync_dir(sp.dir("tmp"), sp)
+            spool.fsync_dir(base, sp)
+            for t, verdict in checked:
+                if isinstance(verdict, str):
+                    transitions.reject_intake(sp, t.claimed, t.task_id, t.name, verdict)
+                    report.failed.append(t.task_id)
+                else:
+                    _accept(sp, t, verdict, staged.pop(id(t)), report)
                     accepted.append(t)
                 settled.add(id(t))
-            except OSError:  # the spool cannot be written: leave the files where the user put them
-                for rest in taken[i:]:
-                    transitions.unclaim_intake(sp, rest.claimed, rest.original, rest.held)
-                raise
+                done += 1
+        except OSError:  # the spool cannot be written: leave the files where the user put them
+            for rest in taken[done:]:
+                transitions.unclaim_intake(sp, rest.claimed, rest.original, rest.held)
+            raise
     finally:
+        for copy in staged.values():  # written, never queued (an error): nothing was promised
+            copy.unlink(missing_ok=True)
         if accepted:
             spool.fsync_dir(sp.dir("queued"), sp)
             for t in accepted:
@@ -310,38 +326,33 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
 MAX_HASHED = 1024 * 1024  # bytes of a dropped file its stable id hashes (max_bytes' default: all of a task)
 
 
-def _settle_intake(sp: Spool, t: Taken, report: IntakeReport, *, default_model: str, max_bytes: int,
-                   settings: Settings | None = None) -> bool:
-    """Queue (True: its claimed copy can go once queued/ is synced) or reject one taken entry."""
+def _check(sp: Spool, t: Taken, *, default_model: str, max_bytes: int, settings: Settings | None = None) -> Task | str:
+    """One taken entry read as a task, or what is wrong with it (it is moved aside with that message)."""
     if not stat.S_ISREG(t.mode):
-        kind = _kind(t.mode)
-        transitions.reject_intake(sp, t.claimed, t.task_id, t.name,
-                            f"{t.name!r} is a {kind}, not a file; spoold never follows or reads it")
-        report.failed.append(t.task_id)
-        return False
+        return f"{t.name!r} is a {_kind(t.mode)}, not a file; spoold never follows or reads it"
     if _linked_elsewhere(sp, t):
-        transitions.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name!r} is a hard link to a file elsewhere; "
-                            "spoold reads only files of its own: copy it into inbox/ instead")
-        report.failed.append(t.task_id)
-        return False
+        return (f"{t.name!r} is a hard link to a file elsewhere; spoold reads only files of its own: copy it into "
+                "inbox/ instead")
     try:
         task = read_dropped(t.claimed, task_id=t.task_id, source=t.name, default_model=default_model,
                             max_bytes=max_bytes)
         if settings is not None:
             options.resolve(sp, settings, task)
     except BadInput as e:
-        transitions.reject_intake(sp, t.claimed, t.task_id, t.name, f"{t.name}: {e}")
-        report.failed.append(t.task_id)
-        return False
+        return f"{t.name}: {e}"
+    return task
+
+
+def _accept(sp: Spool, t: Taken, task: Task, staged: Path, report: IntakeReport) -> None:
+    """Queue one checked task from its written copy (its claimed copy can go once queued/ is synced)."""
     try:
-        transitions.accept_intake(sp, task)
+        transitions.accept_intake(sp, task, staged=staged)
     except FileExistsError:  # a synced spool: another host took the same file in first, or a different one
         if not transitions.same_queued(sp, task):
             task.id = spool.new_id(Path(t.name).stem)
             task.submitted_at = spool.id_time(task.id)
             transitions.accept_intake(sp, task)
     report.queued.append(task.id)
-    return True
 
 
 def _linked_elsewhere(sp: Spool, t: Taken) -> bool:

@@ -440,14 +440,20 @@ def _write_tmp(sp: Spool, data: bytes) -> Path:
     return tmp
 
 
-def write_new(sp: Spool, dest: Path, data: bytes, *, sync_dir: bool = True) -> Path:
-    """Write a new file at dest; never overwrite (FileExistsError if dest exists).
+def stage(sp: Spool, data: bytes) -> Path:
+    """A new file's bytes written into tmp/ (fsynced) ahead of time; write_new(staged=) puts it in place."""
+    return _write_tmp(sp, data)
+
+
+def write_new(sp: Spool, dest: Path, data: bytes = b"", *, sync_dir: bool = True, staged: Path | None = None) -> Path:
+    """Write a new file at dest; never overwrite (FileExistsError if dest exists). `staged`: its bytes were
+    written by stage (the file is removed from tmp/ whatever happens).
 
     sync_dir=False leaves the directory fsync to the caller, who batches it for many files.
     """
     if not dest.parent.is_dir():
         make_dir(dest.parent)
-    tmp = _write_tmp(sp, data)
+    tmp = _write_tmp(sp, data) if staged is None else staged
     fault("write:staged")
     try:
         os.link(tmp, dest)  # link() fails rather than clobber: the no-overwrite rule

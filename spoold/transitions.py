@@ -41,9 +41,12 @@ def now() -> datetime:
 # ---- into the queue ------------------------------------------------------------
 
 
-def enqueue(sp: Spool, task: Task, *, sync_dir: bool = True) -> Path:
-    """Write a new task straight into queued/ (submit, the adapter, intake): the one write of its file."""
+def enqueue(sp: Spool, task: Task, *, sync_dir: bool = True, staged: Path | None = None) -> Path:
+    """Write a new task straight into queued/ (submit, the adapter, intake): the one write of its file
+    (`staged`: its bytes, written already by spool.stage)."""
     dest = spool.queued_path_for(sp, task.id, task.priority, task.not_before)
+    if staged is not None:
+        return spool.write_new(sp, dest, staged=staged, sync_dir=sync_dir)
     return spool.write_new(sp, dest, render_task(task), sync_dir=sync_dir)
 
 
@@ -116,9 +119,9 @@ def release_original(original: Path, held: int) -> None:
         os.close(held)
 
 
-def accept_intake(sp: Spool, task: Task) -> Path:
+def accept_intake(sp: Spool, task: Task, *, staged: Path | None = None) -> Path:
     """Write a taken entry's task into queued/; the caller syncs queued/, then drops the intake copy."""
-    path = enqueue(sp, task, sync_dir=False)
+    path = enqueue(sp, task, sync_dir=False, staged=staged)
     log.info("queued %s (from %s)", task.id, task.source)
     if task.warnings:  # said where the person running the daemon sees it, not only in `spoold show`
         log.warning("%s (%s): %s", task.id, task.source, "; ".join(task.warnings))
