@@ -481,12 +481,17 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
     settings = settings or (config.load(sp.config_path, here[0].get("overrides") or {}, env={}) if here
                             else load_settings(sp))
     now = time.time()
-    queued = spool.list_queued(sp, census.trust(sp))  # once: a deep queue is the expensive listing
-    census.keep(sp, queued)
+    kept = census.kept_queue(sp) if settings.strategy == "priority" else None  # fifo, lifo: order by id
+    if kept is not None:  # queued/ unchanged since a listing counted it: its count and head, no listing
+        n_queued, queued, oldest = kept
+    else:
+        queued = spool.list_queued(sp, census.trust(sp))  # once: a deep queue is the expensive listing
+        census.keep(sp, queued)
+        n_queued, oldest = len(queued), queued.oldest_id()
     counts, duplicates = {}, 0
     left = leftovers.find(sp, terminal=False) + leftovers.among(sp.dir("queued"), queued.unparsed)
     for st in spool.COUNTED:
-        counts[st], dups = (len(queued), 0) if st == "queued" else _count(sp, st, left)
+        counts[st], dups = (n_queued, 0) if st == "queued" else _count(sp, st, left)
         duplicates += dups
     usage = ledger.read_usage(sp, now)
     g = ledger.gate(usage, settings, 0, now)
@@ -498,7 +503,7 @@ def status(sp: Spool, settings: Settings | None = None) -> QueueStatus:
         hold_reason=g.reason, next_start=iso(nxt[0].start) if nxt else None,
         settings=config.as_dict(settings), ignored_inbox_files=intake.ignored_files(sp), windows=windows(sp, usage),
         daemons=daemons, serving=bool(here), notify_failing=notify.failing(sp),
-        oldest_queued=queued.oldest_id(),
+        oldest_queued=oldest,
         hosts=[asdict(h) for h in hosts.host_status(sp, now)], duplicates=duplicates,
         leftovers=[leftovers.describe(sp, hit) for hit in left],
     )

