@@ -7,6 +7,7 @@ the CLI and the adapter all call the same code.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -193,6 +194,14 @@ def retry(sp: Spool, task_id: str) -> TaskInfo:
 # ---- reading ---------------------------------------------------------------------
 
 
+def _regular(path: Path) -> bool:
+    """A regular file, by lstat (a dropped link kept as `ID.rejected` is never followed, not even by a stat)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _read_task(path: Path, task_id: str) -> Task | None:
     if path.name.endswith(spool.REJECTED_SUFFIX):
         return None  # a dropped directory or link, kept as it came: never read or followed
@@ -212,7 +221,7 @@ def info_and_result(sp: Spool, task_id: str, *, settings: Settings | None = None
     """A task's info and, once it has one, its result as written: each file read once."""
     loc = spool.locate(sp, task_id)
     out = TaskInfo(id=task_id, state=loc.state, path=str(loc.path))
-    task = _read_task(loc.path, task_id) if loc.path.is_file() and not loc.path.is_symlink() else None
+    task = _read_task(loc.path, task_id) if _regular(loc.path) else None
     if task:
         out.title, out.model, out.priority = title_of(task), task.model, task.priority
         out.not_before = iso(task.not_before)

@@ -107,7 +107,8 @@ def keep(sp: Spool, listing: QueuedListing) -> None:
         hi = bisect.bisect_left(names, f"{d}/")
         untimed[d], timed[d] = mid - lo, hi - mid
     now = time.time()
-    _save(sp, Census(listing.stamp, untimed, timed, now, now, names[:HEAD], listing.oldest_id()))
+    head = [] if listing.unparsed else names[:HEAD]  # other names in queued/: `status` must list to report them
+    _save(sp, Census(listing.stamp, untimed, timed, now, now, head, listing.oldest_id()))
     sp.local.census_stamp = listing.stamp  # this state is counted: the next listing of it need not be
 
 

@@ -171,13 +171,19 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
             present = set(listing)
         names = [n for n in listing if mine is None or mine(f"{state}/{n}")]
         taken: list[Taken] = []
-        for n in names:
-            if limit is not None and len(report.queued) + len(report.failed) + len(taken) >= limit:
-                report.more = True
-                break
-            t = take_one(sp, base / n, report, present, stable=mine is not None)
-            if t:
-                taken.append(t)
+        try:
+            for n in names:
+                if limit is not None and len(report.queued) + len(report.failed) + len(taken) >= limit:
+                    report.more = True
+                    break
+                t = take_one(sp, base / n, report, present, stable=mine is not None)
+                if t:
+                    taken.append(t)
+        except BaseException:  # the claims so far stay for recovery (ours: at the next turn); their locks go now
+            for t in taken:
+                if t.held is not None:
+                    os.close(t.held)
+            raise
         if taken:
             _queue_taken(sp, base, taken, report, default_model=default_model, max_bytes=max_bytes, settings=settings)
         if report.more:
@@ -195,6 +201,7 @@ class Taken:
     name: str  # as shown to the user
     mode: int
     held: int | None = None  # a synced spool's claim is a link: the flock on the file, until its inbox name goes
+    signature: transitions.Signature | None = None  # the linked file's size and mtime when it was taken
 
 
 def leftover(directory: Path, name: str) -> bool:
@@ -231,16 +238,16 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
             log.info("dropped a late copy of %s: it was taken in as %s, which has finished", name, same)
             return None
         task_id = same or task_id
-    held = None
+    held = signature = None
     if stable and regular:  # a synced spool: the inbox name stays (for every host) until the task is queued
         linked = transitions.link_intake(sp, path, task_id)
-        claimed, held = linked if linked else (None, None)
+        claimed, held, signature = linked if linked else (None, None, None)
     else:
         claimed = transitions.claim_intake(sp, path, task_id)
     if claimed is None:
         return None  # another daemon took it first
     shown = os.fsencode(name).decode("utf-8", "replace")  # a name that is not UTF-8 still gets a readable source
-    return Taken(claimed, path, task_id, shown, st.st_mode, held)
+    return Taken(claimed, path, task_id, shown, st.st_mode, held, signature)
 
 
 def _stable_id(sp: Spool, path: Path, name: str, st: os.stat_result) -> tuple[str | None, bool]:
@@ -309,18 +316,24 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
                 transitions.unclaim_intake(sp, rest.claimed, rest.original, rest.held)
             raise
     finally:
-        for copy in staged.values():  # written, never queued (an error): nothing was promised
-            copy.unlink(missing_ok=True)
-        if accepted:
-            spool.fsync_dir(sp.dir("queued"), sp)
-            for t in accepted:
-                transitions.drop_intake_copy(t.claimed)
-        for t in taken:
-            if t.held is not None:
-                if id(t) in settled:
-                    transitions.release_original(t.original, t.held)
-                else:
-                    os.close(t.held)  # not settled (an error): the link is left for recovery, the name kept
+        durable = True
+        try:
+            for copy in staged.values():  # written, never queued (an error): nothing was promised
+                with contextlib.suppress(OSError):
+                    copy.unlink(missing_ok=True)
+            if accepted:
+                durable = False
+                spool.fsync_dir(sp.dir("queued"), sp)
+                durable = True
+                for t in accepted:
+                    transitions.drop_intake_copy(t.claimed)
+        finally:
+            for t in taken:
+                if t.held is not None:
+                    if id(t) in settled and durable:
+                        transitions.release_original(t.original, t.held, t.signature)
+                    else:
+                        os.close(t.held)  # not settled, or not durable: the name is kept, the link left for recovery
 
 
 MAX_HASHED = 1024 * 1024  # bytes of a dropped file its stable id hashes (max_bytes' default: all of a task)

@@ -1210,8 +1210,9 @@ def all_ids(sp: Spool) -> Iterator[str]:
     for state in TERMINAL:
         for d in terminal_dirs(sp, state):
             for name in os.listdir(d) if d.is_dir() else []:
-                if name.endswith(".md") and not name.endswith(".result.md") and ID_RE.match(name[:-3]):
-                    yield name[:-3]
+                tid = listed_id(name)
+                if tid and ID_RE.match(tid):
+                    yield tid
 
 
 LAST = "@last"

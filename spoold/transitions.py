@@ -62,13 +62,18 @@ def claim_intake(sp: Spool, path: Path, task_id: str) -> Path | None:
         return None
 
 
-def link_intake(sp: Spool, path: Path, task_id: str) -> tuple[Path, int] | None:
+Signature = tuple[int, int]  # a linked file's size and mtime: an in-place save changes them, not its inode
+
+
+def link_intake(sp: Spool, path: Path, task_id: str) -> tuple[Path, int | None, Signature | None] | None:
     """On a synced spool, take a dropped file by a hard link in tmp/, its inbox name kept until it is queued.
 
     tmp/ is never synced: a claim by rename would carry the inbox name's removal to every host at once, and a
     host killed before the task is queued would keep the only copy where no other host can take it over. The
     claim is an exclusive flock on the file, held (the returned descriptor) until the inbox name is removed,
     so this host's other daemons pass it by; a kill drops the lock, and the next taker finds the name again.
+    Returns the claim, the lock's descriptor and the file's signature; where no link can be made (a file of
+    another user under fs.protected_hardlinks, a full link count), the claim is a rename, as elsewhere.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -76,20 +81,36 @@ def link_intake(sp: Spool, path: Path, task_id: str) -> tuple[Path, int] | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held, named = os.fstat(fd), os.lstat(path)
-        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+        held = os.fstat(fd)
+        if not _same_file(held, os.lstat(path)):
             raise FileNotFoundError(path)  # taken and replaced while we waited for nothing: not this file
         dest = spool.intake_claim_path(sp, task_id, path.name)
         with contextlib.suppress(FileNotFoundError):
             dest.unlink()  # our own earlier link of it, left by an error this process survived
-        os.link(path, dest, follow_symlinks=False)
+        try:
+            os.link(path, dest, follow_symlinks=False)
+        except (FileNotFoundError, FileExistsError):
+            raise FileNotFoundError(path) from None
+        except OSError as e:  # this file cannot be linked here: claimed by a rename instead
+            log.info("took %s in by a rename, not a link (%s)", path.name, e.strerror or e)
+            os.close(fd)
+            moved = claim_intake(sp, path, task_id)
+            return (moved, None, None) if moved is not None else None
+        if not _same_file(held, os.lstat(dest)):  # replaced between the check and the link: look again later
+            dest.unlink()
+            raise FileNotFoundError(path)
     except (BlockingIOError, FileNotFoundError):  # another daemon of this host is taking it, or it went
         os.close(fd)
         return None
     except BaseException:
         os.close(fd)
         raise
-    return dest, fd
+    now = os.fstat(fd)
+    return dest, fd, (now.st_size, now.st_mtime_ns)
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def unclaim_intake(sp: Spool, claimed: Path, original: Path, held: int | None = None) -> None:
@@ -104,12 +125,13 @@ def unclaim_intake(sp: Spool, claimed: Path, original: Path, held: int | None = 
         log.warning("left %s in tmp/ (%s); recovery returns it to %s", claimed.name, e.strerror or e, original.parent.name)
 
 
-def release_original(original: Path, held: int) -> None:
+def release_original(original: Path, held: int, signature: Signature | None) -> None:
     """A linked claim's task is queued (or rejected) and durable: its inbox name goes, if it is still the file
-    we took (an editor may have saved a new one over it: that is a new drop), and the lock with it."""
+    we took as we took it (an editor may have saved a new one over it, or written it in place: that is a new
+    drop, left for the next intake), and the lock with it."""
     try:
         st, now_there = os.fstat(held), os.lstat(original)
-        if (st.st_dev, st.st_ino) == (now_there.st_dev, now_there.st_ino):
+        if _same_file(st, now_there) and (st.st_size, st.st_mtime_ns) == signature:
             original.unlink()
     except FileNotFoundError:
         pass

@@ -174,9 +174,15 @@ def test_status_over_an_unchanged_counted_queue_lists_nothing_and_says_the_same(
     for field_ in ("counts", "next_start", "oldest_queued", "held_until"):
         assert getattr(kept, field_) == getattr(by_listing, field_), field_
     assert kept.counts["queued"] == 9 and kept.oldest_queued == spool.list_queued(sp).oldest_id()
-    (sp.dir("queued") / "not-a-task.txt").write_text("x")  # any change: listed again
+    name = spool.list_queued(sp).names[0]
+    conflict = name[:-3] + ".sync-conflict-20261207-101010-ABCDEFG.md"  # a sync tool's copy: any change lists again
+    (sp.dir("queued") / conflict).write_text("x")
     again = api.status(sp)
-    assert str(sp.dir("queued")) in listed and again.counts["queued"] == 9 and again.leftovers == kept.leftovers
+    assert str(sp.dir("queued")) in listed and again.counts["queued"] == 9 and len(again.leftovers) == 1
+    _quiet(sp.dir("queued"))
+    listed.clear()
+    for _ in range(2):  # a queue with other names in it is listed every time, so they are always reported
+        assert api.status(sp).leftovers == again.leftovers and str(sp.dir("queued")) in listed
 
 
 def test_a_dropped_directory_or_link_is_a_failed_task_every_view_shows(sp: spool.Spool, tmp_path: Path) -> None:
@@ -202,6 +208,7 @@ def test_a_dropped_directory_or_link_is_a_failed_task_every_view_shows(sp: spool
         ti, answer = api.result(sp, task_id)
         assert ti.state == "failed" and ti.error and ti.result_path and answer == ""
         assert ti.prompt is None and ti.path.endswith(".rejected")
+        assert spool.resolve_id(sp, task_id.split("-")[1]) == task_id  # its short name finds it too
         with pytest.raises(InvalidState, match="drop it again as a file"):
             api.retry(sp, task_id)
     assert secret.read_text().endswith("not for anyone\n")

@@ -313,16 +313,47 @@ def test_a_hard_link_to_a_file_elsewhere_is_still_refused_on_a_synced_spool(
     assert secret.read_text() == "not for a prompt\n"
 
 
-def test_a_new_save_over_a_file_being_taken_in_is_a_new_drop(sp: spool.Spool) -> None:
+@pytest.mark.parametrize("how", ["atomic", "in place"])
+def test_a_new_save_over_a_file_being_taken_in_is_a_new_drop(sp: spool.Spool, how: str) -> None:
+    """An editor saving while the file is queued (a rename over it, or nano and vim writing in place, which vim
+    does for a file with a second link): the new text is kept in the inbox, to be taken in next."""
     dropped = drop(sp, "q.md", "first version\n")
     _settled(dropped)
     linked = transitions.link_intake(sp, dropped, spool.new_id("q"))
     assert linked is not None
-    claimed, held = linked
-    drop(sp, "q.md", "second version\n")  # an editor's atomic save while the first is being queued
+    claimed, held, signature = linked
+    assert held is not None
+    if how == "atomic":
+        drop(sp, "q.md", "second version\n")
+    else:
+        with open(dropped, "a") as f:
+            f.write("second version\n")
     claimed.unlink()
-    transitions.release_original(dropped, held)
-    assert dropped.read_text() == "second version\n"
+    transitions.release_original(dropped, held, signature)
+    assert dropped.read_text().endswith("second version\n")
+    assert len(synced_scan(sp).queued) == 1 and not dropped.exists()
+
+
+def test_a_file_that_cannot_be_linked_is_taken_in_by_a_rename(sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fs.protected_hardlinks refuses a link to another user's file (root's, copied in with sudo): one such
+    file must not stop intake, nor leave any lock behind."""
+    import errno
+
+    inbox, link = str(sp.dir("inbox")), os.link
+
+    def refused(src: object, dst: object, **kwargs: object) -> None:
+        if str(src).startswith(inbox):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    for n in range(3):
+        _settled(drop(sp, f"q{n}.md", f"question {n}\n"))
+    monkeypatch.setattr(os, "link", refused)
+    fds = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+    report = synced_scan(sp)
+    assert len(report.queued) == 3 and report.failed == []
+    assert os.listdir(sp.dir("inbox")) == [] and os.listdir(sp.dir("tmp")) == []
+    assert len(os.listdir(f"/proc/{os.getpid()}/fd")) == fds  # no descriptor of a lock kept open
 
 
 def test_an_inbox_name_a_power_cut_brought_back_beside_its_running_task_is_dropped(sp: spool.Spool) -> None:
