@@ -375,14 +375,8 @@ def _linked_elsewhere(sp: Spool, t: Taken) -> bool:
         return False
     if t.held is None:
         return True
-    tmp = sp.dir("tmp")  # a dead daemon's link of the same file waits there for recovery
-    ours = 0
-    for n in os.listdir(tmp):
-        if n.startswith(spool.INTAKE_PREFIX):
-            with contextlib.suppress(OSError):
-                other = os.lstat(tmp / n)
-                ours += (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
-    return st.st_nlink > 1 + ours
+    # the inbox name, and ours and dead daemons' intake links (these wait in tmp/ for recovery)
+    return st.st_nlink > 1 + spool.links_in(sp.dir("tmp"), st, spool.INTAKE_PREFIX)
 
 
 def _kind(mode: int) -> str:

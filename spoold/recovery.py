@@ -6,7 +6,6 @@ Run by a daemon at start and every scan interval. Each step is a transition of i
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -155,17 +154,9 @@ def _still_in_inbox(sp: Spool, path: Path) -> bool:
     name is cut in the claim's)."""
     try:
         st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
-            return False
-        inbox = sp.dir("inbox")
-        for name in os.listdir(inbox):
-            with contextlib.suppress(OSError):
-                there = os.lstat(inbox / name)
-                if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
-                    return True
+        return stat.S_ISREG(st.st_mode) and st.st_nlink >= 2 and spool.links_in(sp.dir("inbox"), st) > 0
     except OSError:
         return False
-    return False
 
 
 def _remove(path: Path) -> None:

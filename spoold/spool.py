@@ -444,6 +444,20 @@ def _write_tmp(sp: Spool, data: bytes) -> Path:
     return tmp
 
 
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def links_in(directory: Path, st: os.stat_result, prefix: str = "") -> int:
+    """How many names in `directory` (starting with `prefix`) are links to the file `st` is of."""
+    found = 0
+    for name in os.listdir(directory):
+        if name.startswith(prefix):
+            with contextlib.suppress(OSError):
+                found += same_file(os.lstat(directory / name), st)
+    return found
+
+
 def stage(sp: Spool, data: bytes) -> Path:
     """A new file's bytes written into tmp/ (fsynced) ahead of time; write_new(staged=) puts it in place."""
     return _write_tmp(sp, data)

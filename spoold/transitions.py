@@ -82,7 +82,7 @@ def link_intake(sp: Spool, path: Path, task_id: str) -> tuple[Path, int | None, 
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held = os.fstat(fd)
-        if not _same_file(held, os.lstat(path)):
+        if not spool.same_file(held, os.lstat(path)):
             raise FileNotFoundError(path)  # taken and replaced while we waited for nothing: not this file
         dest = spool.intake_claim_path(sp, task_id, path.name)
         with contextlib.suppress(FileNotFoundError):
@@ -96,7 +96,7 @@ def link_intake(sp: Spool, path: Path, task_id: str) -> tuple[Path, int | None, 
             os.close(fd)
             moved = claim_intake(sp, path, task_id)
             return (moved, None, None) if moved is not None else None
-        if not _same_file(held, os.lstat(dest)):  # replaced between the check and the link: look again later
+        if not spool.same_file(held, os.lstat(dest)):  # replaced between the check and the link: look again later
             dest.unlink()
             raise FileNotFoundError(path)
     except (BlockingIOError, FileNotFoundError):  # another daemon of this host is taking it, or it went
@@ -107,10 +107,6 @@ def link_intake(sp: Spool, path: Path, task_id: str) -> tuple[Path, int | None, 
         raise
     now = os.fstat(fd)
     return dest, fd, (now.st_size, now.st_mtime_ns)
-
-
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def unclaim_intake(sp: Spool, claimed: Path, original: Path, held: int | None = None) -> None:
@@ -131,7 +127,7 @@ def release_original(original: Path, held: int, signature: Signature | None) -> 
     drop, left for the next intake), and the lock with it."""
     try:
         st, now_there = os.fstat(held), os.lstat(original)
-        if _same_file(st, now_there) and (st.st_size, st.st_mtime_ns) == signature:
+        if spool.same_file(st, now_there) and (st.st_size, st.st_mtime_ns) == signature:
             original.unlink()
     except FileNotFoundError:
         pass
