@@ -344,7 +344,7 @@ def _update_own(
     h.spend = {d: v for d, v in h.spend.items() if d >= month_start}
     h.durations = h.durations[-KEEP_DURATIONS:]
     if h.hold_until and h.hold_until <= now:
-        h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here, h.hold_person = None, None, None, False, False
+        _drop_hold(h)
     h.windows = {k: w for k, w in h.windows.items() if w.resets_at is None or w.resets_at > now}
     _write_host(sp, path, h)
 
@@ -584,16 +584,24 @@ def set_hold(sp: Spool, settings: Settings, until: float, reason: str,
 
 
 def clear_host_hold(sp: Spool, settings: Settings) -> bool:
-    """Lift this host's hold about its own CLI (a daemon started with one that works); True if there was one."""
+    """Lift this host's hold about its own CLI (a daemon started with one that works); True if there was one.
+    Read first: a daemon's start writes the ledger only when there is such a hold."""
+    own = _read_hosts(sp).get(host_file(sp).name)
+    if own is None or not own.hold_here or own.hold_until is None:
+        return False
     lifted = [False]
 
     def change(h: HostLedger, t: float) -> None:
         if h.hold_here and h.hold_until is not None:
-            h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here, h.hold_person = None, None, None, False, False
+            _drop_hold(h)
             lifted[0] = True
 
     _locked_update(sp, settings, change)
     return lifted[0]
+
+
+def _drop_hold(h: HostLedger) -> None:
+    h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here, h.hold_person = None, None, None, False, False
 
 
 def clear_hold(sp: Spool, settings: Settings) -> None:
