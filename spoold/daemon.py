@@ -410,7 +410,8 @@ class Daemon:
 
         def work() -> intake.IntakeReport:
             report = intake.scan(self.sp, default_model=settings.default_model, max_bytes=settings.max_bytes,
-                                 include_queued=True, limit=INTAKE_BATCH, settings=settings, mine=mine)
+                                 include_queued=True, limit=INTAKE_BATCH, settings=settings, mine=mine,
+                                 announce=self.watcher.expect)
             for action in recovery.recover(self.sp, max_attempts=settings.max_attempts, running_here=running_here,
                                            silent=self._silent if shared else None):
                 log.info("recovery: %s", action)
@@ -442,7 +443,8 @@ class Daemon:
         settings, mine = self.settings, (self._mine if self.hosts.view.shared else None)
         self._intaking = asyncio.ensure_future(asyncio.to_thread(
             intake.scan, self.sp, default_model=settings.default_model, max_bytes=settings.max_bytes,
-            include_queued=False, limit=INTAKE_BATCH if self.running else INTAKE_FIRST, settings=settings, mine=mine))
+            include_queued=False, limit=INTAKE_BATCH if self.running else INTAKE_FIRST, settings=settings, mine=mine,
+            announce=self.watcher.expect))
         self._intaking.add_done_callback(self._took_in)
 
     def _took_in(self, job: asyncio.Future[intake.IntakeReport]) -> None:

@@ -152,13 +152,14 @@ class IntakeReport:
 
 def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool = True,
          limit: int | None = None, settings: Settings | None = None,
-         mine: Callable[[str], bool] | None = None) -> IntakeReport:
+         mine: Callable[[str], bool] | None = None, announce: Callable[[str], None] | None = None) -> IntakeReport:
     """Take complete files from inbox/ (and, when asked, foreign files from queued/) into the queue.
 
     At most `limit` a call: a corpus of 100,000 dropped files is taken in batches, and the
     daemon starts tasks between them instead of after the last one. With `settings`, the names a
     task uses (profile, schema file, the task it continues) are checked too. With `mine` (a synced
-    spool), only the files this host owns are taken, each with an id every host would give it.
+    spool), only the files this host owns are taken, each with an id every host would give it. `announce` hears
+    each queued/ name just before it appears (the daemon's watcher: its own intake is no news).
     """
     report = IntakeReport([], [], [])
     for state in ("inbox", "queued") if include_queued else ("inbox",):
@@ -185,7 +186,8 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
                     os.close(t.held)
             raise
         if taken:
-            _queue_taken(sp, base, taken, report, default_model=default_model, max_bytes=max_bytes, settings=settings)
+            _queue_taken(sp, base, taken, report, default_model=default_model, max_bytes=max_bytes, settings=settings,
+                         announce=announce)
         if report.more:
             break
     return report
@@ -279,7 +281,8 @@ def _stable_id(sp: Spool, path: Path, name: str, st: os.stat_result) -> tuple[st
 
 
 def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport, *, default_model: str,
-                 max_bytes: int, settings: Settings | None = None) -> None:
+                 max_bytes: int, settings: Settings | None = None,
+                 announce: Callable[[str], None] | None = None) -> None:
     """Queue a scan's claimed entries with one fsync per directory for all of them, not per entry.
 
     Order: each queued copy is written into tmp/ (its bytes fsynced, invisible), then the claims are made
@@ -307,7 +310,7 @@ def _queue_taken(sp: Spool, base: Path, taken: list[Taken], report: IntakeReport
                     transitions.reject_intake(sp, t.claimed, t.task_id, t.name, verdict)
                     report.failed.append(t.task_id)
                 else:
-                    _accept(sp, t, verdict, staged.pop(id(t)), report)
+                    _accept(sp, t, verdict, staged.pop(id(t)), report, announce)
                     accepted.append(t)
                 settled.add(id(t))
                 done += 1
@@ -356,15 +359,21 @@ def _check(sp: Spool, t: Taken, *, default_model: str, max_bytes: int, settings:
     return task
 
 
-def _accept(sp: Spool, t: Taken, task: Task, staged: Path, report: IntakeReport) -> None:
+def _accept(sp: Spool, t: Taken, task: Task, staged: Path, report: IntakeReport,
+            announce: Callable[[str], None] | None = None) -> None:
     """Queue one checked task from its written copy (its claimed copy can go once queued/ is synced)."""
-    try:
+    def queue(staged: Path | None = None) -> None:
+        if announce is not None:
+            announce(spool.queued_path_for(sp, task.id, task.priority, task.not_before).name)
         transitions.accept_intake(sp, task, staged=staged)
+
+    try:
+        queue(staged)
     except FileExistsError:  # a synced spool: another host took the same file in first, or a different one
         if not transitions.same_queued(sp, task):
             task.id = spool.new_id(Path(t.name).stem)
             task.submitted_at = spool.id_time(task.id)
-            transitions.accept_intake(sp, task)
+            queue()
     report.queued.append(task.id)
 
 

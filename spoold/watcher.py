@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from watchfiles import Change
 
 log = logging.getLogger("spoold")
+MAX_EXPECTED = 10_000
 
 
 class Watcher:
@@ -28,15 +29,46 @@ class Watcher:
     `foreign_seen` counts the times a foreign tool wrote straight into queued/ (the daemon takes such a file
     in at once); only the watcher's thread writes it, so a reader that compares it with the count it saw last
     misses none.
+
+    `expect(name)` is told by this daemon's intake of each name it is about to link into queued/: the loop hears
+    of those from the intake itself, so their events are not news (one listing less a drop, and no second turn
+    beside the start it brings).
     """
 
     def __init__(self, sp: Spool, on_news: Callable[[bool], None]) -> None:
         self.sp = sp
         self.on_news = on_news
         self.foreign_seen = 0
+        self._expected: set[str] = set()  # added by the intake's thread, taken by the watcher's (set ops are atomic)
         self._owner = spool.owner_tag()
         self._probe = spool.watch_probe_path(sp)
         self._watching = asyncio.Event()
+
+    def expect(self, name: str) -> None:
+        if len(self._expected) >= MAX_EXPECTED:  # events the watcher never saw (an overflow): forget, news again
+            self._expected.clear()
+        self._expected.add(name)
+
+    def sort(self, changes: set[tuple[Change, str]]) -> tuple[bool, bool, bool]:
+        """One batch of events: (news, the probe seen, news outside inbox/)."""
+        from watchfiles import Change
+
+        sp, queued, inbox = self.sp, str(self.sp.dir("queued")), str(self.sp.dir("inbox"))
+        news = probed = elsewhere = False
+        settled = []  # our intake's copies claimed already (a batch is a set: its events come in any order)
+        for change, p in changes:
+            parent, name = os.path.split(p)
+            if name == self._probe.name:
+                probed = news = elsewhere = True
+            elif parent == queued and name in self._expected:  # our intake's own copy: linked, then its tmp/
+                if change == Change.deleted:  # name unlinked (an attribute change), then claimed
+                    settled.append(name)
+            elif is_news(sp, change, parent, name, self._owner):
+                news, elsewhere = True, elsewhere or parent != inbox
+                if parent == queued and not spool.parse_queued_name(name):
+                    self.foreign_seen += 1
+        self._expected.difference_update(settled)
+        return news, probed, elsewhere
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Watch until `stopping`, in a thread of our own on watchfiles' blocking `watch`: events are sorted
@@ -54,7 +86,7 @@ class Watcher:
     def _watch(self, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
         from watchfiles import watch  # lazy: `spoold submit` must not pay for the watcher
 
-        sp, queued, inbox = self.sp, str(self.sp.dir("queued")), str(self.sp.dir("inbox"))
+        sp = self.sp
         paths = [sp.dir("inbox"), sp.dir("queued"), sp.dir("running"), sp.root]
 
         def tell(fn: Callable[[], object]) -> bool:
@@ -67,15 +99,7 @@ class Watcher:
         try:
             for changes in watch(*paths, watch_filter=None, debounce=200, step=2, recursive=False, stop_event=stop,
                                  ignore_permission_denied=True, raise_interrupt=False):
-                news = probed = elsewhere = False
-                for change, p in changes:
-                    parent, name = os.path.split(p)
-                    if name == self._probe.name:
-                        probed = news = elsewhere = True
-                    elif is_news(sp, change, parent, name, self._owner):
-                        news, elsewhere = True, elsewhere or parent != inbox
-                        if parent == queued and not spool.parse_queued_name(name):
-                            self.foreign_seen += 1
+                news, probed, elsewhere = self.sort(changes)
                 if (probed and not tell(self._watching.set)) or (
                         news and not tell(functools.partial(self.on_news, not elsewhere))):
                     return
