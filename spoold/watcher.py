@@ -58,8 +58,8 @@ class Watcher:
         settled = []  # our intake's copies claimed already (a batch is a set: its events come in any order)
         for change, p in changes:
             parent, name = os.path.split(p)
-            if name == self._probe.name:
-                probed = news = elsewhere = True
+            if name == self._probe.name:  # the watcher is up: nothing changed for the queue (it ended the
+                probed = True  # first pass over a deep queue after one start, and cost its listing again)
             elif parent == queued and name in self._expected:  # our intake's own copy: linked, then its tmp/
                 if change == Change.deleted:  # name unlinked (an attribute change), then claimed
                     settled.append(name)

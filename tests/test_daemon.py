@@ -364,3 +364,30 @@ def test_the_first_dispatch_uses_the_full_scan_s_listing_of_an_unchanged_queue(s
     monkeypatch.setattr(transitions, "claim", noted_claim)
     _in_process(sp, lambda: wait_for(lambda: spool.find_finished(sp, task_id), what="the task done"))  # (no listing)
     assert at_first_claim[0] == 1, f"queued/ listed {at_first_claim[0]} times before the first claim"
+
+
+def test_one_listing_of_the_queue_serves_every_start_of_the_first_pass(sp, monkeypatch) -> None:
+    """Nothing the daemon does itself is news that ends a pass: not its watcher's start-up probe (over a million
+    queued tasks that cost a second 3 s listing right after the first start), not its own claims and runs."""
+    import os as os_mod
+
+    from spoold import transitions
+
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=100, scan_interval_s=60)
+    ids = [api.submit(sp, f"question {i}").id for i in range(6)]
+    queued, listings, at_claims = str(sp.dir("queued")), [], []
+    listdir, claim = os_mod.listdir, transitions.claim
+
+    def counted_listdir(path: object = ".") -> list[str]:
+        if str(path) == queued:
+            listings.append(1)
+        return listdir(path)  # type: ignore[arg-type]
+
+    def noted_claim(*args: object, **kwargs: object) -> object:
+        at_claims.append(len(listings))
+        return claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os_mod, "listdir", counted_listdir)
+    monkeypatch.setattr(transitions, "claim", noted_claim)
+    _in_process(sp, lambda: wait_for(lambda: all(spool.find_finished(sp, t) for t in ids), what="all done"))
+    assert at_claims[:6] == [1] * 6, f"queued/ listings before each claim: {at_claims}"
