@@ -53,6 +53,8 @@ INTAKE_FIRST = 16  # ... when nothing runs: the first task of a corpus starts af
 VIEW_REFRESH_S = 1.0  # how often the other hosts' heartbeats are read (a few small files)
 RUN_THREADS = 1024  # a thread per running task (started as needed): far above any sensible concurrency
 HELD_FOR_PERSON = 7  # `run --once` stopped behind a hold only a person ends (logged out, no credit, no CLI)
+LISTING_SHARE = 10  # a listing of queued/ serves at least ten times what it took: over a million queued tasks
+# (~3 s a listing here) a pass relisted every scan interval and spent a third of its time listing
 TIDY_S = 60.0  # how often a daemon on a synced spool removes sync tools' identical conflict copies
 
 
@@ -78,6 +80,7 @@ class Daemon:
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._last_scan = 0.0
         self._listed_at = 0.0  # when this dispatch pass listed queued/
+        self._listing_s = 0.0  # what the last listing of queued/ took (see _rescan_every)
         self._scanned: spool.QueuedListing | None = None  # queued/ as the last full scan listed it
         self._held_logged: str | None = None
         self._write_failures = 0
@@ -392,7 +395,7 @@ class Daemon:
         waits for that intake and runs before the claims, since recovery must see every claim made.
         """
         foreign, self._foreign_seen = self.watcher.foreign_seen != self._foreign_seen, self.watcher.foreign_seen
-        full = time.monotonic() - self._last_scan > self.settings.scan_interval_s or foreign
+        full = time.monotonic() - self._last_scan > self._rescan_every() or foreign
         if full:
             await self._intake_ended()
         self._raise_intake_error()
@@ -424,6 +427,8 @@ class Daemon:
         self.inbox_news.clear()
         report = await asyncio.to_thread(work)
         self._scanned = report.listing
+        if report.listing is not None:
+            self._listing_s = report.listing.seconds
         self._note(report)
         self._last_scan = time.monotonic()
         if report.more:
@@ -577,6 +582,7 @@ class Daemon:
             listing = scanned
         else:
             listing = spool.list_queued(self.sp)
+            self._listing_s = listing.seconds
         census.keep(self.sp, listing)
         return listing
 
@@ -641,11 +647,18 @@ class Daemon:
             return len(self.running)
         return len(self.running) - len(self._finishing)
 
+    def _rescan_every(self) -> float:
+        """Seconds between full scans (and so between a pass's listings of queued/): the scan interval, or ten
+        times what listing queued/ takes if that is longer. What changes the queue meanwhile comes as news
+        (a submit, a foreign file, another daemon's end); the periodic scan is for what the watcher missed, and
+        recovery of dead owners' tasks, which can wait that long."""
+        return max(self.settings.scan_interval_s, LISTING_SHARE * self._listing_s)
+
     def _until_rescan(self) -> float:
-        """How long this pass may keep its listing: a scan interval from the last scan, or from the listing
+        """How long this pass may keep its listing: a rescan interval from the last scan, or from the listing
         itself if that came later (a listing of a million names can take longer than the interval: counted
         from the scan, it ran out before its first slot freed, and every start cost a listing)."""
-        return self.settings.scan_interval_s - (time.monotonic() - max(self._last_scan, self._listed_at))
+        return self._rescan_every() - (time.monotonic() - max(self._last_scan, self._listed_at))
 
     async def _slot_freed(self) -> bool:
         """Wait, keeping this turn's listing, until one of our tasks frees a slot (True) or until anything

@@ -580,7 +580,7 @@ class QueuedListing(Sequence[QueuedEntry]):
     parsing every name cost ~0.35 s, sorting the names costs ~0.03 s.
     """
 
-    __slots__ = ("_entries", "_names", "_sorted", "stamp", "unparsed")
+    __slots__ = ("_entries", "_names", "_sorted", "seconds", "stamp", "unparsed")
 
     def __init__(self, names: list[str], unparsed: list[str] | None = None,
                  stamp: tuple[int, int, int] | None = None, *, ordered: bool = True) -> None:
@@ -588,6 +588,7 @@ class QueuedListing(Sequence[QueuedEntry]):
         self._sorted = ordered
         self.unparsed = unparsed or []  # the directory's other names: foreign files, sync tools' leftovers
         self.stamp = stamp  # queued/'s dir_stamp just before it was listed (see spoold.census)
+        self.seconds = 0.0  # what listing (and checking and sorting) the directory took
         self._entries: list[QueuedEntry | None] = [None] * len(names)
 
     @property
@@ -662,14 +663,17 @@ def list_queued(sp: Spool, trust: Callable[[tuple[int, int, int], int], bool] | 
     `trust(stamp, count)`: whether a count kept for this very state of queued/ (spoold.census) says that
     all `count` names listed are valid; then they are neither checked nor sorted (`status` over a million)."""
     qdir = sp.dir("queued")
+    began = time.monotonic()
     before = os.stat(qdir)
     listed = os.listdir(qdir)
     if trust is not None and trust(dir_stamp(before), len(listed)):
         return QueuedListing(listed, None, stamp=dir_stamp(before), ordered=False)
     names = [n for n in listed if is_queued_name(n)]
     names.sort()
-    return QueuedListing(names, sorted(set(listed) - set(names)) if len(names) != len(listed) else None,
-                         stamp=dir_stamp(before))
+    out = QueuedListing(names, sorted(set(listed) - set(names)) if len(names) != len(listed) else None,
+                        stamp=dir_stamp(before))
+    out.seconds = time.monotonic() - began
+    return out
 
 
 def dir_stamp(st: os.stat_result) -> tuple[int, int, int]:

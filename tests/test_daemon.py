@@ -391,3 +391,27 @@ def test_one_listing_of_the_queue_serves_every_start_of_the_first_pass(sp, monke
     monkeypatch.setattr(transitions, "claim", noted_claim)
     _in_process(sp, lambda: wait_for(lambda: all(spool.find_finished(sp, t) for t in ids), what="all done"))
     assert at_claims[:6] == [1] * 6, f"queued/ listings before each claim: {at_claims}"
+
+
+def test_a_listing_serves_ten_times_what_it_took_before_the_queue_is_listed_again(sp, monkeypatch) -> None:
+    """Over a deep queue the rescan interval grows with the listing (ten times what it takes): a million names
+    listed in ~3 s every 5 s scan interval left a third of the time to starts."""
+    import time as time_mod
+
+    write_config(sp, backend="command", command=ECHO_COMMAND, scan_interval_s=0.1, max_requests=100)
+    ids = [api.submit(sp, f"question {i}").id for i in range(12)]
+    listings, list_queued = [], spool.list_queued
+
+    def slow_listing(*args: object, **kwargs: object) -> spool.QueuedListing:
+        listings.append(time_mod.monotonic())
+        time_mod.sleep(0.2)  # a deep queue's listing (the condition under test, not a wait for an event)
+        out = list_queued(*args, **kwargs)  # type: ignore[arg-type]
+        out.seconds += 0.2
+        return out
+
+    monkeypatch.setattr(spool, "list_queued", slow_listing)
+    began = time_mod.monotonic()
+    _in_process(sp, lambda: wait_for(lambda: all(spool.locate(sp, t).state == "done" for t in ids), timeout=60,
+                                     what="all done"))
+    early = [t - began for t in listings if t - began < 1.9]  # within ten times the first listing (2 s)
+    assert len(early) <= 2, f"queued/ listed at {early} s (scan interval 0.1 s, a listing 0.2 s)"
