@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -32,11 +31,12 @@ class Finished:
 
 
 def finished(sp: Spool, states: tuple[str, ...] = spool.TERMINAL, since: datetime | None = None) -> Iterator[Finished]:
-    """Finished tasks (submitted since `since`), with their results where they have one."""
+    """Finished tasks (submitted since `since`), with their results where they have one; a dropped directory or
+    link (`failed/ID.rejected`) is one too, its result saying what to fix."""
     hosts = functools.cache(lambda: spool.known_hosts(sp))
     for state in states:
-        for path in spool.terminal_task_files(sp, state):
-            task_id = path.name[:-3]
+        for path in spool.terminal_task_files(sp, state, rejected=True):
+            task_id = spool.listed_id(path.name) or ""
             if not spool.ID_RE.match(task_id) or (since is not None and spool.id_time(task_id) < since):
                 continue
             rp = spool.answer_path(path.parent, task_id, hosts)
@@ -102,6 +102,7 @@ def _reason(error: str | None) -> str:
     if not error:
         return "no reason recorded"
     error = re.sub(r"^[^\s:`]+\.(?:md|markdown|txt): ", "", error)  # bad input says its file first: not the reason
+    error = re.sub(r"^'[^']*' is a ", "a dropped entry is a ", error)  # (a rejected directory or link, by name)
     text = re.sub(r"\d+(\.\d+)?", "N", error.split(":", 1)[0] if len(error) > 80 else error)
     return text[:80]
 
@@ -142,10 +143,7 @@ def prune(sp: Spool, older_than: datetime, states: tuple[str, ...] = spool.TERMI
                     staged = spool.move(path, spool.prune_path(sp, path), sync="none", sp=sp)
                 except FileNotFoundError:
                     continue
-                if path == records:
-                    shutil.rmtree(staged, ignore_errors=True)
-                else:
-                    staged.unlink(missing_ok=True)
+                spool.remove_pruned(staged)
         for d in {f.task_path.parent for f in old}:
             spool.fsync_dir(d, sp)
         for t in transcripts:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -117,7 +116,7 @@ def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]
     pruner = spool.parse_prune_name(name)
     if pruner is not None:  # a prune's intent is deletion: finish it once its process is gone
         if not owners.owner_alive(sp, pruner) or (ours_stray and pruner == spool.owner_tag()):
-            _remove(path)
+            spool.remove_pruned(path)
             return [f"finished pruning {name.partition('~')[2].partition('~')[2]}"]
         return []
     claim_parts = spool.parse_intake_claim(name)
@@ -158,10 +157,3 @@ def _still_in_inbox(sp: Spool, path: Path) -> bool:
     except OSError:
         return False
 
-
-def _remove(path: Path) -> None:
-    """A pruned file, or a pruned task's records directory."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -793,6 +793,21 @@ def prune_path(sp: Spool, file: Path) -> Path:
     return sp.dir("tmp") / f"{PRUNE_PREFIX}{owner_tag()}~{file.name}"
 
 
+def remove_pruned(path: Path) -> None:
+    """Delete what a prune staged: a file, a task's records directory, or a rejected entry (a directory,
+    whose links are removed, never followed; or a link, not its target)."""
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if is_dir:
+        import shutil  # (not at import: `spoold submit` never needs it)
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def parse_prune_name(name: str) -> str | None:
     """The owner of a prune staging name."""
     if not name.startswith(PRUNE_PREFIX):
@@ -1173,12 +1188,13 @@ def newest_terminal(sp: Spool, state: str, n: int | None) -> list[tuple[str, Pat
     return [(tid, Path(d) / name) for tid, d, name in picked if ID_RE.match(tid)]
 
 
-def terminal_task_files(sp: Spool, state: str, *, days: int | None = None) -> Iterator[Path]:
-    """Task files of a terminal state, newest partition first (`days`: only that many partitions)."""
+def terminal_task_files(sp: Spool, state: str, *, days: int | None = None, rejected: bool = False) -> Iterator[Path]:
+    """Task files of a terminal state, newest partition first (`days`: only that many partitions); with
+    `rejected`, the entries rejected as they were dropped (`ID.rejected`: never read or followed) too."""
     dirs = date_dirs(sp, state)
     for d in [*(dirs[:days] if days is not None else dirs), *([] if days is not None else [sp.dir(state)])]:
         for n in os.listdir(d) if d.is_dir() else []:
-            if is_task_file(n):
+            if is_task_file(n) or (rejected and n.endswith(REJECTED_SUFFIX)):
                 yield d / n
 
 

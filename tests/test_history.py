@@ -87,3 +87,33 @@ def test_bad_input_counts_by_its_reason_not_by_its_file_name() -> None:
     one = history._reason("evil.md: `notify` names targets of the spool's config.yaml; a task cannot add an address")
     two = history._reason("other.md: `notify` names targets of the spool's config.yaml; a task cannot add an address")
     assert one == two and one.startswith("`notify` names targets")
+
+
+def test_a_rejected_directory_or_link_is_counted_and_pruned_never_followed(sp: spool.Spool, tmp_path: Path) -> None:
+    """`failed/ID.rejected` (a dropped directory or link, kept as it came) is a failed task like any: stats count
+    it by its reason, prune removes it with its result; a link goes, never its target, nor a link's inside a
+    directory."""
+    from spoold import intake
+
+    target = tmp_path / "outside.txt"
+    target.write_text("the user's own file\n")
+    (sp.dir("inbox") / "folder").mkdir()
+    (sp.dir("inbox") / "folder" / "inner-link").symlink_to(target)
+    (sp.dir("inbox") / "link.md").symlink_to(target)
+    assert len(intake.scan(sp, default_model="sonnet", max_bytes=1024).failed) == 2
+    st = history.stats(sp)
+    assert st.tasks == 2 and st.failures == {"a dropped entry is a directory, not a file; spoold never follows or "
+                                             "reads it": 1, "a dropped entry is a symbolic link, not a file; spoold "
+                                             "never follows or reads it": 1}
+    assert history.prune(sp, datetime.now(UTC), ("done",)).task_ids == []  # not a state asked for
+    pruned = history.prune(sp, datetime.now(UTC) + timedelta(days=1))
+    assert len(pruned.task_ids) == 2 and os.listdir(sp.dir("failed")) == [] and os.listdir(sp.dir("tmp")) == []
+    assert target.read_text() == "the user's own file\n"
+
+
+def test_recovery_finishes_a_prune_of_a_rejected_directory(sp: spool.Spool) -> None:
+    staged = sp.dir("tmp") / f"prune~{spool.host_id()}-999999999~20260110T120000000Z-abcdef-x.rejected"
+    staged.mkdir()
+    (staged / "inside.md").write_text("x")
+    recovery.recover(sp, max_attempts=3)
+    assert not os.path.lexists(staged)
