@@ -224,6 +224,11 @@ def _read_hosts(sp: Spool) -> dict[str, HostLedger]:
     return hosts
 
 
+def _cleared_at(hosts: dict[str, HostLedger]) -> float:
+    """When a person last lifted every hold (`spoold config --clear-hold`, on any host): holds set before it end."""
+    return max((h.holds_cleared_at or 0.0 for h in hosts.values()), default=0.0)
+
+
 def read_usage(sp: Spool, now: float | None = None, hosts: dict[str, HostLedger] | None = None) -> Usage:
     """All hosts' ledgers joined: what admission and estimates read."""
     now = time.time() if now is None else now
@@ -233,7 +238,7 @@ def read_usage(sp: Spool, now: float | None = None, hosts: dict[str, HostLedger]
     durations: list[float] = []
     hold_until, hold_reason, hold_person = None, None, False
     windows: dict[str, WindowSeen] = {}
-    cleared = max((h.holds_cleared_at or 0.0 for _, h in hosts_), default=0.0)
+    cleared = _cleared_at(dict(hosts_))
     own = host_file(sp).name
     for name, h in hosts_:
         starts += h.starts
@@ -574,10 +579,16 @@ def forget_start(sp: Spool, settings: Settings, started: float) -> None:
 def set_hold(sp: Spool, settings: Settings, until: float, reason: str,
              windows: dict[str, WindowSeen] | None = None, *, this_host: bool = False, person: bool = False) -> None:
     """Hold all dispatch (every process reads it) until `until`; `this_host`: a hold about this machine (its
-    CLI cannot run), which holds this host's daemons alone; `person`: its cause is a person's to fix."""
+    CLI cannot run), which holds this host's daemons alone; `person`: its cause is a person's to fix.
+
+    A hold of this host alone never replaces a live hold of every host in the same file: that one holds this
+    host too, and the other hosts must keep seeing it (it comes back, if the CLI still cannot run, once it ends).
+    """
 
     def change(h: HostLedger, t: float) -> None:
-        h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here, h.hold_person = until, reason, t, this_host, person
+        if not (this_host and h.hold_until is not None and h.hold_until > t and not h.hold_here
+                and (h.hold_set_at or 0.0) > _cleared_at(_read_hosts(sp))):
+            h.hold_until, h.hold_reason, h.hold_set_at, h.hold_here, h.hold_person = until, reason, t, this_host, person
         h.windows.update(windows or {})
 
     _locked_update(sp, settings, change)
