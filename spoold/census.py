@@ -213,5 +213,8 @@ def finished(sp: Spool, state: str) -> list[tuple[Path, int, int, list[str]]]:
         out.append((d, int(counts[1]), int(counts[2]), list(counts[3])))
     if changed or set(fresh) != set(kept):
         _write(sp, _finished_cache(state), fresh)
+        if not kept:  # the first count in this form: the one before it (`STATE.json`, no rejected entries) goes
+            with contextlib.suppress(OSError):
+                spool.cache_path(sp, f"{state}.json").unlink(missing_ok=True)
     return out
 
