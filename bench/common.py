@@ -143,6 +143,12 @@ def count_results(root: Path, state: str = "done") -> int:
     return n
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds a process has used (utime + stime, every thread), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(current, peak) resident memory of a process in MB, from /proc."""
     cur = peak = float("nan")
