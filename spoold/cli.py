@@ -626,6 +626,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"{verb} {len(out.task_ids)} task{'s' if len(out.task_ids) != 1 else ''} submitted before "
           f"{cutoff.isoformat(timespec='seconds')} ({', '.join(states)}), and {len(out.transcripts)} CLI transcript"
           f"{'s' if len(out.transcripts) != 1 else ''} of their conversations")
+    if out.left:  # (a dropped directory holding another user's files): gone from every listing, not from disk
+        print(f"spoold: {len(out.left)} could not be deleted (not yours to delete?) and stay in tmp/: "
+              f"{', '.join(out.left[:3])}{' ...' if len(out.left) > 3 else ''}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -271,8 +271,8 @@ class Daemon:
                 self.request_stop()
                 return
             ends, now = self.hosts.handover_ends(self.settings), time.time()
-            if changed or looked < ends <= now:
-                self.wake.set()
+            if changed or looked < ends <= now:  # news: it ends a pass, whose listing may hold tasks now ours
+                self._news()
             looked = now
 
     def _mine(self, key: str) -> bool:
@@ -388,7 +388,7 @@ class Daemon:
             log.error("config not reloaded, keeping the previous one: %s", e)
 
     async def _intake_and_recover(self) -> bool:
-        """Take new files into the queue (and, every scan interval, recover) in a worker thread.
+        """Take new files into the queue (and, every rescan interval, recover) in a worker thread.
 
         The inbox alone is taken in beside this turn's claims and runs (`_start_intake`): a corpus being
         taken in, fsync by fsync, never holds up a start. A full scan (queued/'s foreign files, recovery)
@@ -468,8 +468,8 @@ class Daemon:
             self.fresh.set()
         if report.queued or report.failed or report.more:
             self.wake.set()
-        elif report.pending:  # a file still being written: look again soon, as a turn's timeout would
-            asyncio.get_running_loop().call_later(PENDING_RECHECK_S, self.wake.set)
+        elif report.pending:  # a file still being written (its close is no event): look again soon, as inbox
+            asyncio.get_running_loop().call_later(PENDING_RECHECK_S, self._news, True)  # news, which a pass hears
 
     async def _intake_ended(self) -> None:
         """Wait for the intake in flight, if any (its error, if it failed, is raised by `_raise_intake_error`)."""
@@ -513,10 +513,14 @@ class Daemon:
         view = self.hosts.view
         shared = view.shared
 
+        passed_over: list[float] = []  # the soonest not_before this pass went past: it ends the pass once due
+
         def due() -> Iterator[spool.QueuedEntry]:  # consumed across batches: each entry is tried once a turn
             for e in entries:
-                if (e.not_before is None or e.not_before.timestamp() <= time.time()) and (
-                        not shared or self._mine(e.task_id)):
+                if e.not_before is not None and (at := e.not_before.timestamp()) > time.time():
+                    if not passed_over or at < passed_over[0]:
+                        passed_over[:] = [at]
+                elif not shared or self._mine(e.task_id):
                     yield e
 
         candidates = due()
@@ -525,7 +529,7 @@ class Daemon:
                 return None, started
             free = settings.concurrency - self._busy()
             if free <= 0:
-                if not await self._slot_freed():
+                if not await self._slot_freed(passed_over[0] if passed_over else None):
                     return None, started  # a running task's end (ours or another daemon's) comes as news
                 continue
             claimed, gate = await asyncio.to_thread(  # (the loop's state read here, on the loop)
@@ -652,6 +656,8 @@ class Daemon:
         times what listing queued/ takes if that is longer. What changes the queue meanwhile comes as news
         (a submit, a foreign file, another daemon's end); the periodic scan is for what the watcher missed, and
         recovery of dead owners' tasks, which can wait that long."""
+        if not self.watcher.alive:  # nothing comes as news: the scan interval is all there is
+            return self.settings.scan_interval_s
         return max(self.settings.scan_interval_s, LISTING_SHARE * self._listing_s)
 
     def _until_rescan(self) -> float:
@@ -660,13 +666,24 @@ class Daemon:
         from the scan, it ran out before its first slot freed, and every start cost a listing)."""
         return self._rescan_every() - (time.monotonic() - max(self._last_scan, self._listed_at))
 
-    async def _slot_freed(self) -> bool:
+    def _pass_left(self, due_at: float | None) -> float:
+        """How long this pass may go on: until the next rescan, or until a task it passed over as not yet due
+        (`due_at`) is due, though not sooner than a scan interval from its listing (a deep queue is listed
+        again for it: at most once an interval, as before the rescan grew with the queue)."""
+        left = self._until_rescan()
+        if due_at is not None:
+            since_listed = time.monotonic() - self._listed_at
+            left = min(left, max(due_at - time.time(), self.settings.scan_interval_s - since_listed))
+        return left
+
+    async def _slot_freed(self, due_at: float | None = None) -> bool:
         """Wait, keeping this turn's listing, until one of our tasks frees a slot (True) or until anything
-        else may change what to start: news from the watcher, a stop, the next periodic scan (False).
+        else may change what to start: news from the watcher, a stop, the next periodic scan, a task passed
+        over becoming due (False).
 
         So a deep queue is listed once for many starts, not once per start.
         """
-        timeout = self._until_rescan()
+        timeout = self._pass_left(due_at)
         while self._busy() >= self.settings.concurrency:
             if self.news.is_set() or self.stopping.is_set() or timeout <= 0 or self._intake_error is not None:
                 return False
@@ -680,7 +697,7 @@ class Daemon:
             await asyncio.wait([*waits, *intaking], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
-            timeout = self._until_rescan()
+            timeout = self._pass_left(due_at)
         return not self.fresh.is_set()  # tasks were queued meanwhile: list again, in a new turn, to see them
 
     # ---- one task ----------------------------------------------------------------

@@ -102,7 +102,7 @@ def _reason(error: str | None) -> str:
     if not error:
         return "no reason recorded"
     error = re.sub(r"^[^\s:`]+\.(?:md|markdown|txt): ", "", error)  # bad input says its file first: not the reason
-    error = re.sub(r"^'[^']*' is a ", "a dropped entry is a ", error)  # (a rejected directory or link, by name)
+    error = re.sub(r"""^(?:'[^']*'|"[^"]*") is a """, "a dropped entry is a ", error)  # (a rejected directory or link, by name)
     text = re.sub(r"\d+(\.\d+)?", "N", error.split(":", 1)[0] if len(error) > 80 else error)
     return text[:80]
 
@@ -112,6 +112,7 @@ class Pruned:
     task_ids: list[str]
     transcripts: list[str]
     dry_run: bool
+    left: list[str] = field(default_factory=list)  # staged in tmp/ but not removable (not ours to delete)
 
 
 def prune(sp: Spool, older_than: datetime, states: tuple[str, ...] = spool.TERMINAL, *, dry_run: bool = False,
@@ -134,6 +135,7 @@ def prune(sp: Spool, older_than: datetime, states: tuple[str, ...] = spool.TERMI
     hosts = functools.cache(lambda: spool.known_hosts(sp))
     sessions = {f.result.session_id for f in old if f.result and f.result.session_id} - kept_sessions
     transcripts = _transcripts(sessions, claude_dir or _claude_dir())
+    left: list[str] = []
     if not dry_run:
         for f in old:
             records = spool.attempts_dir(sp, f.task_id)
@@ -143,12 +145,13 @@ def prune(sp: Spool, older_than: datetime, states: tuple[str, ...] = spool.TERMI
                     staged = spool.move(path, spool.prune_path(sp, path), sync="none", sp=sp)
                 except FileNotFoundError:
                     continue
-                spool.remove_pruned(staged)
+                if not spool.remove_pruned(staged):
+                    left.append(str(staged))
         for d in {f.task_path.parent for f in old}:
             spool.fsync_dir(d, sp)
         for t in transcripts:
             t.unlink(missing_ok=True)
-    return Pruned([f.task_id for f in old], [str(t) for t in transcripts], dry_run)
+    return Pruned([f.task_id for f in old], [str(t) for t in transcripts], dry_run, left)
 
 
 def _claude_dir() -> Path:

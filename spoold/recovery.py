@@ -115,10 +115,10 @@ def _recover_tmp(sp: Spool, name: str, *, ours_stray: bool = False) -> list[str]
     path = spool.tmp_path(sp, name)
     pruner = spool.parse_prune_name(name)
     if pruner is not None:  # a prune's intent is deletion: finish it once its process is gone
-        if not owners.owner_alive(sp, pruner) or (ours_stray and pruner == spool.owner_tag()):
-            spool.remove_pruned(path)
+        gone = not owners.owner_alive(sp, pruner) or (ours_stray and pruner == spool.owner_tag())
+        if gone and spool.remove_pruned(path):
             return [f"finished pruning {name.partition('~')[2].partition('~')[2]}"]
-        return []
+        return []  # (what cannot be removed, as another user's files, stays; `spoold prune` said so)
     claim_parts = spool.parse_intake_claim(name)
     if claim_parts is None:
         # A staged write that never became visible: nothing was promised. Writers such as

@@ -793,19 +793,29 @@ def prune_path(sp: Spool, file: Path) -> Path:
     return sp.dir("tmp") / f"{PRUNE_PREFIX}{owner_tag()}~{file.name}"
 
 
-def remove_pruned(path: Path) -> None:
+def remove_pruned(path: Path) -> bool:
     """Delete what a prune staged: a file, a task's records directory, or a rejected entry (a directory,
-    whose links are removed, never followed; or a link, not its target)."""
+    whose links are removed, never followed; or a link, not its target). True once it is gone.
+
+    A dropped directory may hold read-only directories (a copy from read-only media, a module cache): each
+    directory of the tree (never a link's target) is made writable by its owner first."""
     try:
         is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
     except FileNotFoundError:
-        return
+        return True
     if is_dir:
         import shutil  # (not at import: `spoold submit` never needs it)
 
+        for top, dirs, _ in os.walk(path):  # (os.walk never descends into a link to a directory)
+            for d in [top, *(os.path.join(top, n) for n in dirs)]:
+                with contextlib.suppress(OSError):
+                    if stat.S_ISDIR(os.lstat(d).st_mode):
+                        os.chmod(d, 0o700)
         shutil.rmtree(path, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+    return not os.path.lexists(path)
 
 
 def parse_prune_name(name: str) -> str | None:
@@ -1163,9 +1173,16 @@ def read_format(sp: Spool) -> int | None:
     return int(text)
 
 
+WATCH_PROBE_PREFIX = ".watch-probe-"
+
+
 def watch_probe_path(sp: Spool) -> Path:
     """`running/.watch-probe-OWNER`: a daemon touches it to learn that its watcher sees events."""
-    return sp.dir("running") / f".watch-probe-{owner_tag()}"
+    return sp.dir("running") / f"{WATCH_PROBE_PREFIX}{owner_tag()}"
+
+
+def is_watch_probe(name: str) -> bool:
+    return name.startswith(WATCH_PROBE_PREFIX)
 
 
 def is_task_file(name: str) -> bool:

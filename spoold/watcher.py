@@ -32,7 +32,8 @@ class Watcher:
 
     `expect(name)` is told by this daemon's intake of each name it is about to link into queued/: the loop hears
     of those from the intake itself, so their events are not news (one listing less a drop, and no second turn
-    beside the start it brings).
+    beside the start it brings). `alive`: the watcher answered its probe and has not stopped; while it is not,
+    the daemon relies on its scan interval alone.
     """
 
     def __init__(self, sp: Spool, on_news: Callable[[bool], None]) -> None:
@@ -43,6 +44,11 @@ class Watcher:
         self._owner = spool.owner_tag()
         self._probe = spool.watch_probe_path(sp)
         self._watching = asyncio.Event()
+        self._stopped = False
+
+    @property
+    def alive(self) -> bool:
+        return self._watching.is_set() and not self._stopped
 
     def expect(self, name: str) -> None:
         if len(self._expected) >= MAX_EXPECTED:  # events the watcher never saw (an overflow): forget, news again
@@ -55,19 +61,26 @@ class Watcher:
 
         sp, queued, inbox = self.sp, str(self.sp.dir("queued")), str(self.sp.dir("inbox"))
         news = probed = elsewhere = False
-        settled = []  # our intake's copies claimed already (a batch is a set: its events come in any order)
+        ours: dict[str, bool] = {}  # our intake's copies seen in this batch -> whether one of their events was a removal
         for change, p in changes:
             parent, name = os.path.split(p)
             if name == self._probe.name:  # the watcher is up: nothing changed for the queue (it ended the
                 probed = True  # first pass over a deep queue after one start, and cost its listing again)
-            elif parent == queued and name in self._expected:  # our intake's own copy: linked, then its tmp/
-                if change == Change.deleted:  # name unlinked (an attribute change), then claimed
-                    settled.append(name)
+            elif spool.is_watch_probe(name):
+                continue  # another daemon's probe, here or on a synced host
+            elif parent == queued and name in self._expected:  # our intake's own copy, linked (then claimed)
+                ours[name] = ours.get(name, False) or change == Change.deleted
             elif is_news(sp, change, parent, name, self._owner):
                 news, elsewhere = True, elsewhere or parent != inbox
                 if parent == queued and not spool.parse_queued_name(name):
                     self.foreign_seen += 1
-        self._expected.difference_update(settled)
+        for name, removed in ours.items():
+            self._expected.discard(name)
+            # A batch is a set: linked and claimed looks the same as claimed and put back under the same name (an
+            # unclaim), which is news. Our link always comes first, so a name removed in the batch yet still
+            # there was put back.
+            if removed and os.path.lexists(os.path.join(queued, name)):
+                news = elsewhere = True
         return news, probed, elsewhere
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -105,6 +118,8 @@ class Watcher:
                     return
         except Exception as e:  # the periodic scan goes on without us
             log.warning("the file watcher stopped (%s); relying on a scan every few seconds", e)
+        finally:
+            self._stopped = True
 
     async def ready(self, scan_interval_s: float, timeout_s: float = 5.0) -> None:
         """Touch a probe until the watcher reports it, so no drop falls between the first scan and the watch."""

@@ -136,7 +136,6 @@ def test_status_counts_a_finished_partition_once_until_it_changes(sp: spool.Spoo
     assert api.status(sp).counts["done"] == 4 and str(day) in listed
 
 
-
 def test_a_finished_count_kept_in_the_old_form_is_replaced_not_left_behind(sp: spool.Spool) -> None:
     """The counts of a terminal state moved to `STATE-2.json` when they began to count rejected entries: the
     first status after that removes `STATE.json` (a cache: the directory is the truth)."""
@@ -145,6 +144,7 @@ def test_a_finished_count_kept_in_the_old_form_is_replaced_not_left_behind(sp: s
     old.write_text('{"done": [[1, 2, 3], 7, 0, []]}')
     assert api.status(sp).counts["done"] == 0
     assert not old.exists() and spool.cache_path(sp, "done-2.json").exists()
+
 
 def test_status_over_a_counted_queue_neither_checks_nor_sorts_it_and_says_the_same(
         sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:

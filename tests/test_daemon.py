@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -415,3 +416,117 @@ def test_a_listing_serves_ten_times_what_it_took_before_the_queue_is_listed_agai
                                      what="all done"))
     early = [t - began for t in listings if t - began < 1.9]  # within ten times the first listing (2 s)
     assert len(early) <= 2, f"queued/ listed at {early} s (scan interval 0.1 s, a listing 0.2 s)"
+
+
+def _deep_listing(monkeypatch, extra_s: float) -> None:
+    """Listings of queued/ report `extra_s` more than they took, as over a deep queue: the rescan interval
+    becomes ten times that (a listing's cost, not a wait: nothing sleeps)."""
+    list_queued = spool.list_queued
+
+    def deep(*args: object, **kwargs: object) -> spool.QueuedListing:
+        out = list_queued(*args, **kwargs)  # type: ignore[arg-type]
+        out.seconds += extra_s
+        return out
+
+    monkeypatch.setattr(spool, "list_queued", deep)
+
+
+def test_without_a_watcher_a_deep_queue_is_rescanned_every_scan_interval(sp, tmp_path, monkeypatch) -> None:
+    """The rescan interval grows with the listing only while the watcher brings news: without one (inotify
+    watches exhausted), a cancel of the running task waited for the long interval."""
+    from spoold import watcher as watcher_mod
+
+    monkeypatch.setattr(watcher_mod.Watcher, "_watch", lambda self, loop, stop: None)  # as an inotify limit would
+    write_config(sp, backend="command", command=["sh", "-c", HOLD_UNTIL, str(tmp_path / "never")], concurrency=1,
+                 max_requests=100, scan_interval_s=0.3, grace_s=0.2)
+    first = api.submit(sp, "hold").id
+    api.submit(sp, "then me")
+    _deep_listing(monkeypatch, 2.0)  # a rescan every 20 s, were the watcher up
+    took: list[float] = []
+
+    def drive() -> None:
+        wait_for(lambda: spool.locate(sp, first).state == "running", what="the first running")
+        asked = time.monotonic()
+        api.cancel(sp, first)
+        wait_for(lambda: spool.locate(sp, first).state == "cancelled", timeout=30, what="the cancel carried out")
+        took.append(time.monotonic() - asked)
+
+    _in_process(sp, drive)
+    assert took[0] < 5.0, f"the cancel took {took[0]:.1f} s with a scan interval of 0.3 s"
+
+
+def test_a_drop_still_being_written_is_taken_in_soon_after_its_writer_closes_it(sp, tmp_path, monkeypatch) -> None:
+    """A writer's close is no filesystem event: the daemon looks again itself, as inbox news that a pass
+    waiting for a busy slot hears (it waited for the pass to end: up to the rescan interval)."""
+    write_config(sp, backend="command", command=["sh", "-c", HOLD_UNTIL, str(tmp_path / "go")], concurrency=1,
+                 max_requests=100, scan_interval_s=0.3)
+    first = api.submit(sp, "hold").id
+    api.submit(sp, "then me")
+    _deep_listing(monkeypatch, 2.0)
+    took: list[float] = []
+
+    def drive() -> None:
+        wait_for(lambda: spool.locate(sp, first).state == "running", what="the first running")
+        with open(sp.dir("inbox") / "late.md", "w") as f:  # open while the daemon looks: not yet complete
+            f.write("a late question\n")
+            f.flush()
+            wait_for(lambda: spool.locate(sp, first).state == "running", what="(still running)")
+            time.sleep(0.5)  # held open past a look or two (the condition under test)
+        closed = time.monotonic()
+        wait_for(lambda: not (sp.dir("inbox") / "late.md").exists(), timeout=30, what="the drop taken in")
+        took.append(time.monotonic() - closed)
+        (tmp_path / "go").touch()
+
+    _in_process(sp, drive)
+    assert took[0] < 2.0, f"taken in {took[0]:.1f} s after its writer closed it"
+
+
+def test_a_task_passed_over_as_not_yet_due_goes_first_once_due_in_a_long_pass(sp, tmp_path, monkeypatch) -> None:
+    """A pass over a deep queue lasts ten times its listing, going on down its listing as slots free: an urgent
+    task it passed over for its not_before must not wait behind the rest once it is due."""
+    from datetime import UTC, datetime, timedelta
+
+    order, go = tmp_path / "order", tmp_path / "go"
+    in_order = 'read p; echo "$p" >> "$1"; case "$p" in hold*) while [ ! -e "$0" ]; do sleep 0.01; done;; esac'
+    write_config(sp, backend="command", command=["sh", "-c", in_order, str(go), str(order)], concurrency=1,
+                 max_requests=100, scan_interval_s=0.3)
+    first = api.submit(sp, "hold").id
+    due_at = datetime.now(UTC) + timedelta(seconds=1.0)
+    timed = api.submit(sp, "urgent, when due", priority="urgent", not_before=due_at).id
+    api.submit(sp, "normal")
+    _deep_listing(monkeypatch, 2.0)
+
+    def drive() -> None:
+        wait_for(lambda: spool.locate(sp, first).state == "running", what="the first running")
+        wait_for(lambda: datetime.now(UTC) > due_at + timedelta(seconds=0.5), what="the urgent task due a while")
+        go.touch()
+        wait_for(lambda: spool.locate(sp, timed).state == "done", timeout=30, what="the urgent task done")
+        wait_for(lambda: len(order.read_text().split("\n")) > 3, what="all three run")
+
+    _in_process(sp, drive)
+    assert order.read_text().split() == ["hold", "urgent,", "when", "due", "normal"]
+
+
+def test_files_taken_in_from_the_inbox_bring_no_news_but_their_drop(sp, monkeypatch) -> None:
+    """The intake tells the watcher each queued/ name it links, so the only news of a drop is the drop itself:
+    its copy appearing in queued/ (and its claim) used to be news again, a second turn and listing of the queue."""
+    from spoold import watcher as watcher_mod
+
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=100)
+    batches, sort = [], watcher_mod.Watcher.sort
+
+    def noted_sort(self: watcher_mod.Watcher, changes: set) -> tuple[bool, bool, bool]:
+        out = sort(self, changes)
+        batches.append((out, sorted(os.path.relpath(p, sp.root) for _, p in changes)))
+        return out
+
+    monkeypatch.setattr(watcher_mod.Watcher, "sort", noted_sort)
+
+    def drive() -> None:
+        for i in range(3):
+            drop(sp, f"q{i}.md", f"question {i}\n")
+            wait_for(lambda: len(terminal_files(sp, "done")) == i + 1, what=f"task {i} done")
+
+    _in_process(sp, drive)
+    elsewhere = [paths for (news, _, outside), paths in batches if news and outside]
+    assert not elsewhere, f"news outside inbox/: {elsewhere}"

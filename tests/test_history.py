@@ -6,6 +6,8 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from spoold import history, recovery, spool, transitions
 from spoold.task import Result, Task
 
@@ -97,7 +99,9 @@ def test_a_rejected_directory_or_link_is_counted_and_pruned_never_followed(sp: s
 
     target = tmp_path / "outside.txt"
     target.write_text("the user's own file\n")
-    (sp.dir("inbox") / "folder").mkdir()
+    (sp.dir("inbox") / "folder" / "read-only").mkdir(parents=True)
+    (sp.dir("inbox") / "folder" / "read-only" / "a.go").write_text("package a\n")
+    (sp.dir("inbox") / "folder" / "read-only").chmod(0o555)  # a copy from read-only media
     (sp.dir("inbox") / "folder" / "inner-link").symlink_to(target)
     (sp.dir("inbox") / "link.md").symlink_to(target)
     assert len(intake.scan(sp, default_model="sonnet", max_bytes=1024).failed) == 2
@@ -111,9 +115,29 @@ def test_a_rejected_directory_or_link_is_counted_and_pruned_never_followed(sp: s
     assert target.read_text() == "the user's own file\n"
 
 
-def test_recovery_finishes_a_prune_of_a_rejected_directory(sp: spool.Spool) -> None:
+def test_recovery_finishes_a_prune_of_a_rejected_directory_and_says_so_only_once_it_is_gone(
+        sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
     staged = sp.dir("tmp") / f"prune~{spool.host_id()}-999999999~20260110T120000000Z-abcdef-x.rejected"
     staged.mkdir()
     (staged / "inside.md").write_text("x")
-    recovery.recover(sp, max_attempts=3)
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", lambda *a, **k: None)  # as for another user's files: it stays
+        assert recovery.recover(sp, max_attempts=3) == []
+    assert recovery.recover(sp, max_attempts=3) == ["finished pruning 20260110T120000000Z-abcdef-x.rejected"]
     assert not os.path.lexists(staged)
+
+
+def test_prune_says_what_it_could_not_delete(sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from spoold import intake
+
+    (sp.dir("inbox") / "folder").mkdir()
+    (sp.dir("inbox") / "folder" / "theirs.md").write_text("x")
+    intake.scan(sp, default_model="sonnet", max_bytes=1024)
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)
+    out = history.prune(sp, datetime.now(UTC) + timedelta(days=1))
+    assert len(out.task_ids) == 1 and len(out.left) == 1 and out.left[0].endswith(".rejected")
+    assert os.listdir(sp.dir("failed")) == []  # gone from every listing all the same

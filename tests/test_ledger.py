@@ -181,7 +181,6 @@ def test_a_hold_for_a_host_s_own_cli_holds_that_host_alone_and_ends_when_its_cli
     assert "hold_here" not in json.loads(ledger.host_file(sp).read_text())
 
 
-
 def test_a_host_s_own_cli_hold_never_replaces_a_live_hold_of_every_host(sp: spool.Spool) -> None:
     """A usage limit until its reset, then this host's CLI goes missing: the 60 s host hold must not take the
     account hold's place in the file (the other hosts would start, and meet the limit, at once)."""
@@ -193,6 +192,7 @@ def test_a_host_s_own_cli_hold_never_replaces_a_live_hold_of_every_host(sp: spoo
     ledger.clear_hold(sp, s)  # a person lifted it: now this host's own hold is recorded
     ledger.set_hold(sp, s, 4_100_000_000.0, "claude CLI not found ('claude')", this_host=True)
     assert json.loads(ledger.host_file(sp).read_text())["hold_here"] is True
+
 
 def _hammer(root: str, until: float, out: Any) -> None:
     """One competing process: take every slot it can until `until`."""
