@@ -343,39 +343,19 @@ def test_a_listing_slower_than_the_scan_interval_still_serves_many_starts(sp, mo
 def test_the_first_dispatch_uses_the_full_scan_s_listing_of_an_unchanged_queue(sp, monkeypatch) -> None:
     """A daemon's first turn lists queued/ for foreign files, then for its dispatch: over a million queued tasks
     each listing and its checks took ~3 s. While queued/ is as the scan saw it, one listing serves both."""
-    import os as os_mod
-
-    from spoold import transitions
-
     write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=100)
     task_id = api.submit(sp, "question").id
-    queued, listings, at_first_claim = str(sp.dir("queued")), [], []
-    listdir, claim = os_mod.listdir, transitions.claim
-
-    def counted_listdir(path: object = ".") -> list[str]:
-        if str(path) == queued:
-            listings.append(1)
-        return listdir(path)  # type: ignore[arg-type]
-
-    def noted_claim(*args: object, **kwargs: object) -> object:
-        at_first_claim.append(len(listings))
-        return claim(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os_mod, "listdir", counted_listdir)
-    monkeypatch.setattr(transitions, "claim", noted_claim)
+    at_first_claim = _listings_at_claims(sp, monkeypatch)
     _in_process(sp, lambda: wait_for(lambda: spool.find_finished(sp, task_id), what="the task done"))  # (no listing)
     assert at_first_claim[0] == 1, f"queued/ listed {at_first_claim[0]} times before the first claim"
 
 
-def test_one_listing_of_the_queue_serves_every_start_of_the_first_pass(sp, monkeypatch) -> None:
-    """Nothing the daemon does itself is news that ends a pass: not its watcher's start-up probe (over a million
-    queued tasks that cost a second 3 s listing right after the first start), not its own claims and runs."""
+def _listings_at_claims(sp: spool.Spool, monkeypatch) -> list[int]:
+    """How many times queued/ was listed before each claim (filled in as the daemon claims)."""
     import os as os_mod
 
     from spoold import transitions
 
-    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=100, scan_interval_s=60)
-    ids = [api.submit(sp, f"question {i}").id for i in range(6)]
     queued, listings, at_claims = str(sp.dir("queued")), [], []
     listdir, claim = os_mod.listdir, transitions.claim
 
@@ -390,6 +370,15 @@ def test_one_listing_of_the_queue_serves_every_start_of_the_first_pass(sp, monke
 
     monkeypatch.setattr(os_mod, "listdir", counted_listdir)
     monkeypatch.setattr(transitions, "claim", noted_claim)
+    return at_claims
+
+
+def test_one_listing_of_the_queue_serves_every_start_of_the_first_pass(sp, monkeypatch) -> None:
+    """Nothing the daemon does itself is news that ends a pass: not its watcher's start-up probe (over a million
+    queued tasks that cost a second 3 s listing right after the first start), not its own claims and runs."""
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=100, scan_interval_s=60)
+    ids = [api.submit(sp, f"question {i}").id for i in range(6)]
+    at_claims = _listings_at_claims(sp, monkeypatch)
     _in_process(sp, lambda: wait_for(lambda: all(spool.find_finished(sp, t) for t in ids), what="all done"))
     assert at_claims[:6] == [1] * 6, f"queued/ listings before each claim: {at_claims}"
 
