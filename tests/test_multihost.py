@@ -361,6 +361,14 @@ def test_unison_three_hosts_answer_once_each_and_a_killed_host_s_tasks_move(
         _assert_clean(h)
 
 
+def _but_transfers(directory: Path) -> list[str]:
+    """A directory's names but a sync tool's temp files: Syncthing keeps the part it pulled of a file deleted at
+    its source meanwhile (a queued task claimed on its host) for a day, to reuse; spoold never reads it."""
+    from spoold import leftovers
+
+    return [n for n in os.listdir(directory) if getattr(leftovers.classify(directory, n), "kind", None) != "temp"]
+
+
 @pytest.mark.timeout(900)
 def test_syncthing_crash_loop_over_a_synced_spool_loses_nothing(
         tmp_path: Path, hosts: Callable[..., Hosts], stress: bool) -> None:
@@ -391,6 +399,6 @@ def test_syncthing_crash_loop_over_a_synced_spool_loses_nothing(
         for i in range(N):
             ids = h.done_ids(i)
             assert len(ids) == len(set(ids)) == total
-            assert not list((h.folders[i] / "running").glob("*.md")) and not list((h.folders[i] / "queued").iterdir())
+            assert not list((h.folders[i] / "running").glob("*.md")) and not _but_transfers(h.folders[i] / "queued")
             assert all(api.answer_of(api.info_and_result(h.sp(i), t)[1]).startswith("answered by") for t in ids)
         _assert_clean(h)
