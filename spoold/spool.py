@@ -806,8 +806,10 @@ def remove_pruned(path: Path) -> bool:
     if is_dir:
         import shutil  # (not at import: `spoold submit` never needs it)
 
-        for top, dirs, _ in os.walk(path):  # (os.walk never descends into a link to a directory)
-            for d in [top, *(os.path.join(top, n) for n in dirs)]:
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700)
+        for top, dirs, _ in os.walk(path):  # each directory made listable before the walk goes into it (`dirs`
+            for d in (os.path.join(top, n) for n in dirs):  # holds links to directories too: never chmod'ed)
                 with contextlib.suppress(OSError):
                     if stat.S_ISDIR(os.lstat(d).st_mode):
                         os.chmod(d, 0o700)

@@ -66,8 +66,6 @@ class Watcher:
             parent, name = os.path.split(p)
             if name == self._probe.name:  # the watcher is up: nothing changed for the queue (it ended the
                 probed = True  # first pass over a deep queue after one start, and cost its listing again)
-            elif spool.is_watch_probe(name):
-                continue  # another daemon's probe, here or on a synced host
             elif parent == queued and name in self._expected:  # our intake's own copy, linked (then claimed)
                 ours[name] = ours.get(name, False) or change == Change.deleted
             elif is_news(sp, change, parent, name, self._owner):
@@ -148,6 +146,8 @@ def is_news(sp: Spool, change: Change, parent: str, name: str, owner: str) -> bo
     if parent == str(sp.dir("running")):
         if spool.parse_cancel_marker(name) is not None:
             return True
+        if spool.is_watch_probe(name):  # another daemon's, here or on a synced host: it frees no slot
+            return False
         if name.endswith(spool.PARTIAL_SUFFIX):  # an answer so far, written and removed by its task's owner:
             return False  # it frees no slot (its task file's move does), so a task's end costs no new listing
         entry = spool.parse_running_name(name)
