@@ -140,6 +140,14 @@ def is_settled(path: Path, st: os.stat_result, settle_s: float = DEFAULT_SETTLE_
     return time.time() - st.st_mtime >= settle_s
 
 
+def _in_flux(st: os.stat_result, *, synced: bool) -> bool:
+    """Whether a closed file is still being put in place: its inode changed within the settle time, and it has
+    a second link (a writer's link-then-unlink may be under way) or the spool is synced. A sync tool renames a
+    pulled file into place and only then sets its time (Syncthing does, in that order), and that time is part
+    of the id every host gives the file: taken in between, it would be a second task."""
+    return (st.st_nlink > 1 or synced) and time.time() - st.st_ctime < DEFAULT_SETTLE_S
+
+
 @dataclass
 class IntakeReport:
     queued: list[str]
@@ -229,8 +237,8 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     if present and locked_by_editor(path.parent, name, present, sp.local.reported):
         report.editing.append(name)
         return None
-    if regular and (not is_settled(path, st) or (st.st_nlink > 1 and time.time() - st.st_ctime < DEFAULT_SETTLE_S)):
-        report.pending.append(name)  # still being written, or a writer's link-then-unlink is under way
+    if regular and (not is_settled(path, st) or _in_flux(st, synced=stable)):
+        report.pending.append(name)  # still being written, or being put in place: look again soon
         return None
     task_id = spool.new_id(Path(name).stem)
     if stable and regular:

@@ -181,6 +181,16 @@ def drop(sp: Spool, name: str, content: str | bytes) -> Path:
     return dest
 
 
+@pytest.fixture
+def no_settle_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Intake leaves a closed file whose inode changed within a second (a second link, or any file on a synced
+    spool: a sync tool may not have set its time yet), counted from its ctime, which no test can set back: the
+    moment is made nothing."""
+    from spoold import intake
+
+    monkeypatch.setattr(intake, "DEFAULT_SETTLE_S", 0.0)
+
+
 @pytest.fixture(scope="session")
 def claude_bin() -> Path:
     """The pinned real Claude Code CLI, installed into a cache on first use (never skipped)."""

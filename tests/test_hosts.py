@@ -218,6 +218,7 @@ def test_strict_mode_holds_each_host_to_its_share_and_the_union_to_the_limit(sp:
     assert not ledger.gate(ledger.Usage(own, {}, [], None, None), shared, 0, now, own=own, members=3).waits
 
 
+@pytest.mark.usefixtures("no_settle_wait")
 def test_two_hosts_taking_in_the_same_dropped_file_make_the_same_task_byte_for_byte(tmp_path: Path) -> None:
     a, b = spool.open_spool(tmp_path / "a"), spool.open_spool(tmp_path / "b")
     for s in (a, b):
@@ -270,6 +271,7 @@ def test_the_examples_are_what_init_writes() -> None:
         assert (examples / name).read_text() == render(), f"examples/sync/{name} is stale: regenerate it"
 
 
+@pytest.mark.usefixtures("no_settle_wait")
 def test_a_re_dropped_finished_file_is_a_new_task_and_a_copy_already_queued_is_taken_as_is(sp: spool.Spool) -> None:
     def drop_same() -> intake.IntakeReport:
         p = sp.dir("inbox") / "weekly.md"
@@ -385,6 +387,7 @@ def test_a_claim_made_alone_then_taken_over_ends_without_an_error(sp: spool.Spoo
     assert spool.results_of(d, t.id)  # the answer is kept; the task file is the other host's to move
 
 
+@pytest.mark.usefixtures("no_settle_wait")
 def test_a_file_rejected_on_two_hosts_is_one_result(tmp_path: Path) -> None:
     """The other host's result for the same dropped file arrived before its task file: no stall, one result."""
     other, here = spool.open_spool(tmp_path / "other"), spool.open_spool(tmp_path / "here")
@@ -402,6 +405,7 @@ def test_a_file_rejected_on_two_hosts_is_one_result(tmp_path: Path) -> None:
     assert (here.dir("failed") / result).read_bytes() == (other.dir("failed") / result).read_bytes()
 
 
+@pytest.mark.usefixtures("no_settle_wait")
 def test_a_late_copy_of_a_dropped_file_already_answered_elsewhere_is_not_a_new_task(tmp_path: Path) -> None:
     """The sync tool brought the other host's finished task before its deletion of the dropped file."""
     other, here = spool.open_spool(tmp_path / "other"), spool.open_spool(tmp_path / "here")
