@@ -213,6 +213,16 @@ def _all_done(h: Hosts, i: int, total: int) -> bool:
     return len(h.done_ids(i)) >= total and sum(h.results(i).values()) >= total
 
 
+def _once_each(ends: Counter[str], total: int) -> str:
+    """What is wrong when tasks were not answered once each: ids ended twice, and drops that became two tasks."""
+    by_drop: dict[str, list[str]] = {}
+    for task in ends:
+        by_drop.setdefault(task.split("-", 2)[-1], []).append(task)
+    twice = {t: n for t, n in ends.items() if n != 1}
+    split = {d: ids for d, ids in by_drop.items() if len(ids) > 1}
+    return f"{len(ends)} tasks ended for {total} drops; ended more than once: {twice}; one drop, several ids: {split}"
+
+
 def _assert_clean(h: Hosts) -> None:
     for i in range(N):
         assert conflict_copies(h.folders[i]) == [], f"host {i} has conflict copies"
@@ -234,7 +244,7 @@ def test_syncthing_three_hosts_answer_tasks_dropped_everywhere_once_each(tmp_pat
         h.stop_all()
         cluster.wait_synced(60, skip=_local)
         ends = h.ends()
-        assert len(ends) == total and set(ends.values()) == {1}, ends  # each answered exactly once
+        assert len(ends) == total and set(ends.values()) == {1}, _once_each(ends, total)  # each answered once
         by = Counter(host for rows in h.runs_by_task().values() for _, what, host in rows if what == "end")
         assert len(by) == N, by  # every host did a share of the work
         for i in range(N):
@@ -261,7 +271,7 @@ def test_syncthing_a_killed_host_s_tasks_are_answered_by_the_others_after_the_le
         for i in set(range(N)) - {victim}:
             wait_for(lambda i=i: _all_done(h, i, total), 120, f"{total} tasks done on host {i}")
         ends = h.ends()
-        assert len(ends) == total and set(ends.values()) == {1}, ends
+        assert len(ends) == total and set(ends.values()) == {1}, _once_each(ends, total)
         cut_short = [t for t in started_there if not any(w == "end" and x == h.ids[victim]
                                                          for _, w, x in h.runs_by_task()[t])]
         assert cut_short, "the kill cut no run short"
@@ -353,7 +363,7 @@ def test_unison_three_hosts_answer_once_each_and_a_killed_host_s_tasks_move(
         for i in set(range(N)) - {victim}:
             wait_for(lambda i=i: _all_done(h, i, total), 120, f"{total} tasks done on host {i}")
         ends = h.ends()
-        assert len(ends) == total and set(ends.values()) == {1}, ends
+        assert len(ends) == total and set(ends.values()) == {1}, _once_each(ends, total)
         h.stop_all()
         loop.wait_synced(90, skip=_local)  # (a cold CI run under full load needed more than 60 s)
         for i in range(N):
