@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from spoold import api, spool, syncrules
+from spoold import api, leftovers, spool, syncrules
 from spoold.task import parse_result
 from tests.conftest import DaemonProc, drop, wait_for
 from tests.sync_engines import conflict_copies, start_syncthing, start_unison
@@ -164,8 +164,16 @@ def admitted(sp: spool.Spool) -> list[float]:
     return out
 
 
+def _sync_temp(name: str) -> bool:
+    """A sync tool's own temp file or directory: it never carries one to another host, and spoold never reads one."""
+    return getattr(leftovers.classify(Path(), name), "kind", None) == "temp"
+
+
 def _local(rel: str) -> bool:
-    return syncrules.is_local(rel) or rel == "spoold.log"
+    """What stays on one host: spoold's local paths, its log, and sync tools' temp files (Unison leaves its temp
+    copy of a directory when another of its passes created that directory first, "Destination updated during
+    synchronization", and copies the files one by one at its next pass)."""
+    return syncrules.is_local(rel) or rel == "spoold.log" or any(_sync_temp(part) for part in rel.split("/"))
 
 
 @pytest.fixture
@@ -374,9 +382,7 @@ def test_unison_three_hosts_answer_once_each_and_a_killed_host_s_tasks_move(
 def _but_transfers(directory: Path) -> list[str]:
     """A directory's names but a sync tool's temp files: Syncthing keeps the part it pulled of a file deleted at
     its source meanwhile (a queued task claimed on its host) for a day, to reuse; spoold never reads it."""
-    from spoold import leftovers
-
-    return [n for n in os.listdir(directory) if getattr(leftovers.classify(directory, n), "kind", None) != "temp"]
+    return [n for n in os.listdir(directory) if not _sync_temp(n)]
 
 
 @pytest.mark.timeout(900)
