@@ -48,6 +48,7 @@ from spoold.watcher import Watcher
 
 log = logging.getLogger("spoold")
 PENDING_RECHECK_S = 0.05
+ONCE_PENDING_S = 3.0  # `run --once` waits this long for a file still being written or put in place
 INTAKE_BATCH = 256  # files taken in per turn: a dropped corpus starts running while it is still taken in
 INTAKE_FIRST = 16  # ... when nothing runs: the first task of a corpus starts after 16 fsyncs, not 256
 VIEW_REFRESH_S = 1.0  # how often the other hosts' heartbeats are read (a few small files)
@@ -91,6 +92,9 @@ class Daemon:
         self.slot_freed = asyncio.Event()
         self._more_intake = False  # the last intake stopped at its batch limit
         self._pending = False  # the last intake saw files not yet complete: look again soon
+        self._pending_since: float | None = None  # (monotonic) since when intakes have seen such files
+        self._queued_waiting = False  # the last full scan saw a foreign file in queued/ not yet complete
+        self._recheck_queued = False  # ... and its time to look again came: the next scan is a full one
         self._intaking: asyncio.Future[intake.IntakeReport] | None = None  # the inbox taken in, in a thread
         self._intake_error: BaseException | None = None  # what stopped it, raised in the next turn
         self.watcher = Watcher(sp, self._news)
@@ -340,8 +344,10 @@ class Daemon:
 
     async def _drained(self, wait_until: float | None) -> bool:
         """--once ends when no queued task can start now: the queue is empty, or it waits on the limit."""
-        if self._intaking is not None or self._more_intake:
+        if self._intaking is not None or self._more_intake or self._recheck_queued:
             return False
+        if self._pending_since is not None and time.monotonic() - self._pending_since < ONCE_PENDING_S:
+            return False  # a file being written or put in place (a synced one: for a second): taken in this run
         if wait_until is not None:
             usage = await asyncio.to_thread(ledger.read_usage, self.sp)
             if usage.hold_person and usage.hold_until is not None:  # cron must hear of it: nothing ends it alone
@@ -395,7 +401,7 @@ class Daemon:
         waits for that intake and runs before the claims, since recovery must see every claim made.
         """
         foreign, self._foreign_seen = self.watcher.foreign_seen != self._foreign_seen, self.watcher.foreign_seen
-        full = time.monotonic() - self._last_scan > self._rescan_every() or foreign
+        full = time.monotonic() - self._last_scan > self._rescan_every() or foreign or self._recheck_queued
         if full:
             await self._intake_ended()
         self._raise_intake_error()
@@ -425,19 +431,30 @@ class Daemon:
             return report
 
         self.inbox_news.clear()
+        self._recheck_queued = False
         report = await asyncio.to_thread(work)
         self._scanned = report.listing
+        self._queued_waiting = report.pending_queued
         if report.listing is not None:
             self._listing_s = report.listing.seconds
         self._note(report)
         self._last_scan = time.monotonic()
+        if report.pending_queued:  # only a full scan looks at queued/ again; a listing serves ten times its time
+            asyncio.get_running_loop().call_later(max(PENDING_RECHECK_S, LISTING_SHARE * self._listing_s),
+                                                  self._queued_recheck)
         if report.more:
             self._start_intake()
         return self._pending
 
+    def _queued_recheck(self) -> None:
+        self._recheck_queued = True
+        self._news()
+
     def _note(self, report: intake.IntakeReport) -> None:
         """What an intake leaves for the next: more files past its batch, or files not yet complete."""
         self._more_intake, self._pending = report.more, bool(report.pending or report.more)
+        waiting = report.pending or self._queued_waiting  # (an inbox intake does not look at queued/)
+        self._pending_since = (self._pending_since or time.monotonic()) if waiting else None
 
     def _start_intake(self) -> None:
         """Take a batch of dropped files in, in a worker thread, unless a batch is being taken in already (the

@@ -37,7 +37,7 @@ IGNORE_PATTERNS = (
     r"^(Thumbs\.db|desktop\.ini|Icon\r)$",
 )
 _IGNORE_RE = re.compile("|".join(IGNORE_PATTERNS), re.IGNORECASE)
-DEFAULT_SETTLE_S = 1.0  # quiet time when the kernel cannot tell us whether a writer is open
+DEFAULT_SETTLE_S = 1.0  # quiet time: with no way to tell whether a writer is open, or after an inode changed
 
 # What an editor leaves beside a file it still has open: while one exists, the file is a draft (vim's
 # first `:w` must not become a task of its own). `{}` is the file's name. Neovim keeps its swap files
@@ -156,6 +156,7 @@ class IntakeReport:
     more: bool = False  # stopped at the batch limit: more files wait
     editing: list[str] = field(default_factory=list)  # open in an editor: taken once its lock or swap file goes
     listing: spool.QueuedListing | None = None  # queued/ as this scan listed it (the dispatch may reuse it)
+    pending_queued: bool = False  # a foreign file in queued/ is among the pending (only a full scan looks there)
 
 
 def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool = True,
@@ -180,6 +181,7 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
             present = set(listing)
         names = [n for n in listing if mine is None or mine(f"{state}/{n}")]
         taken: list[Taken] = []
+        waiting = len(report.pending)
         try:
             for n in names:
                 if limit is not None and len(report.queued) + len(report.failed) + len(taken) >= limit:
@@ -193,6 +195,8 @@ def scan(sp: Spool, *, default_model: str, max_bytes: int, include_queued: bool 
                 if t.held is not None:
                     os.close(t.held)
             raise
+        if state == "queued" and len(report.pending) > waiting:
+            report.pending_queued = True
         if taken:
             _queue_taken(sp, base, taken, report, default_model=default_model, max_bytes=max_bytes, settings=settings,
                          announce=announce)
@@ -237,7 +241,7 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     if present and locked_by_editor(path.parent, name, present, sp.local.reported):
         report.editing.append(name)
         return None
-    if regular and (not is_settled(path, st) or _in_flux(st, synced=stable)):
+    if regular and (_in_flux(st, synced=stable) or not is_settled(path, st)):  # (the cheap look first)
         report.pending.append(name)  # still being written, or being put in place: look again soon
         return None
     task_id = spool.new_id(Path(name).stem)
@@ -252,6 +256,11 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     if stable and regular:  # a synced spool: the inbox name stays (for every host) until the task is queued
         linked = transitions.link_intake(sp, path, task_id)
         claimed, held, signature = linked if linked else (None, None, None)
+        if claimed is not None and held is not None and signature != (st.st_size, st.st_mtime_ns):
+            transitions.unclaim_intake(sp, claimed, path, held)  # it changed since its id was made: look again
+            os.close(held)
+            report.pending.append(name)
+            return None
     else:
         claimed = transitions.claim_intake(sp, path, task_id)
     if claimed is None:

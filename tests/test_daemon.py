@@ -519,3 +519,35 @@ def test_files_taken_in_from_the_inbox_bring_no_news_but_their_drop(sp, monkeypa
     _in_process(sp, drive)
     elsewhere = [paths for (news, _, outside), paths in batches if news and outside]
     assert not elsewhere, f"news outside inbox/: {elsewhere}"
+
+
+def test_a_file_written_straight_into_queued_is_taken_in_soon_after_its_writer_closes_it(sp) -> None:
+    """Only a full scan looks at queued/: a foreign file seen there still being written (or, on a synced spool,
+    just put in place) is looked at again by a full scan soon, not at the next scan interval."""
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=100, scan_interval_s=30)
+    took: list[float] = []
+
+    def drive() -> None:
+        with open(sp.dir("queued") / "foreign.md", "w") as f:  # open while the daemon looks: not yet complete
+            f.write("a question from a foreign tool\n")
+            f.flush()
+            time.sleep(0.5)  # held open past the full scan the watcher's event brings (the condition under test)
+        closed = time.monotonic()
+        wait_for(lambda: len(terminal_files(sp, "done")) == 1, timeout=40, what="the foreign file's task done")
+        took.append(time.monotonic() - closed)
+
+    _in_process(sp, drive)
+    assert took[0] < 5.0, f"taken in {took[0]:.1f} s after its writer closed it, with a scan interval of 30 s"
+
+
+def test_run_once_takes_in_a_drop_still_being_written_when_it_starts(sp, daemon) -> None:
+    """`run --once` from cron right after a drop (or a sync tool's arrival) must not end before the file is
+    complete and leave it for the next run."""
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=100)
+    with open(sp.dir("inbox") / "late.md", "w") as f:
+        f.write("a late question\n")
+        f.flush()
+        d = daemon(sp, args=["--once"])  # (returns once it serves)
+        time.sleep(0.5)  # held open past its first look (the condition under test)
+    assert d.proc.wait(30) == 0
+    assert len(terminal_files(sp, "done")) == 1 and os.listdir(sp.dir("inbox")) == []

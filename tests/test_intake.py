@@ -229,6 +229,27 @@ def test_a_synced_file_is_taken_only_once_the_sync_tool_has_set_its_time(sp: spo
     assert os.listdir(sp.dir("inbox")) == [] and synced_scan(sp).queued == []
 
 
+@pytest.mark.usefixtures("no_settle_wait")
+def test_a_synced_file_whose_time_changes_as_it_is_linked_is_left_for_the_next_look(
+        sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its id was made from the time it had when looked at: taken with it, that id would be no other host's."""
+    dropped = drop(sp, "q.md", "a question\n")
+    os.utime(dropped, (1_700_000_000, 1_700_000_000))
+    link = transitions.link_intake
+
+    def time_set_meanwhile(sp_: spool.Spool, path: Path, task_id: str) -> object:
+        os.utime(path, (1_700_000_100, 1_700_000_100))  # the sync tool's Chtimes, between our look and our link
+        monkeypatch.setattr(transitions, "link_intake", link)
+        return link(sp_, path, task_id)
+
+    monkeypatch.setattr(transitions, "link_intake", time_set_meanwhile)
+    report = synced_scan(sp)
+    assert report.pending == ["q.md"] and report.queued == [] and os.listdir(sp.dir("tmp")) == []
+    assert os.stat(dropped).st_nlink == 1 and len(spool.list_queued(sp)) == 0
+    again = synced_scan(sp)
+    assert len(again.queued) == 1 and again.queued[0].startswith("20231114T221500000Z-") and not dropped.exists()
+
+
 KILLED_MID_INTAKE = """
 import os, sys, time
 from spoold import intake, spool, transitions
