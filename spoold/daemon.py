@@ -95,6 +95,8 @@ class Daemon:
         self._pending_since: float | None = None  # (monotonic) since when intakes have seen such files
         self._queued_waiting = False  # the last full scan saw a foreign file in queued/ not yet complete
         self._recheck_queued = False  # ... and its time to look again came: the next scan is a full one
+        self._queued_timer: asyncio.TimerHandle | None = None  # the one such look scheduled
+        self._queued_rechecks = 0  # full scans in a row that found it still pending (they back off)
         self._intaking: asyncio.Future[intake.IntakeReport] | None = None  # the inbox taken in, in a thread
         self._intake_error: BaseException | None = None  # what stopped it, raised in the next turn
         self.watcher = Watcher(sp, self._news)
@@ -344,7 +346,7 @@ class Daemon:
 
     async def _drained(self, wait_until: float | None) -> bool:
         """--once ends when no queued task can start now: the queue is empty, or it waits on the limit."""
-        if self._intaking is not None or self._more_intake or self._recheck_queued:
+        if self._intaking is not None or self._more_intake:
             return False
         if self._pending_since is not None and time.monotonic() - self._pending_since < ONCE_PENDING_S:
             return False  # a file being written or put in place (a synced one: for a second): taken in this run
@@ -434,19 +436,31 @@ class Daemon:
         self._recheck_queued = False
         report = await asyncio.to_thread(work)
         self._scanned = report.listing
-        self._queued_waiting = report.pending_queued
-        if report.listing is not None:
-            self._listing_s = report.listing.seconds
+        if report.listing is not None:  # (a scan stopped at its batch limit in inbox/ did not look at queued/)
+            self._listing_s, self._queued_waiting = report.listing.seconds, report.pending_queued
         self._note(report)
         self._last_scan = time.monotonic()
-        if report.pending_queued:  # only a full scan looks at queued/ again; a listing serves ten times its time
-            asyncio.get_running_loop().call_later(max(PENDING_RECHECK_S, LISTING_SHARE * self._listing_s),
-                                                  self._queued_recheck)
+        self._schedule_queued_recheck()
         if report.more:
             self._start_intake()
         return self._pending
 
+    def _schedule_queued_recheck(self) -> None:
+        """Only a full scan looks at queued/: one is scheduled for a foreign file there not yet complete, sooner
+        the first times (a sync tool's arrival settles in a second), then backing off to the rescan interval (a
+        writer holding it open for hours); a listing still serves ten times what it took."""
+        if not self._queued_waiting:
+            self._queued_rechecks = 0
+            return
+        if self._queued_timer is not None:
+            return
+        self._queued_rechecks += 1
+        delay = max(LISTING_SHARE * self._listing_s,
+                    backoff(self._queued_rechecks, PENDING_RECHECK_S, self._rescan_every()))
+        self._queued_timer = asyncio.get_running_loop().call_later(delay, self._queued_recheck)
+
     def _queued_recheck(self) -> None:
+        self._queued_timer = None
         self._recheck_queued = True
         self._news()
 

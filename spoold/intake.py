@@ -256,9 +256,10 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
     if stable and regular:  # a synced spool: the inbox name stays (for every host) until the task is queued
         linked = transitions.link_intake(sp, path, task_id)
         claimed, held, signature = linked if linked else (None, None, None)
-        if claimed is not None and held is not None and signature != (st.st_size, st.st_mtime_ns):
-            transitions.unclaim_intake(sp, claimed, path, held)  # it changed since its id was made: look again
-            os.close(held)
+        if claimed is not None and _changed_since(claimed, held, signature, st):
+            transitions.unclaim_intake(sp, claimed, path, held)  # its id was made from what it was: look again
+            if held is not None:
+                os.close(held)
             report.pending.append(name)
             return None
     else:
@@ -267,6 +268,19 @@ def take_one(sp: Spool, path: Path, report: IntakeReport, present: set[str] | No
         return None  # another daemon took it first
     shown = os.fsencode(name).decode("utf-8", "replace")  # a name that is not UTF-8 still gets a readable source
     return Taken(claimed, path, task_id, shown, st.st_mode, held, signature)
+
+
+def _changed_since(claimed: Path, held: int | None, signature: transitions.Signature | None,
+                   st: os.stat_result) -> bool:
+    """Whether a synced file's size or time changed between the look its id was made from and its claim (a link,
+    whose signature was taken after linking; or, where no link could be made, a rename)."""
+    if held is None:
+        try:
+            moved = os.lstat(claimed)
+        except OSError:
+            return False
+        signature = (moved.st_size, moved.st_mtime_ns)
+    return signature != (st.st_size, st.st_mtime_ns)
 
 
 def _stable_id(sp: Spool, path: Path, name: str, st: os.stat_result) -> tuple[str | None, bool]:

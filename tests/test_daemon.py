@@ -551,3 +551,33 @@ def test_run_once_takes_in_a_drop_still_being_written_when_it_starts(sp, daemon)
         time.sleep(0.5)  # held open past its first look (the condition under test)
     assert d.proc.wait(30) == 0
     assert len(terminal_files(sp, "done")) == 1 and os.listdir(sp.dir("inbox")) == []
+
+
+def test_a_foreign_file_held_open_in_queued_costs_a_few_full_scans_not_a_growing_stream(sp, monkeypatch) -> None:
+    """Each full scan that finds it pending must not schedule a look of its own beside the one waiting (every
+    watcher event of its writer started another chain: 10, 20, 29 ... full scans each half second)."""
+    from spoold import intake as intake_mod
+
+    write_config(sp, backend="command", command=ECHO_COMMAND, max_requests=100, scan_interval_s=30)
+    full_scans: list[float] = []
+    scan = intake_mod.scan
+
+    def counted(*args: object, **kwargs: object) -> intake_mod.IntakeReport:
+        if kwargs.get("include_queued"):
+            full_scans.append(time.monotonic())
+        return scan(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake_mod, "scan", counted)
+
+    def drive() -> None:
+        with open(sp.dir("queued") / "foreign.md", "w") as f:  # a writer that keeps it open, appending
+            for i in range(6):
+                f.write(f"line {i}\n")
+                f.flush()
+                time.sleep(0.4)
+            began = full_scans[0] if full_scans else time.monotonic()
+            held_for = time.monotonic() - began
+        wait_for(lambda: len(terminal_files(sp, "done")) == 1, timeout=40, what="its task done once closed")
+        assert len([t for t in full_scans if t - began <= held_for]) <= 16, (held_for, [round(t - began, 2) for t in full_scans])
+
+    _in_process(sp, drive)
