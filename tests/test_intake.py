@@ -230,9 +230,20 @@ def test_a_synced_file_is_taken_only_once_the_sync_tool_has_set_its_time(sp: spo
 
 
 @pytest.mark.usefixtures("no_settle_wait")
-def test_a_synced_file_whose_time_changes_as_it_is_linked_is_left_for_the_next_look(
-        sp: spool.Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its id was made from the time it had when looked at: taken with it, that id would be no other host's."""
+@pytest.mark.parametrize("claim", ["link", "rename"])
+def test_a_synced_file_whose_time_changes_as_it_is_claimed_is_left_for_the_next_look(
+        sp: spool.Spool, monkeypatch: pytest.MonkeyPatch, claim: str) -> None:
+    """Its id was made from the time it had when looked at: taken with it, that id would be no other host's.
+    (`rename`: where no link can be made, as for another user's file under fs.protected_hardlinks.)"""
+    if claim == "rename":
+        inbox, os_link = str(sp.dir("inbox")), os.link
+
+        def refused(src: object, dst: object, **kwargs: object) -> None:
+            if str(src).startswith(inbox):
+                raise PermissionError(1, "Operation not permitted")
+            os_link(src, dst, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "link", refused)
     dropped = drop(sp, "q.md", "a question\n")
     os.utime(dropped, (1_700_000_000, 1_700_000_000))
     link = transitions.link_intake
@@ -245,7 +256,7 @@ def test_a_synced_file_whose_time_changes_as_it_is_linked_is_left_for_the_next_l
     monkeypatch.setattr(transitions, "link_intake", time_set_meanwhile)
     report = synced_scan(sp)
     assert report.pending == ["q.md"] and report.queued == [] and os.listdir(sp.dir("tmp")) == []
-    assert os.stat(dropped).st_nlink == 1 and len(spool.list_queued(sp)) == 0
+    assert dropped.exists() and os.stat(dropped).st_nlink == 1 and len(spool.list_queued(sp)) == 0
     again = synced_scan(sp)
     assert len(again.queued) == 1 and again.queued[0].startswith("20231114T221500000Z-") and not dropped.exists()
 
