@@ -94,8 +94,7 @@ class Daemon:
         self._pending = False  # the last intake saw files not yet complete: look again soon
         self._pending_since: float | None = None  # (monotonic) since when intakes have seen such files
         self._queued_waiting = False  # the last full scan saw a foreign file in queued/ not yet complete
-        self._recheck_queued = False  # ... and its time to look again came: the next scan is a full one
-        self._queued_timer: asyncio.TimerHandle | None = None  # the one such look scheduled
+        self._queued_timer: asyncio.TimerHandle | None = None  # the one full scan scheduled for it
         self._queued_rechecks = 0  # full scans in a row that found it still pending (they back off)
         self._intaking: asyncio.Future[intake.IntakeReport] | None = None  # the inbox taken in, in a thread
         self._intake_error: BaseException | None = None  # what stopped it, raised in the next turn
@@ -403,7 +402,7 @@ class Daemon:
         waits for that intake and runs before the claims, since recovery must see every claim made.
         """
         foreign, self._foreign_seen = self.watcher.foreign_seen != self._foreign_seen, self.watcher.foreign_seen
-        full = time.monotonic() - self._last_scan > self._rescan_every() or foreign or self._recheck_queued
+        full = time.monotonic() - self._last_scan > self._rescan_every() or foreign
         if full:
             await self._intake_ended()
         self._raise_intake_error()
@@ -433,7 +432,6 @@ class Daemon:
             return report
 
         self.inbox_news.clear()
-        self._recheck_queued = False
         report = await asyncio.to_thread(work)
         self._scanned = report.listing
         if report.listing is not None:  # (a scan stopped at its batch limit in inbox/ did not look at queued/)
@@ -461,7 +459,7 @@ class Daemon:
 
     def _queued_recheck(self) -> None:
         self._queued_timer = None
-        self._recheck_queued = True
+        self._last_scan = 0.0  # the next turn's scan is a full one
         self._news()
 
     def _note(self, report: intake.IntakeReport) -> None:
